@@ -1,0 +1,1 @@
+"""flashbench.harness: measures and judges (CLI, records, checks)."""

@@ -1,0 +1,187 @@
+"""The `flashbench` command line. Exit codes: 0 success, 1 a check or verdict failed, 2 bad usage or bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from flashbench import suite
+from flashbench.reference import CheckpointError, Engine, Sampling, Transformer, generate
+from flashbench.reference.tokenizer import EOS, decode, encode
+
+from .records import REPO_ROOT, git_commit, machine_info, versions, write_json_atomic
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+
+
+class BadInput(Exception):
+    """Raised for input the user can fix; printed without a traceback, exit code 2."""
+
+
+def _load(model: str) -> tuple[Path, Transformer]:
+    path = suite.model_path(model)
+    if not path.is_dir():
+        known = ", ".join(suite.EMBEDDED_MODELS)
+        raise BadInput(f"{path}: no such checkpoint directory (embedded models: {known})")
+    return path, Transformer.from_checkpoint(path)
+
+
+def _generation_record(path: Path, model: Transformer, prompt: str, args) -> dict:
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    prompt_ids = encode(prompt)
+    result = generate(Engine(model), prompt_ids, args.tokens, sampling, eos=EOS)
+    ms = [s * 1e3 for s in result.token_seconds]
+    return {
+        "model": str(path),
+        "config": model.config.as_dict(),
+        "engine": "dense",
+        "prompt": prompt,
+        "sampling": {"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed},
+        "max_new_tokens": args.tokens,
+        "text": decode(result.tokens),
+        "tokens": result.tokens,
+        "prefill_tokens": len(prompt_ids),
+        "prefill_ms": result.prefill_seconds * 1e3,
+        "token_ms": ms,
+        "token_ms_mean": statistics.fmean(ms) if ms else None,
+        "token_ms_p90": statistics.quantiles(ms, n=10)[-1] if len(ms) >= 2 else None,
+        "tokens_per_s": len(ms) / sum(result.token_seconds) if ms else None,
+    }
+
+
+def _print_generation(rec: dict, per_token: bool) -> None:
+    print(f"== {Path(rec['model']).name} (dense, {rec['config']['arch']}) ==")
+    print(rec["prompt"] + rec["text"])
+    print(f"-- prefill {rec['prefill_tokens']} tokens: {rec['prefill_ms']:.1f} ms")
+    if per_token:
+        for i, ms in enumerate(rec["token_ms"], 1):
+            print(f"   token {i:4d}: {ms:7.2f} ms")
+    if rec["token_ms"]:
+        print(
+            f"-- {len(rec['token_ms'])} decode steps (the first new token comes from the prefill): mean {rec['token_ms_mean']:.2f} ms, "
+            f"p90 {rec['token_ms_p90'] or rec['token_ms_mean']:.2f} ms, {rec['tokens_per_s']:.1f} tokens/s"
+        )
+
+
+def cmd_generate(args) -> int:
+    path, model = _load(args.model)
+    rec = _generation_record(path, model, args.prompt, args)
+    _print_generation(rec, per_token=args.per_token)
+    if args.json:
+        write_json_atomic(Path(args.json), rec)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    """The main job. For now: the dense engine on every embedded model, one record per model."""
+    run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.reports) / run_id
+    models = args.model or list(suite.EMBEDDED_MODELS)
+    records = []
+    for i, name in enumerate(models, 1):
+        print(f"[{i}/{len(models)}] dense generation on {name}", flush=True)
+        path, model = _load(name)
+        rec = _generation_record(path, model, args.prompt, args)
+        _print_generation(rec, per_token=args.per_token)
+        records.append(rec)
+    summary = {
+        "run_id": run_id,
+        "kind": "dense-generation",
+        "machine": machine_info(),
+        "versions": versions(),
+        "git": git_commit(),
+        "records": records,
+    }
+    path = write_json_atomic(out_dir / "run.json", summary)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_models(args) -> int:
+    for name in suite.EMBEDDED_MODELS:
+        path = suite.model_path(name)
+        try:
+            hf = json.loads((path / "config.json").read_text())
+            size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            print(f"{name:28s} {hf['model_type']:6s} layers={hf['num_hidden_layers']} d_model={hf['hidden_size']} "
+                  f"{size / 2**20:.1f} MiB  {path}")
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            print(f"{name:28s} unreadable: {e}")
+    return EXIT_OK
+
+
+def cmd_check_dense(args) -> int:
+    from .hf_check import compare_with_transformers
+
+    path = suite.model_path(args.model)
+    if not path.is_dir():
+        raise BadInput(f"{path}: no such checkpoint directory")
+    text = suite.heldout_text()
+    prompt = encode(text)[: args.prefill]
+    check = compare_with_transformers(path, prompt, decode_steps=args.steps, tolerance=args.tolerance)
+    verdict = "PASS" if check.passed else "FAIL"
+    print(f"{verdict}: {path}: max |logit difference| vs transformers = {check.max_abs_diff:.3g} "
+          f"(tolerance {check.tolerance:g}; {check.prefill_tokens}-token prefill + {check.decode_steps} decode steps)")
+    return EXIT_OK if check.passed else EXIT_FAILED
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens (bytes) to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--per-token", action="store_true", help="print every token's time")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashbench", description="Benchmark and validation suite for "
+                                     "flash-offloaded, activation-sparse LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the main job on the embedded defaults (now: dense generation)",
+                       description="Run the main job and write reports/<run-id>/run.json.")
+    p.add_argument("--model", action="append", help="embedded model name or checkpoint path (repeatable; "
+                   "default: every embedded model)")
+    p.add_argument("--reports", default=str(REPO_ROOT / "reports"), help="reports folder (default: reports/)")
+    p.add_argument("--run-id", default=None, help="name of the run's folder (default: a timestamp)")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("generate", help="generate text with the dense engine",
+                       description="Generate text from a checkpoint with the dense engine, with per-token timings.")
+    p.add_argument("model", nargs="?", default=suite.DEFAULT_MODEL, help="embedded model name or HF checkpoint dir")
+    p.add_argument("--json", help="also write the result as JSON to this path")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="list the embedded models", description="List the embedded default models.")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("check-dense", help="compare the dense engine with transformers",
+                       description="Compare the dense engine's logits with transformers' on the same checkpoint "
+                       "(prefill of held-out text, then greedy decode steps). Exit 1 if over tolerance.")
+    p.add_argument("model", nargs="?", default=suite.DEFAULT_MODEL, help="embedded model name or HF checkpoint dir")
+    p.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("--steps", type=int, default=32, help="decode steps (default 32)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| (default 1e-4)")
+    p.set_defaults(func=cmd_check_dense)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (BadInput, CheckpointError, ValueError) as e:
+        print(f"flashbench: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

