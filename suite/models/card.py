@@ -59,8 +59,8 @@ def render(name: str, card: dict, run: dict, base: dict) -> str:
     tried = "\n".join(f"| {t['l1']} | {t['val_loss']:.4f} | {t['max_active']:.1%} |" for t in card["tried"])
     return f"""# {name}
 
-A byte-level {"OPT" if c["arch"] == "opt" else "Llama-style, gated ReLU FFN"} language model trained by flashbench
-on Shakespeare's plays, with an L1 penalty on its FFN activations so that, like the large ReLU models the suite is
+A byte-level {"OPT-architecture" if c["arch"] == "opt" else "Llama-style (gated ReLU FFN)"} language model trained by
+flashbench on Shakespeare's plays, with an L1 penalty on its FFN activations so that, like the large ReLU models the suite is
 about, most FFN neurons are inactive for any one token. It is one of the suite's embedded default models: small
 enough to ship, real enough that its active sets, predictors and windows behave like a real model's.
 

@@ -172,7 +172,7 @@ def train(cfg: TrainConfig) -> dict:
         "wall_minutes": (time.perf_counter() - t_start) / 60,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "command": " ".join(sys.argv),
+        "command": "python -m flashbench.suite.models.train " + " ".join(sys.argv[1:]),
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
