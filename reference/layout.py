@@ -1,0 +1,337 @@
+"""The flash layout: where each neuron's FFN weights live on flash, and how a checkpoint is converted to it.
+
+A flash directory holds
+- `resident.safetensors`: everything but the FFN matrices (embeddings, attention, norms, head, FFN biases),
+  under our parameter names;
+- `ffn-NNN.bin`, one per layer: the FFN matrices, one *vector* per neuron and matrix (the up and gate
+  projections' row i, the down projection's column i), in one of two layouts:
+  - **bundled**: neuron i's vectors stored together as one record at `i * record_bytes`, so one read fetches the
+    neuron's whole working set;
+  - **unbundled**: each matrix's vectors in a region of their own, so one neuron costs one read per matrix;
+- `layout.json`, written last: format version, architecture, dtypes, shapes, record geometry, alignment, a sha256
+  per file, and the source checkpoint's hash. A directory without it is not a flash directory.
+
+Storage dtypes float32, float16, bfloat16 and int8. An int8 vector starts with its float32 scale (symmetric,
+per neuron and matrix) followed by the int8 values; dequantized it is `scale * values`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .checkpoint import expected_shapes, hf_name, weight_files
+from .config import CheckpointError, ModelConfig
+
+FORMAT = "flashbench-flash-layout"
+FORMAT_VERSION = 1
+ALIGNMENT = 4096  # file sizes and regions are multiples of this; also the direct-I/O block size we assume
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+SCALE_BYTES = 4  # the float32 scale in front of each int8 vector
+
+
+class LayoutError(ValueError):
+    """A flash directory that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class FFNGeometry:
+    """Byte geometry of one layer's FFN file; the same for every layer."""
+
+    layout: str  # "bundled" or "unbundled"
+    dtype: str
+    d_model: int
+    d_ffn: int
+    vectors: tuple[str, ...]  # per neuron, in record order: ("up", "down") or ("gate", "up", "down")
+
+    @property
+    def element_bytes(self) -> int:
+        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+    @property
+    def vector_bytes(self) -> int:
+        return self.d_model * self.element_bytes + (SCALE_BYTES if self.dtype == "int8" else 0)
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one neuron's working set, and its size in the reader's output rows (either layout)."""
+        return self.vector_bytes * len(self.vectors)
+
+    @property
+    def region_bytes(self) -> int:
+        """Unbundled: bytes of one matrix's region, padded to the alignment."""
+        return _round_up(self.d_ffn * self.vector_bytes, ALIGNMENT)
+
+    @property
+    def file_bytes(self) -> int:
+        if self.layout == "bundled":
+            return _round_up(self.d_ffn * self.record_bytes, ALIGNMENT)
+        return self.region_bytes * len(self.vectors)
+
+    def extents(self, neuron: int) -> list[tuple[int, int]]:
+        """(file offset, length) of the pieces of one neuron's record, in record order."""
+        if self.layout == "bundled":
+            return [(neuron * self.record_bytes, self.record_bytes)]
+        return [(j * self.region_bytes + neuron * self.vector_bytes, self.vector_bytes) for j in range(len(self.vectors))]
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+# ---- vectors <-> bytes ------------------------------------------------------------------------------------------
+
+
+def encode_vectors(matrix: torch.Tensor, dtype: str) -> np.ndarray:
+    """[n, d] float weights -> [n, vector_bytes] uint8 in the storage dtype (int8: scale + values)."""
+    if dtype != "int8":
+        as_dtype = matrix.to(DTYPES[dtype]).contiguous()
+        return as_dtype.view(torch.uint8).numpy().reshape(matrix.shape[0], -1)
+    m = matrix.float()
+    scale = m.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(m / scale[:, None]), -127, 127).to(torch.int8)
+    scale_bytes = scale.contiguous().view(torch.uint8).numpy().reshape(-1, SCALE_BYTES)
+    return np.concatenate([scale_bytes, q.view(torch.uint8).numpy()], axis=1)
+
+
+def decode_vectors(raw: np.ndarray, dtype: str, d_model: int) -> torch.Tensor:
+    """[n, vector_bytes] uint8 -> [n, d] float32 (int8 dequantized)."""
+    raw = np.ascontiguousarray(raw)
+    if raw.shape[0] == 0:
+        return torch.empty(0, d_model)
+    if dtype != "int8":
+        return torch.from_numpy(raw).view(DTYPES[dtype]).reshape(raw.shape[0], d_model).float()
+    scale = torch.from_numpy(np.ascontiguousarray(raw[:, :SCALE_BYTES])).view(torch.float32).reshape(-1, 1)
+    values = torch.from_numpy(np.ascontiguousarray(raw[:, SCALE_BYTES:])).view(torch.int8).float()
+    return values * scale
+
+
+def decode_records(records: np.ndarray, geometry: FFNGeometry) -> dict[str, torch.Tensor]:
+    """Reader output rows [n, record_bytes] -> {"up": [n, d], "down": [n, d], ("gate": [n, d])} in float32."""
+    vb = geometry.vector_bytes
+    return {
+        name: decode_vectors(records[:, j * vb : (j + 1) * vb], geometry.dtype, geometry.d_model)
+        for j, name in enumerate(geometry.vectors)
+    }
+
+
+# ---- the flash directory ------------------------------------------------------------------------------------------
+
+
+def ffn_file(layer: int) -> str:
+    return f"ffn-{layer:03d}.bin"
+
+
+@dataclass(frozen=True)
+class FlashLayout:
+    """An opened, verified flash directory."""
+
+    path: Path
+    config: ModelConfig
+    geometry: FFNGeometry
+    resident_dtype: str
+    source: dict
+    files: dict
+
+    def ffn_path(self, layer: int) -> Path:
+        return self.path / ffn_file(layer)
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> "FlashLayout":
+        """Open a flash directory; refuse a wrong format version, missing or resized files, and (with
+        `verify`) any file whose sha256 differs from layout.json's."""
+        path = Path(path)
+        meta_path = path / "layout.json"
+        if not meta_path.is_file():
+            raise LayoutError(f"{path}: not a flash directory (no layout.json; an interrupted conversion leaves none)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LayoutError(f"{meta_path}: not valid JSON ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise LayoutError(f"{meta_path}: not a {FORMAT} file")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise LayoutError(
+                f"{meta_path}: format version {meta.get('format_version')!r}, this flashbench reads {FORMAT_VERSION}; "
+                "convert the checkpoint again"
+            )
+        try:
+            config = ModelConfig(**meta["config"])
+            geometry = FFNGeometry(**{**meta["geometry"], "vectors": tuple(meta["geometry"]["vectors"])})
+            files, source, resident_dtype = meta["files"], meta["source"], meta["resident_dtype"]
+        except (KeyError, TypeError) as e:
+            raise LayoutError(f"{meta_path}: malformed ({e!r})") from e
+        if geometry.layout not in ("bundled", "unbundled") or geometry.dtype not in DTYPES:
+            raise LayoutError(f"{meta_path}: unknown layout {geometry.layout!r} or dtype {geometry.dtype!r}")
+        expected = {"resident.safetensors"} | {ffn_file(i) for i in range(config.n_layers)}
+        if set(files) != expected:
+            raise LayoutError(f"{meta_path}: lists files {sorted(files)}, expected {sorted(expected)}")
+        for name, info in files.items():
+            f = path / name
+            if not f.is_file():
+                raise LayoutError(f"{f}: missing from the flash directory")
+            if f.stat().st_size != info["bytes"]:
+                raise LayoutError(f"{f}: {f.stat().st_size} bytes, layout.json says {info['bytes']} (truncated?)")
+            if verify and sha256_file(f) != info["sha256"]:
+                raise LayoutError(f"{f}: checksum mismatch (the file changed after conversion)")
+        return cls(path, config, geometry, resident_dtype, source, files)
+
+    def resident_state(self) -> dict[str, torch.Tensor]:
+        """The resident tensors under our names, as float32."""
+        f = self.path / "resident.safetensors"
+        with safe_open(str(f), framework="pt") as st:
+            return {name: st.get_tensor(name).float() for name in st.keys()}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_hash(checkpoint_dir: Path) -> str:
+    """sha256 over config.json and the weight files, in name order."""
+    h = hashlib.sha256()
+    for f in [checkpoint_dir / "config.json", *weight_files(checkpoint_dir)]:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+# ---- conversion ------------------------------------------------------------------------------------------------
+
+
+class _TensorSource:
+    """Tensors of a checkpoint read one at a time, by our name (streaming: nothing else held in memory)."""
+
+    def __init__(self, checkpoint_dir: Path, config: ModelConfig):
+        self.config = config
+        self.where: dict[str, Path] = {}
+        for f in weight_files(checkpoint_dir):
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for name in st.keys():
+                        self.where[name] = f
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: cannot read safetensors header ({e})") from e
+        self.shapes = expected_shapes(config)
+        missing = [n for n in self.shapes if hf_name(n, config.arch) not in self.where]
+        if missing:
+            raise CheckpointError(f"{checkpoint_dir}: missing tensor {hf_name(missing[0], config.arch)!r}")
+
+    def get(self, name: str) -> torch.Tensor:
+        theirs = hf_name(name, self.config.arch)
+        f = self.where[theirs]
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                t = st.get_tensor(theirs)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: cannot read tensor {theirs!r} ({e})") from e
+        if tuple(t.shape) != self.shapes[name]:
+            raise CheckpointError(f"{f}: tensor {theirs!r} has shape {tuple(t.shape)}, expected {self.shapes[name]}")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{f}: tensor {theirs!r} holds NaN or Inf values")
+        return t
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtype: torch.dtype, load) -> None:
+    """Write a safetensors file tensor by tensor, so the resident part never sits in memory whole."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name in names:
+        n = int(np.prod(shapes[name])) * elem
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            f.write(load(name).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bundled", dtype: str = "float16",
+            progress=None) -> FlashLayout:
+    """Convert an HF checkpoint to a flash directory, streaming one tensor at a time.
+
+    The directory appears under its name only when complete (built in a temp dir beside it, then renamed);
+    on any error nothing is left behind. `progress(done, total)` is called after each layer.
+    """
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if layout not in ("bundled", "unbundled"):
+        raise ValueError(f"layout must be 'bundled' or 'unbundled', got {layout!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if out_dir.exists():
+        raise ValueError(f"{out_dir}: already exists; remove it or choose another output directory")
+    config = ModelConfig.load(checkpoint_dir)
+    if config.activation != "relu":
+        raise CheckpointError(f"{checkpoint_dir / 'config.json'}: activation {config.activation!r}: sparse flash "
+                              "inference needs a ReLU FFN")
+    source = _TensorSource(checkpoint_dir, config)
+    vectors = ("gate", "up", "down") if config.gated else ("up", "down")
+    geometry = FFNGeometry(layout, dtype, config.d_model, config.d_ffn, vectors)
+    resident_dtype = "float32" if dtype == "float32" else ("float16" if dtype == "int8" else dtype)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.converting-", dir=out_dir.parent))
+    try:
+        resident = [n for n in source.shapes if ".ffn." not in n or n.endswith(".bias")]
+        _write_safetensors_streaming(tmp / "resident.safetensors", resident, source.shapes, DTYPES[resident_dtype], source.get)
+        for layer in range(config.n_layers):
+            _write_ffn_file(tmp / ffn_file(layer), geometry, {
+                v: source.get(f"layers.{layer}.ffn.{v}.weight") for v in vectors
+            })
+            if progress:
+                progress(layer + 1, config.n_layers)
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": config.as_dict(),
+            "geometry": asdict(geometry),
+            "record_bytes": geometry.record_bytes,  # derived; for readers of the JSON
+            "vector_bytes": geometry.vector_bytes,
+            "alignment": ALIGNMENT,
+            "resident_dtype": resident_dtype,
+            "files": files,
+            "source": {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
+        }
+        (tmp / "layout.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return FlashLayout.open(out_dir, verify=False)
+
+
+def _write_ffn_file(path: Path, geometry: FFNGeometry, weights: dict[str, torch.Tensor]) -> None:
+    """One layer's FFN file: vectors are rows (up, gate: [f, d]) or columns (down: [d, f]) per neuron."""
+    encoded = {
+        name: encode_vectors(w.t() if name == "down" else w, geometry.dtype) for name, w in weights.items()
+    }
+    with open(path, "wb") as f:
+        if geometry.layout == "bundled":
+            f.write(np.concatenate([encoded[v] for v in geometry.vectors], axis=1).tobytes())
+        else:
+            for v in geometry.vectors:
+                data = encoded[v].tobytes()
+                f.write(data + b"\0" * (geometry.region_bytes - len(data)))
+        f.truncate(geometry.file_bytes)

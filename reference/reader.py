@@ -1,0 +1,213 @@
+"""The flash reader: fetch the records of a set of neurons from a layer's FFN file with parallel direct reads.
+
+For each call the reader plans its reads: every piece of every requested record is widened to the aligned blocks
+that cover it (O_DIRECT reads whole blocks into aligned memory), and blocks that touch, overlap or lie within
+`gap_bytes` of each other are coalesced into one read. A pool of threads then issues the reads with `os.preadv`
+(which releases the GIL) into an aligned staging buffer and copies each record into the caller's output row.
+
+Counters are exact and per call: records, read operations, bytes requested (the records' own bytes) and bytes
+read (whole blocks), seconds, and whether the reads were direct. Where O_DIRECT is refused (tmpfs, some
+filesystems), or the files lie on a memory filesystem such as tmpfs, the reader uses buffered reads and says so in
+`direct` and `fallback_reason`: a page-cache or DRAM measurement is never passed off as a flash one.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import mmap
+import os
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .layout import ALIGNMENT, FFNGeometry, FlashLayout
+from .storage import storage_of
+
+
+@dataclass
+class ReadStats:
+    records: int = 0
+    reads: int = 0
+    bytes_requested: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    direct: bool = True
+
+    def __iadd__(self, other: "ReadStats") -> "ReadStats":
+        self.records += other.records
+        self.reads += other.reads
+        self.bytes_requested += other.bytes_requested
+        self.bytes_read += other.bytes_read
+        self.seconds += other.seconds
+        self.direct = self.direct and other.direct
+        return self
+
+
+@dataclass
+class Read:
+    """One read operation: `length` bytes at file `offset`, and the copies out of it (staging offset is set
+    when the plan is laid into the staging buffer)."""
+
+    offset: int
+    length: int
+    copies: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, column, file offset, bytes)
+    staging: int = 0
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A zeroed uint8 array whose memory starts on a page boundary (as O_DIRECT requires)."""
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, ALIGNMENT)), dtype=np.uint8)[:nbytes]
+
+
+def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block: int = ALIGNMENT) -> list[Read]:
+    """The reads that fetch records `ids` (output row k gets record ids[k]), coalesced as described above."""
+    pieces = []  # (file offset, bytes, row, column)
+    for row, neuron in enumerate(ids.tolist()):
+        column = 0
+        for offset, length in geometry.extents(neuron):
+            pieces.append((offset, length, row, column))
+            column += length
+    pieces.sort()
+    reads: list[Read] = []
+    for offset, length, row, column in pieces:
+        start = offset - offset % block
+        end = -(-(offset + length) // block) * block
+        if reads and start <= reads[-1].offset + reads[-1].length + gap_bytes:
+            last = reads[-1]
+            last.length = max(last.length, end - last.offset)
+        else:
+            reads.append(Read(start, end - start))
+        reads[-1].copies.append((row, column, offset, length))
+    return reads
+
+
+class FlashReader:
+    """Reads records of a flash directory's FFN files. One instance per engine; not re-entrant."""
+
+    def __init__(self, layout: FlashLayout, threads: int = 16, direct: bool = True, gap_bytes: int = 0):
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.layout = layout
+        self.geometry = layout.geometry
+        self.threads = threads
+        self.gap_bytes = gap_bytes
+        self.direct = direct
+        self.fallback_reason: str | None = None if direct else "direct I/O switched off by the caller"
+        self.storage = storage_of(layout.path)
+        if self.storage.in_memory:
+            self._fall_back(f"{layout.path} lies on {self.storage.filesystem} (memory): no storage device to read")
+        self._fds = [self._open(layout.ffn_path(i)) for i in range(layout.config.n_layers)]
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flash-read") if threads > 1 else None
+        self._staging = aligned_buffer(0)
+        self._lock = threading.Lock()
+
+    def _open(self, path: Path) -> int:
+        if self.direct:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._fall_back(f"O_DIRECT refused when opening {path}: {e.strerror}")
+        return os.open(path, os.O_RDONLY)
+
+    def _fall_back(self, reason: str) -> None:
+        if self.direct:
+            warnings.warn(f"flash reader: {reason}; falling back to buffered reads (page cache, NOT flash)",
+                          stacklevel=3)
+        self.direct, self.fallback_reason = False, reason
+
+    def close(self) -> None:
+        if self._pool:
+            self._pool.shutdown()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> "FlashReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _staging_for(self, nbytes: int) -> np.ndarray:
+        if len(self._staging) < nbytes:
+            self._staging = aligned_buffer(max(nbytes, 2 * len(self._staging)))
+        return self._staging
+
+    def read(self, layer: int, ids, out: np.ndarray) -> ReadStats:
+        """Fill out[k] (uint8, [len(ids), record_bytes]) with neuron ids[k]'s record of `layer`."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rb = self.geometry.record_bytes
+        if out.dtype != np.uint8 or out.ndim != 2 or out.shape[0] < len(ids) or out.shape[1] != rb:
+            raise ValueError(f"out must be uint8 [>= {len(ids)}, {rb}], got {out.dtype} {list(out.shape)}")
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.geometry.d_ffn):
+            raise IndexError(f"neuron ids must lie in [0, {self.geometry.d_ffn}), got {ids.min()}..{ids.max()}")
+        t0 = time.perf_counter()
+        reads = plan_reads(self.geometry, ids, self.gap_bytes)
+        total = 0
+        for r in reads:
+            r.staging, total = total, total + r.length
+        staging = self._staging_for(total)
+
+        def run(read: Read) -> None:
+            self._pread(layer, staging[read.staging : read.staging + read.length], read.offset)
+            for row, column, offset, length in read.copies:
+                src = read.staging + offset - read.offset
+                out[row, column : column + length] = staging[src : src + length]
+
+        self._run_all(run, reads)
+        return ReadStats(
+            records=len(ids), reads=len(reads), bytes_requested=len(ids) * rb, bytes_read=total,
+            seconds=time.perf_counter() - t0, direct=self.direct,
+        )
+
+    def read_layer(self, layer: int, out: np.ndarray, chunk_bytes: int = 1 << 20) -> ReadStats:
+        """Naive mode: the layer's whole FFN file into `out` (an aligned uint8 buffer of its size), in chunks."""
+        size = self.geometry.file_bytes
+        if out.dtype != np.uint8 or out.shape != (size,) or out.ctypes.data % ALIGNMENT:
+            raise ValueError(f"out must be an aligned uint8 buffer of {size} bytes (see aligned_buffer)")
+        t0 = time.perf_counter()
+        chunks = [(o, min(chunk_bytes, size - o)) for o in range(0, size, chunk_bytes)]
+        self._run_all(lambda c: self._pread(layer, out[c[0] : c[0] + c[1]], c[0]), chunks)
+        return ReadStats(records=self.geometry.d_ffn, reads=len(chunks), bytes_requested=size, bytes_read=size,
+                         seconds=time.perf_counter() - t0, direct=self.direct)
+
+    def _run_all(self, fn, items: list) -> None:
+        """Run fn over items on the pool; each worker pulls the next item, so slow reads do not stall others."""
+        if self._pool is None or len(items) <= 1:
+            for item in items:
+                fn(item)
+            return
+        counter = itertools.count()
+
+        def worker() -> None:
+            while (i := next(counter)) < len(items):
+                fn(items[i])
+
+        for f in [self._pool.submit(worker) for _ in range(min(self.threads, len(items)))]:
+            f.result()
+
+    def _pread(self, layer: int, buf: np.ndarray, offset: int) -> None:
+        try:
+            n = os.preadv(self._fds[layer], [buf], offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL or not self.direct:
+                raise
+            with self._lock:  # some filesystems accept O_DIRECT at open and refuse it at read
+                if self.direct:
+                    path = self.layout.ffn_path(layer)
+                    self._fall_back(f"O_DIRECT read refused on {path}: {e.strerror}")
+                    for i, fd in enumerate(self._fds):
+                        os.close(fd)
+                        self._fds[i] = os.open(self.layout.ffn_path(i), os.O_RDONLY)
+            n = os.preadv(self._fds[layer], [buf], offset)
+        if n != len(buf):
+            raise OSError(errno.EIO, f"short read: {n} of {len(buf)} bytes at offset {offset} of "
+                          f"{self.layout.ffn_path(layer)} (file truncated?)")

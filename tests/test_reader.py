@@ -1,0 +1,134 @@
+"""The flash reader: exact counters, coalescing, naive mode, and an honest fallback where O_DIRECT is refused."""
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashbench.reference.layout import FFNGeometry, FlashLayout, convert
+from flashbench.reference.reader import FlashReader, aligned_buffer, plan_reads
+from flashbench.reference.storage import storage_of
+
+# Tiny OPT at fp16: d_model 64, so a vector is 128 bytes, a bundled record 256 bytes: 16 records per 4 KiB block.
+BUNDLED = FFNGeometry("bundled", "float16", 64, 256, ("up", "down"))
+UNBUNDLED = FFNGeometry("unbundled", "float16", 64, 256, ("up", "down"))
+
+
+@pytest.mark.parametrize(
+    "geometry, ids, gap, reads, bytes_read",
+    [
+        (BUNDLED, [0, 1, 15], 0, 1, 4096),  # one block holds all three
+        (BUNDLED, [0, 16], 0, 1, 8192),  # touching blocks coalesce
+        (BUNDLED, [0, 32], 0, 2, 8192),  # a block apart: two reads
+        (BUNDLED, [0, 32], 4096, 1, 12288),  # ... unless the gap threshold covers the hole
+        (BUNDLED, [255, 0, 100], 0, 3, 12288),
+        (BUNDLED, [], 0, 0, 0),
+        (UNBUNDLED, [0], 0, 2, 8192),  # one read per matrix region
+        (UNBUNDLED, [0, 1, 2], 0, 2, 8192),
+        (UNBUNDLED, [0, 80], 0, 4, 16384),  # vectors 128 B: neuron 80 lies in the third block of each region
+    ],
+)
+def test_plan_predicts_reads_and_bytes(geometry, ids, gap, reads, bytes_read):
+    plan = plan_reads(geometry, np.array(ids, dtype=np.int64), gap_bytes=gap)
+    assert len(plan) == reads
+    assert sum(r.length for r in plan) == bytes_read
+    assert all(r.offset % 4096 == 0 and r.length % 4096 == 0 for r in plan)
+
+
+@pytest.fixture(scope="module")
+def opt_flash(tmp_path_factory):
+    from tests.conftest import random_model, tiny_config
+    from flashbench.reference.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("reader")
+    model = random_model(tiny_config("opt"))
+    ck = save_checkpoint(root / "ck", model.config, model.state_dict())
+    return {layout: FlashLayout.open(convert(ck, root / layout, layout, "float16").path) for layout in ("bundled", "unbundled")}
+
+
+@pytest.mark.parametrize("layout, geometry", [("bundled", BUNDLED), ("unbundled", UNBUNDLED)])
+def test_reader_counters_match_the_prediction(opt_flash, layout, geometry):
+    ids = [255, 3, 17, 18, 40, 200]
+    with FlashReader(opt_flash[layout], threads=3) as reader:
+        stats = reader.read(1, ids, np.zeros((len(ids), 256), np.uint8))
+    plan = plan_reads(geometry, np.array(ids))
+    assert stats.records == 6
+    assert stats.bytes_requested == 6 * 256
+    assert stats.reads == len(plan)
+    assert stats.bytes_read == sum(r.length for r in plan)
+    assert stats.direct
+
+
+def test_bundled_needs_fewer_reads_than_unbundled_for_the_same_neurons(opt_flash):
+    ids = list(range(0, 256, 64))  # far enough apart that no two share or touch a block
+    counts = {}
+    for layout, flash in opt_flash.items():
+        with FlashReader(flash, threads=2) as reader:
+            counts[layout] = reader.read(0, ids, np.zeros((len(ids), 256), np.uint8)).reads
+    assert counts["bundled"] < counts["unbundled"]
+
+
+def test_empty_id_set_reads_nothing(opt_flash):
+    with FlashReader(opt_flash["bundled"]) as reader:
+        stats = reader.read(0, [], np.zeros((0, 256), np.uint8))
+    assert (stats.records, stats.reads, stats.bytes_read) == (0, 0, 0)
+
+
+def test_naive_mode_reads_the_whole_layer_file(opt_flash):
+    flash = opt_flash["unbundled"]
+    out = aligned_buffer(flash.geometry.file_bytes)
+    with FlashReader(flash, threads=4) as reader:
+        stats = reader.read_layer(1, out, chunk_bytes=4096)
+    assert out.tobytes() == flash.ffn_path(1).read_bytes()
+    assert stats.bytes_read == flash.geometry.file_bytes and stats.reads == flash.geometry.file_bytes // 4096
+
+
+def test_out_of_range_ids_are_refused(opt_flash):
+    with FlashReader(opt_flash["bundled"]) as reader, pytest.raises(IndexError, match=r"\[0, 256\)"):
+        reader.read(0, [256], np.zeros((1, 256), np.uint8))
+
+
+def test_on_a_memory_filesystem_the_reader_uses_buffered_reads_and_says_so(opt_flash):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or storage_of(shm).filesystem != "tmpfs":
+        pytest.skip("no tmpfs at /dev/shm")
+    copy = shm / f"flashbench-test-{os.getpid()}"
+    shutil.copytree(opt_flash["bundled"].path, copy)
+    try:
+        flash = FlashLayout.open(copy)
+        with pytest.warns(UserWarning, match="NOT flash"):
+            reader = FlashReader(flash, threads=2)
+        with reader:
+            out = np.zeros((2, 256), np.uint8)
+            stats = reader.read(0, [0, 9], out)
+            assert not stats.direct and "tmpfs (memory)" in reader.fallback_reason
+            assert out[1].tobytes() == (copy / "ffn-000.bin").read_bytes()[9 * 256 : 10 * 256]
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_direct_io_can_be_switched_off_and_is_labelled(opt_flash):
+    with FlashReader(opt_flash["bundled"], direct=False) as reader:
+        assert not reader.read(0, [1], np.zeros((1, 256), np.uint8)).direct
+        assert reader.fallback_reason == "direct I/O switched off by the caller"
+
+
+def test_where_o_direct_is_refused_at_open_the_reader_falls_back_and_says_so(opt_flash, monkeypatch):
+    real_open = os.open
+
+    def refusing_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.warns(UserWarning, match="falling back to buffered reads"):
+        reader = FlashReader(opt_flash["bundled"], threads=2)
+    with reader:
+        out = np.zeros((1, 256), np.uint8)
+        assert not reader.read(1, [5], out).direct
+        assert "O_DIRECT refused when opening" in reader.fallback_reason
+        assert out[0].tobytes() == opt_flash["bundled"].ffn_path(1).read_bytes()[5 * 256 : 6 * 256]
