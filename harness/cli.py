@@ -11,6 +11,7 @@ from pathlib import Path
 
 from flashbench import suite
 from flashbench.reference import CheckpointError, Engine, Sampling, Transformer, generate
+from flashbench.reference.layout import LayoutError
 from flashbench.reference.tokenizer import EOS, decode, encode
 
 from .records import REPO_ROOT, git_commit, machine_info, versions, write_json_atomic
@@ -130,6 +131,42 @@ def cmd_check_dense(args) -> int:
     return EXIT_OK if check.passed else EXIT_FAILED
 
 
+def cmd_convert(args) -> int:
+    from flashbench.reference.layout import convert
+
+    source = suite.model_path(args.checkpoint)
+    if not source.is_dir():
+        raise BadInput(f"{source}: no such checkpoint directory")
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r  layer {done}/{total}", end="\n" if done == total else "", flush=True)
+
+    print(f"converting {source} -> {args.out} ({args.layout}, {args.dtype})")
+    flash = convert(source, args.out, layout=args.layout, dtype=args.dtype, progress=progress)
+    g = flash.geometry
+    total = sum(f["bytes"] for f in flash.files.values())
+    print(f"wrote {flash.path}: {flash.config.n_layers} FFN files of {g.file_bytes:,} bytes, record {g.record_bytes:,} "
+          f"bytes ({'+'.join(g.vectors)}), {total / 2**20:.1f} MiB in all")
+    return EXIT_OK
+
+
+def cmd_reader_sweep(args) -> int:
+    from .sweep import KIB, sweep
+
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise BadInput(f"{directory}: no such directory (put it where the flash layouts live)")
+    sizes = [int(k) * KIB for k in args.record_kib.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    print(f"reader vs fio randread (direct=1, psync) on a {args.file_mib} MiB file in {directory}; median of "
+          f"{args.repeats} alternating runs of {args.seconds:g} s each")
+    points = sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20, not args.no_fio)
+    if args.json:
+        write_json_atomic(Path(args.json), {"machine": machine_info(), "versions": versions(), "git": git_commit(),
+                                            "points": [vars(p) | {"fraction_of_fio": p.fraction_of_fio} for p in points]})
+    return EXIT_OK
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
     p.add_argument("--tokens", type=int, default=64, help="new tokens (bytes) to generate (default 64)")
@@ -160,6 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("convert", help="convert an HF checkpoint to a flash directory",
+                       description="Convert an HF checkpoint (config.json + safetensors) to a flash directory: "
+                       "resident.safetensors, one FFN file per layer, layout.json. Streams one tensor at a time.")
+    p.add_argument("checkpoint", help="embedded model name or HF checkpoint dir")
+    p.add_argument("out", help="the flash directory to create (must not exist)")
+    p.add_argument("--layout", choices=["bundled", "unbundled"], default="bundled",
+                   help="bundled: one record per neuron (default); unbundled: one region per matrix")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"], default="float16",
+                   help="FFN storage dtype (default float16; int8 has per-neuron symmetric scales)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("reader-sweep", help="the flash reader's bandwidth beside fio's",
+                       description="Measure the flash reader's random-read bandwidth per record size and thread "
+                       "count, beside fio randread at the same block size and job count, on one file in DIR.")
+    p.add_argument("dir", help="directory on the storage to measure (a 1 GiB file is written there once)")
+    p.add_argument("--record-kib", default="16,32,64", help="record sizes in KiB (default 16,32,64)")
+    p.add_argument("--threads", default="16", help="thread counts (default 16)")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating reader/fio repeats (default 3)")
+    p.add_argument("--file-mib", type=int, default=1024, help="size of the test file (default 1024 MiB)")
+    p.add_argument("--no-fio", action="store_true", help="measure the reader only")
+    p.add_argument("--json", help="also write the points as JSON to this path")
+    p.set_defaults(func=cmd_reader_sweep)
+
     p = sub.add_parser("models", help="list the embedded models", description="List the embedded default models.")
     p.set_defaults(func=cmd_models)
 
@@ -178,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BadInput, CheckpointError, ValueError) as e:
+    except (BadInput, CheckpointError, LayoutError, ValueError) as e:
         print(f"flashbench: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -90,22 +90,28 @@ def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block
 class FlashReader:
     """Reads records of a flash directory's FFN files. One instance per engine; not re-entrant."""
 
-    def __init__(self, layout: FlashLayout, threads: int = 16, direct: bool = True, gap_bytes: int = 0):
+    def __init__(self, geometry: FFNGeometry, files: list[Path], threads: int = 16, direct: bool = True,
+                 gap_bytes: int = 0):
+        """`files[layer]` is that layer's FFN file, laid out as `geometry` says."""
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.layout = layout
-        self.geometry = layout.geometry
+        self.geometry = geometry
+        self.files = [Path(f) for f in files]
         self.threads = threads
         self.gap_bytes = gap_bytes
         self.direct = direct
         self.fallback_reason: str | None = None if direct else "direct I/O switched off by the caller"
-        self.storage = storage_of(layout.path)
+        self.storage = storage_of(self.files[0].parent if self.files else ".")
         if self.storage.in_memory:
-            self._fall_back(f"{layout.path} lies on {self.storage.filesystem} (memory): no storage device to read")
-        self._fds = [self._open(layout.ffn_path(i)) for i in range(layout.config.n_layers)]
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="flash-read") if threads > 1 else None
+            self._fall_back(f"{self.files[0].parent} lies on {self.storage.filesystem} (memory): no storage device to read")
+        self._fds = [self._open(f) for f in self.files]
+        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="flash-read") if threads > 1 else None
         self._staging = aligned_buffer(0)
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_layout(cls, layout: FlashLayout, **options) -> "FlashReader":
+        return cls(layout.geometry, [layout.ffn_path(i) for i in range(layout.config.n_layers)], **options)
 
     def _open(self, path: Path) -> int:
         if self.direct:
@@ -150,6 +156,36 @@ class FlashReader:
         if len(ids) and (ids.min() < 0 or ids.max() >= self.geometry.d_ffn):
             raise IndexError(f"neuron ids must lie in [0, {self.geometry.d_ffn}), got {ids.min()}..{ids.max()}")
         t0 = time.perf_counter()
+        runs = self._record_runs(ids, out)
+        if runs is not None:  # whole aligned records: each run of adjacent ones is one read straight into `out`
+            self._run_all(lambda run: self._pread(layer, run[1], run[0]), runs)
+            n_reads, total = len(runs), len(ids) * rb
+        else:
+            n_reads, total = self._read_staged(layer, ids, out)
+        return ReadStats(
+            records=len(ids), reads=n_reads, bytes_requested=len(ids) * rb, bytes_read=total,
+            seconds=time.perf_counter() - t0, direct=self.direct,
+        )
+
+    def _record_runs(self, ids: np.ndarray, out: np.ndarray) -> list[tuple[int, list[np.ndarray]]] | None:
+        """(file offset, output rows) per run of adjacent records, where records can be read in place: bundled,
+        a multiple of the alignment long, into aligned rows, no gap filling, no duplicates. Else None.
+
+        The reads are the ones `plan_reads` plans for these ids (aligned records never share a block)."""
+        rb = self.geometry.record_bytes
+        if (self.geometry.layout != "bundled" or rb % ALIGNMENT or self.gap_bytes or len(ids) == 0
+                or out.ctypes.data % ALIGNMENT or out.strides != (rb, 1)):
+            return None
+        order = np.argsort(ids, kind="stable")
+        step = np.diff(ids[order])
+        if (step == 0).any():
+            return None
+        starts = np.concatenate([[0], np.flatnonzero(step != 1) + 1, [len(ids)]])
+        views = [out[k] for k in order.tolist()]
+        return [(int(ids[order[a]]) * rb, views[a:b]) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
+
+    def _read_staged(self, layer: int, ids: np.ndarray, out: np.ndarray) -> tuple[int, int]:
+        """The general path: covering blocks into the staging buffer, then each piece copied to its row."""
         reads = plan_reads(self.geometry, ids, self.gap_bytes)
         total = 0
         for r in reads:
@@ -157,16 +193,13 @@ class FlashReader:
         staging = self._staging_for(total)
 
         def run(read: Read) -> None:
-            self._pread(layer, staging[read.staging : read.staging + read.length], read.offset)
+            self._pread(layer, [staging[read.staging : read.staging + read.length]], read.offset)
             for row, column, offset, length in read.copies:
                 src = read.staging + offset - read.offset
                 out[row, column : column + length] = staging[src : src + length]
 
         self._run_all(run, reads)
-        return ReadStats(
-            records=len(ids), reads=len(reads), bytes_requested=len(ids) * rb, bytes_read=total,
-            seconds=time.perf_counter() - t0, direct=self.direct,
-        )
+        return len(reads), total
 
     def read_layer(self, layer: int, out: np.ndarray, chunk_bytes: int = 1 << 20) -> ReadStats:
         """Naive mode: the layer's whole FFN file into `out` (an aligned uint8 buffer of its size), in chunks."""
@@ -175,7 +208,7 @@ class FlashReader:
             raise ValueError(f"out must be an aligned uint8 buffer of {size} bytes (see aligned_buffer)")
         t0 = time.perf_counter()
         chunks = [(o, min(chunk_bytes, size - o)) for o in range(0, size, chunk_bytes)]
-        self._run_all(lambda c: self._pread(layer, out[c[0] : c[0] + c[1]], c[0]), chunks)
+        self._run_all(lambda c: self._pread(layer, [out[c[0] : c[0] + c[1]]], c[0]), chunks)
         return ReadStats(records=self.geometry.d_ffn, reads=len(chunks), bytes_requested=size, bytes_read=size,
                          seconds=time.perf_counter() - t0, direct=self.direct)
 
@@ -191,23 +224,25 @@ class FlashReader:
             while (i := next(counter)) < len(items):
                 fn(items[i])
 
-        for f in [self._pool.submit(worker) for _ in range(min(self.threads, len(items)))]:
+        helpers = [self._pool.submit(worker) for _ in range(min(self.threads, len(items)) - 1)]
+        worker()  # the calling thread is one of the readers
+        for f in helpers:
             f.result()
 
-    def _pread(self, layer: int, buf: np.ndarray, offset: int) -> None:
+    def _pread(self, layer: int, buffers: list[np.ndarray], offset: int) -> None:
+        expected = sum(len(b) for b in buffers)
         try:
-            n = os.preadv(self._fds[layer], [buf], offset)
+            n = os.preadv(self._fds[layer], buffers, offset)
         except OSError as e:
             if e.errno != errno.EINVAL or not self.direct:
                 raise
             with self._lock:  # some filesystems accept O_DIRECT at open and refuse it at read
                 if self.direct:
-                    path = self.layout.ffn_path(layer)
-                    self._fall_back(f"O_DIRECT read refused on {path}: {e.strerror}")
+                    self._fall_back(f"O_DIRECT read refused on {self.files[layer]}: {e.strerror}")
                     for i, fd in enumerate(self._fds):
                         os.close(fd)
-                        self._fds[i] = os.open(self.layout.ffn_path(i), os.O_RDONLY)
-            n = os.preadv(self._fds[layer], [buf], offset)
-        if n != len(buf):
-            raise OSError(errno.EIO, f"short read: {n} of {len(buf)} bytes at offset {offset} of "
-                          f"{self.layout.ffn_path(layer)} (file truncated?)")
+                        self._fds[i] = os.open(self.files[i], os.O_RDONLY)
+            n = os.preadv(self._fds[layer], buffers, offset)
+        if n != expected:
+            raise OSError(errno.EIO, f"short read: {n} of {expected} bytes at offset {offset} of "
+                          f"{self.files[layer]} (file truncated?)")

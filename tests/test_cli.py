@@ -12,11 +12,11 @@ FLASHBENCH = str(Path(sys.executable).parent / "flashbench")
 
 def test_help_lists_every_subcommand():
     out = subprocess.run([FLASHBENCH, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("run", "generate", "models", "check-dense"):
+    for command in ("run", "generate", "convert", "models", "check-dense"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["run", "generate", "models", "check-dense"])
+@pytest.mark.parametrize("command", ["run", "generate", "convert", "models", "check-dense"])
 def test_each_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit:
         main([command, "--help"])
@@ -71,3 +71,19 @@ def test_check_dense_fails_with_exit_1_when_over_tolerance(tiny_checkpoint, caps
 
 def test_parser_defaults_to_the_embedded_model():
     assert build_parser().parse_args(["generate"]).model == "shakespeare-opt"
+
+
+def test_convert_writes_a_flash_directory(tiny_checkpoint, tmp_path, capsys):
+    assert main(["convert", str(tiny_checkpoint), str(tmp_path / "flash"), "--layout", "unbundled", "--dtype", "int8"]) == 0
+    assert (tmp_path / "flash" / "layout.json").is_file()
+    assert "layer 2/2" in capsys.readouterr().out
+
+
+def test_convert_of_a_truncated_checkpoint_exits_2_and_leaves_nothing(tiny_checkpoint, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_bytes((tiny_checkpoint / "config.json").read_bytes())
+    (ck / "model.safetensors").write_bytes((tiny_checkpoint / "model.safetensors").read_bytes()[:5000])
+    assert main(["convert", str(ck), str(tmp_path / "flash")]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -39,7 +39,7 @@ def tiny_model(tiny_checkpoint):
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])
 def test_records_read_back_equal_the_checkpoint_weights(tiny_checkpoint, tiny_model, tmp_path, layout, dtype):
     flash = FlashLayout.open(convert(tiny_checkpoint, tmp_path / "flash", layout, dtype).path)
-    with FlashReader(flash, threads=4) as reader:
+    with FlashReader.for_layout(flash, threads=4) as reader:
         for layer in range(flash.config.n_layers):
             for name, ids in ID_SETS.items():
                 out = np.zeros((len(ids), flash.geometry.record_bytes), np.uint8)

@@ -52,7 +52,7 @@ def opt_flash(tmp_path_factory):
 @pytest.mark.parametrize("layout, geometry", [("bundled", BUNDLED), ("unbundled", UNBUNDLED)])
 def test_reader_counters_match_the_prediction(opt_flash, layout, geometry):
     ids = [255, 3, 17, 18, 40, 200]
-    with FlashReader(opt_flash[layout], threads=3) as reader:
+    with FlashReader.for_layout(opt_flash[layout], threads=3) as reader:
         stats = reader.read(1, ids, np.zeros((len(ids), 256), np.uint8))
     plan = plan_reads(geometry, np.array(ids))
     assert stats.records == 6
@@ -66,13 +66,13 @@ def test_bundled_needs_fewer_reads_than_unbundled_for_the_same_neurons(opt_flash
     ids = list(range(0, 256, 64))  # far enough apart that no two share or touch a block
     counts = {}
     for layout, flash in opt_flash.items():
-        with FlashReader(flash, threads=2) as reader:
+        with FlashReader.for_layout(flash, threads=2) as reader:
             counts[layout] = reader.read(0, ids, np.zeros((len(ids), 256), np.uint8)).reads
     assert counts["bundled"] < counts["unbundled"]
 
 
 def test_empty_id_set_reads_nothing(opt_flash):
-    with FlashReader(opt_flash["bundled"]) as reader:
+    with FlashReader.for_layout(opt_flash["bundled"]) as reader:
         stats = reader.read(0, [], np.zeros((0, 256), np.uint8))
     assert (stats.records, stats.reads, stats.bytes_read) == (0, 0, 0)
 
@@ -80,14 +80,14 @@ def test_empty_id_set_reads_nothing(opt_flash):
 def test_naive_mode_reads_the_whole_layer_file(opt_flash):
     flash = opt_flash["unbundled"]
     out = aligned_buffer(flash.geometry.file_bytes)
-    with FlashReader(flash, threads=4) as reader:
+    with FlashReader.for_layout(flash, threads=4) as reader:
         stats = reader.read_layer(1, out, chunk_bytes=4096)
     assert out.tobytes() == flash.ffn_path(1).read_bytes()
     assert stats.bytes_read == flash.geometry.file_bytes and stats.reads == flash.geometry.file_bytes // 4096
 
 
 def test_out_of_range_ids_are_refused(opt_flash):
-    with FlashReader(opt_flash["bundled"]) as reader, pytest.raises(IndexError, match=r"\[0, 256\)"):
+    with FlashReader.for_layout(opt_flash["bundled"]) as reader, pytest.raises(IndexError, match=r"\[0, 256\)"):
         reader.read(0, [256], np.zeros((1, 256), np.uint8))
 
 
@@ -100,7 +100,7 @@ def test_on_a_memory_filesystem_the_reader_uses_buffered_reads_and_says_so(opt_f
     try:
         flash = FlashLayout.open(copy)
         with pytest.warns(UserWarning, match="NOT flash"):
-            reader = FlashReader(flash, threads=2)
+            reader = FlashReader.for_layout(flash, threads=2)
         with reader:
             out = np.zeros((2, 256), np.uint8)
             stats = reader.read(0, [0, 9], out)
@@ -111,7 +111,7 @@ def test_on_a_memory_filesystem_the_reader_uses_buffered_reads_and_says_so(opt_f
 
 
 def test_direct_io_can_be_switched_off_and_is_labelled(opt_flash):
-    with FlashReader(opt_flash["bundled"], direct=False) as reader:
+    with FlashReader.for_layout(opt_flash["bundled"], direct=False) as reader:
         assert not reader.read(0, [1], np.zeros((1, 256), np.uint8)).direct
         assert reader.fallback_reason == "direct I/O switched off by the caller"
 
@@ -126,7 +126,7 @@ def test_where_o_direct_is_refused_at_open_the_reader_falls_back_and_says_so(opt
 
     monkeypatch.setattr(os, "open", refusing_open)
     with pytest.warns(UserWarning, match="falling back to buffered reads"):
-        reader = FlashReader(opt_flash["bundled"], threads=2)
+        reader = FlashReader.for_layout(opt_flash["bundled"], threads=2)
     with reader:
         out = np.zeros((1, 256), np.uint8)
         assert not reader.read(1, [5], out).direct

@@ -1,0 +1,78 @@
+"""Running fio, the reference every I/O figure is reported beside, and reading its JSON defensively."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class FioError(RuntimeError):
+    """fio is missing, failed, or printed something that is not its JSON report."""
+
+
+@dataclass(frozen=True)
+class FioResult:
+    block_bytes: int
+    numjobs: int
+    ioengine: str
+    iodepth: int
+    bandwidth_bytes_s: float
+    iops: float
+    runtime_s: float
+    clat_p50_us: float | None
+    clat_p99_us: float | None
+
+
+def parse_fio_json(text: str) -> dict:
+    """fio may print warnings before its JSON; take the first top-level object that parses."""
+    start = text.find("{")
+    while start != -1:
+        try:
+            return json.JSONDecoder().raw_decode(text[start:])[0]
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+    raise FioError(f"fio printed no JSON report; its output began: {text[:200]!r}")
+
+
+def _percentile(clat: dict, key: str) -> float | None:
+    pct = clat.get("percentile") or {}
+    for k, v in pct.items():
+        if abs(float(k) - float(key)) < 1e-9:
+            return v / 1e3  # ns -> us
+    return None
+
+
+def randread(path: Path, block_bytes: int, numjobs: int, seconds: float = 3.0, ioengine: str = "psync",
+             iodepth: int = 1, size_bytes: int | None = None) -> FioResult:
+    """fio randread with direct=1 on an existing file (fio reads it, never writes it)."""
+    fio = shutil.which("fio")
+    if fio is None:
+        raise FioError("fio is not installed (Debian/Ubuntu: apt-get install fio)")
+    size = size_bytes or Path(path).stat().st_size
+    cmd = [
+        fio, "--name=flashbench", f"--filename={path}", "--rw=randread", f"--bs={block_bytes}", "--direct=1",
+        f"--ioengine={ioengine}", f"--iodepth={iodepth}", f"--numjobs={numjobs}", f"--size={size}",
+        f"--runtime={seconds}", "--time_based", "--group_reporting", "--readonly", "--output-format=json",
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired as e:
+        raise FioError(f"fio did not finish within {seconds + 60:.0f} s") from e
+    if proc.returncode != 0:
+        raise FioError(f"fio failed (exit {proc.returncode}): {proc.stderr.strip()[:500]}")
+    report = parse_fio_json(proc.stdout)
+    try:
+        job = report["jobs"][0]
+        read = job["read"]
+        clat = read.get("clat_ns") or {}
+        return FioResult(
+            block_bytes=block_bytes, numjobs=numjobs, ioengine=ioengine, iodepth=iodepth,
+            bandwidth_bytes_s=float(read["bw_bytes"]), iops=float(read["iops"]),
+            runtime_s=float(read.get("runtime", 0)) / 1e3,
+            clat_p50_us=_percentile(clat, "50.0"), clat_p99_us=_percentile(clat, "99.0"),
+        )
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise FioError(f"fio's JSON report lacks the read results ({e!r})") from e
