@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from .model import Transformer
@@ -22,14 +23,13 @@ def recorded_activations(model: Transformer):
 
 
 @torch.inference_mode()
-def active_fraction(model: Transformer, tokens: list[int], context: int, bos: int | None = None) -> list[float]:
-    """Per layer, the mean fraction of FFN neurons with a non-zero ReLU output, over the tokens of `tokens`.
-
-    The text is cut into windows of `context` positions (each starting with `bos` if given), as at inference.
-    """
+def activation_counts(model: Transformer, tokens: list[int], context: int, bos: int | None = None) -> tuple[np.ndarray, int]:
+    """Per layer and neuron, on how many tokens of `tokens` its ReLU output was non-zero: [n_layers, d_ffn], and
+    the number of positions seen. The text is cut into windows of `context` positions (each starting with `bos`
+    if given), as at inference."""
     step = context - (bos is not None)
-    active = torch.zeros(model.config.n_layers, dtype=torch.float64)
-    count = 0
+    counts = torch.zeros(model.config.n_layers, model.config.d_ffn, dtype=torch.int64)
+    positions = 0
     device = next(model.parameters()).device
     for start in range(0, len(tokens), step):
         window = tokens[start : start + step]
@@ -37,6 +37,18 @@ def active_fraction(model: Transformer, tokens: list[int], context: int, bos: in
         with recorded_activations(model) as acts:
             model(ids)
         for layer, a in enumerate(acts):
-            active[layer] += (a[0] > 0).double().mean(-1).sum().cpu()
-        count += ids.shape[1]
-    return (active / count).tolist()
+            counts[layer] += (a[0] > 0).sum(0).cpu()
+        positions += ids.shape[1]
+    return counts.numpy(), positions
+
+
+def active_fraction(model: Transformer, tokens: list[int], context: int, bos: int | None = None) -> list[float]:
+    """Per layer, the mean fraction of FFN neurons with a non-zero ReLU output over the tokens of `tokens`."""
+    counts, positions = activation_counts(model, tokens, context, bos)
+    return (counts.sum(1) / (positions * model.config.d_ffn)).tolist()
+
+
+def hot_neurons(counts: np.ndarray, fraction: float) -> list[np.ndarray]:
+    """Per layer, the `fraction` of neurons most often active (ties broken by id), sorted: the hybrid's set."""
+    n = int(round(fraction * counts.shape[1]))
+    return [np.sort(np.argsort(-row, kind="stable")[:n]).astype(np.int64) for row in counts]

@@ -126,6 +126,18 @@ def decode_records(records: np.ndarray, geometry: FFNGeometry) -> dict[str, torc
     }
 
 
+def decode_layer_file(data: np.ndarray, geometry: FFNGeometry) -> dict[str, torch.Tensor]:
+    """A whole FFN file's bytes (naive mode) -> every neuron's vectors, {"up": [d_ffn, d], ...} in float32."""
+    n, vb = geometry.d_ffn, geometry.vector_bytes
+    if geometry.layout == "bundled":
+        return decode_records(data[: n * geometry.record_bytes].reshape(n, geometry.record_bytes), geometry)
+    return {
+        name: decode_vectors(data[j * geometry.region_bytes : j * geometry.region_bytes + n * vb].reshape(n, vb),
+                             geometry.dtype, geometry.d_model)
+        for j, name in enumerate(geometry.vectors)
+    }
+
+
 # ---- the flash directory ------------------------------------------------------------------------------------------
 
 

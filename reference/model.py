@@ -7,6 +7,7 @@ the KV cache are reused unchanged, which is what makes the dense engine the grou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -115,13 +116,13 @@ class FFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ffn: nn.Module):
         super().__init__()
         norm = (lambda: nn.LayerNorm(config.d_model, eps=config.norm_eps)) if config.arch == "opt" else (
             lambda: RMSNorm(config.d_model, config.norm_eps)
         )
         self.attn_norm, self.attn = norm(), Attention(config)
-        self.ffn_norm, self.ffn = norm(), FFN(config)
+        self.ffn_norm, self.ffn = norm(), ffn
 
     def forward(self, x: torch.Tensor, start: int, cache: KVCache | None, layer: int, rope=None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), start, cache, layer, rope)
@@ -129,7 +130,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, ffn: Callable[[int], nn.Module] | None = None):
+        """`ffn(layer)` makes each layer's FFN module: the dense `FFN` by default, the flash engine's otherwise."""
         super().__init__()
         if config.activation != "relu":
             raise CheckpointError(
@@ -146,7 +148,8 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        ffn = ffn or (lambda _layer: FFN(config))
+        self.layers = nn.ModuleList(Block(config, ffn(i)) for i in range(config.n_layers))
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""The neuron cache: one layer's FFN neurons held in DRAM, in a matrix preallocated once.
+
+Rows [0, n) are occupied; `ids[s]` is the neuron in slot s. Inserting appends rows at n; deleting moves the last
+occupied rows into the freed slots, so the occupied rows stay one contiguous block that the FFN's matmuls use as
+is: nothing is reallocated and nothing is gathered per token (the paper's section 3.3). The first `pinned` slots
+hold the hybrid's hot neurons, which are never deleted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+VECTORS_GATED = ("gate", "up", "down")
+VECTORS_PLAIN = ("up", "down")
+
+
+class NeuronCache:
+    def __init__(self, capacity: int, d_model: int, d_ffn: int, gated: bool, bias: bool):
+        self.capacity = capacity
+        self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
+        self.rows = {v: torch.zeros(capacity, d_model) for v in self.vectors}
+        self.up_bias = torch.zeros(capacity) if bias else None
+        self.ids = np.full(capacity, -1, dtype=np.int64)
+        self.slot_of = np.full(d_ffn, -1, dtype=np.int64)
+        self.n = 0
+        self.pinned = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.rows.values()) + (self.up_bias.nbytes if self.up_bias is not None else 0)
+
+    def missing(self, ids: np.ndarray) -> np.ndarray:
+        """Which of `ids` are not cached (the delta to read)."""
+        return ids[self.slot_of[ids] < 0]
+
+    def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor], up_bias: torch.Tensor | None = None,
+               pin: bool = False) -> None:
+        """Append neurons `ids` (not cached yet) with their vectors; `pin` keeps them for good (hybrid)."""
+        k = len(ids)
+        if self.n + k > self.capacity:
+            raise RuntimeError(f"neuron cache full: {self.n} + {k} rows > capacity {self.capacity}")
+        if pin and self.n != self.pinned:
+            raise RuntimeError("pinned neurons must be inserted before any others")
+        slots = slice(self.n, self.n + k)
+        for name in self.vectors:
+            self.rows[name][slots] = rows[name]
+        if self.up_bias is not None:
+            self.up_bias[slots] = up_bias
+        self.ids[slots] = ids
+        self.slot_of[ids] = np.arange(self.n, self.n + k)
+        self.n += k
+        if pin:
+            self.pinned = self.n
+
+    def delete(self, ids: np.ndarray) -> None:
+        """Remove neurons `ids` (cached, not pinned): the last occupied rows move into the freed slots."""
+        if len(ids) == 0:
+            return
+        freed = self.slot_of[ids]
+        if (freed < self.pinned).any():
+            raise RuntimeError("cannot delete a pinned or uncached neuron")
+        new_n = self.n - len(ids)
+        holes = np.sort(freed[freed < new_n])  # freed slots inside the block that remains
+        tail = np.arange(new_n, self.n)
+        movers = tail[np.isin(tail, freed, invert=True)]  # last rows that stay: they fill the holes
+        self.slot_of[ids] = -1
+        self.ids[freed] = -1
+        if len(holes):
+            h, m = torch.from_numpy(holes), torch.from_numpy(movers)
+            for name in self.vectors:
+                self.rows[name][h] = self.rows[name][m]
+            if self.up_bias is not None:
+                self.up_bias[h] = self.up_bias[m]
+            self.ids[holes] = self.ids[movers]
+            self.slot_of[self.ids[holes]] = holes
+            self.ids[movers] = -1
+        self.n = new_n
+
+    def cached_ids(self) -> np.ndarray:
+        return self.ids[: self.n].copy()
+
+    def matrices(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The occupied rows, as views: what the FFN multiplies, with no copy."""
+        rows = {name: self.rows[name][: self.n] for name in self.vectors}
+        return rows, (self.up_bias[: self.n] if self.up_bias is not None else None)
+
+
+class RegatherCache:
+    """What a plain implementation does (the `memory=regather` ablation): neurons kept in a dict, and the
+    matrices the FFN multiplies built anew, by stacking, for every token."""
+
+    def __init__(self, capacity: int, d_model: int, gated: bool, bias: bool):
+        self.capacity, self.d_model = capacity, d_model
+        self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
+        self.bias = bias
+        self.store: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor | None]] = {}
+        self.pinned_ids: set[int] = set()
+
+    @property
+    def n(self) -> int:
+        return len(self.store)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(sum(t.nbytes for t in rows.values()) for rows, _ in self.store.values())
+
+    def missing(self, ids: np.ndarray) -> np.ndarray:
+        return np.array([i for i in ids.tolist() if i not in self.store], dtype=np.int64)
+
+    def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor], up_bias: torch.Tensor | None = None,
+               pin: bool = False) -> None:
+        for k, i in enumerate(ids.tolist()):
+            self.store[i] = ({name: rows[name][k].clone() for name in self.vectors},
+                             up_bias[k].clone() if up_bias is not None else None)
+            if pin:
+                self.pinned_ids.add(i)
+
+    def delete(self, ids: np.ndarray) -> None:
+        for i in ids.tolist():
+            if i in self.pinned_ids:
+                raise RuntimeError("cannot delete a pinned neuron")
+            del self.store[i]
+
+    def cached_ids(self) -> np.ndarray:
+        return np.array(sorted(self.store), dtype=np.int64)
+
+    def matrices(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        ids = sorted(self.store)
+        if not ids:
+            return {name: torch.zeros(0, self.d_model) for name in self.vectors}, torch.zeros(0) if self.bias else None
+        rows = {name: torch.stack([self.store[i][0][name] for i in ids]) for name in self.vectors}
+        bias = torch.stack([self.store[i][1] for i in ids]) if self.bias else None
+        return rows, bias

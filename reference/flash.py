@@ -1,0 +1,350 @@
+"""The flash engine: the dense transformer with each FFN swapped for one that reads its neurons from flash.
+
+Every technique is a switch of `Techniques` on this one engine:
+- `source`: which neurons a token needs (`predictor`, `oracle`, `trace`, or `all` = the naive baseline: every
+  FFN weight read from flash for every token, dense compute);
+- `window` k: neurons needed by the last k tokens stay cached; a token reads only the delta (k = 0: no reuse);
+- `hybrid`: the fraction of each layer's neurons, the most often active ones, kept resident and never read;
+- `memory`: `preallocated` (the neuron cache's fixed matrix) or `regather` (matrices rebuilt per token);
+- the flash directory's layout (bundled or unbundled) and storage dtype (int8 included) are the directory's;
+- `threads`, `direct`, `gap_bytes`: the reader's settings.
+Per token it reports I/O, memory management, predictor and compute seconds, and the reader's exact counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import hot_neurons
+from .cache import NeuronCache, RegatherCache
+from .engine import Engine
+from .layout import FlashLayout, decode_layer_file, decode_records
+from .model import Transformer
+from .reader import FlashReader, aligned_buffer
+from .sources import ActivationSource, AllNeurons, Oracle
+
+SOURCES = ("predictor", "oracle", "trace", "all")
+MEMORY = ("preallocated", "regather")
+
+
+class BudgetError(ValueError):
+    """A configuration that cannot fit its DRAM budget; the message gives the numbers."""
+
+
+@dataclass(frozen=True)
+class Techniques:
+    source: str = "predictor"
+    window: int = 0
+    hybrid: float = 0.0
+    memory: str = "preallocated"
+    threads: int = 16
+    direct: bool = True
+    gap_bytes: int = 0
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if self.memory not in MEMORY:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY)}, got {self.memory!r}")
+        if self.window < 0 or not 0.0 <= self.hybrid <= 1.0:
+            raise ValueError(f"window must be >= 0 and hybrid in [0, 1], got {self.window}, {self.hybrid}")
+        if self.source == "all" and (self.window or self.hybrid):
+            raise ValueError("the naive configuration (source 'all') reads every neuron: no window, no hybrid")
+
+    @classmethod
+    def naive(cls, **reader_settings) -> "Techniques":
+        return cls(source="all", **reader_settings)
+
+
+@dataclass
+class TokenStats:
+    """One forward pass (a decode step, or a whole prefill), summed over layers."""
+
+    tokens: int = 0
+    total_s: float = 0.0
+    io_s: float = 0.0
+    memory_s: float = 0.0
+    predictor_s: float = 0.0
+    records: int = 0  # neurons loaded from flash
+    reads: int = 0
+    bytes_requested: int = 0
+    bytes_read: int = 0
+    cached: int = 0  # neurons in DRAM after the pass (hot ones included), all layers
+    window_shrinks: int = 0
+    direct: bool = True
+
+    @property
+    def compute_s(self) -> float:
+        return max(0.0, self.total_s - self.io_s - self.memory_s - self.predictor_s)
+
+
+@dataclass
+class _Shared:
+    """What the layers of one engine share: the reader, the source, buffers and the current pass's stats."""
+
+    techniques: Techniques
+    layout: FlashLayout
+    reader: FlashReader
+    source: ActivationSource
+    capacity: int
+    stats: TokenStats = field(default_factory=TokenStats)
+    file_buffer: np.ndarray | None = None  # naive mode: one whole layer file
+    record_buffer: np.ndarray | None = None  # the delta's records
+
+
+class FlashFFN(nn.Module):
+    """One layer's FFN, served from flash through the neuron cache."""
+
+    def __init__(self, layer: int, shared: _Shared, up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+                 hot: np.ndarray):
+        super().__init__()
+        self.layer, self.shared = layer, shared
+        self.up_bias, self.down_bias = up_bias, down_bias
+        g = shared.layout.geometry
+        self.gated = "gate" in g.vectors
+        if shared.techniques.memory == "regather":
+            self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None)
+        else:
+            self.cache = NeuronCache(shared.capacity, g.d_model, g.d_ffn, self.gated, up_bias is not None)
+        self.hot = np.sort(hot).astype(np.int64)
+        self.window: deque[np.ndarray] = deque()
+        self.peak_rows = 0  # most neurons held at once (window + this pass): the cache size this run needed
+        self.max_needed = 0  # most neurons one pass needed (hot ones included)
+
+    def load_hot(self) -> None:
+        """Read the hybrid's hot neurons once and pin them (not counted as per-token I/O)."""
+        if len(self.hot):
+            self.cache.insert(self.hot, self._read(self.hot, count=False), self._bias(self.hot), pin=True)
+
+    def reset(self) -> None:
+        evict = np.setdiff1d(self.cache.cached_ids(), self.hot)
+        self.cache.delete(evict)
+        self.window.clear()
+
+    def _bias(self, ids: np.ndarray) -> torch.Tensor | None:
+        return self.up_bias[torch.from_numpy(ids)] if self.up_bias is not None else None
+
+    def _read(self, ids: np.ndarray, count: bool = True) -> dict[str, torch.Tensor]:
+        sh = self.shared
+        out = sh.record_buffer[: len(ids)]
+        stats = sh.reader.read(self.layer, ids, out)
+        if count:
+            sh.stats.io_s += stats.seconds
+            sh.stats.records += stats.records
+            sh.stats.reads += stats.reads
+            sh.stats.bytes_requested += stats.bytes_requested
+            sh.stats.bytes_read += stats.bytes_read
+            sh.stats.direct = sh.stats.direct and stats.direct
+        t0 = time.perf_counter()
+        rows = decode_records(out, sh.layout.geometry)
+        sh.stats.memory_s += time.perf_counter() - t0
+        return rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 1:
+            raise ValueError("the flash engine decodes one sequence at a time (batch 1)")
+        sh, xs = self.shared, x[0]
+        t0 = time.perf_counter()
+        sets = sh.source.sets(self.layer, xs)
+        sh.stats.predictor_s += time.perf_counter() - t0
+        if sh.techniques.source == "all":
+            return self._naive(xs)[None]
+
+        needed = np.unique(np.concatenate([self.hot, *sets]))
+        k = sh.techniques.window
+        self.window.extend(sets)
+        while len(self.window) > k:
+            self.window.popleft()
+        delta = self._make_room(needed, self.cache.missing(needed))
+        rows = self._read(delta)
+        t0 = time.perf_counter()
+        self.cache.insert(delta, rows, self._bias(delta))
+        self.peak_rows, self.max_needed = max(self.peak_rows, self.cache.n), max(self.max_needed, len(needed))
+        weights, bias = self.cache.matrices()
+        sh.stats.memory_s += time.perf_counter() - t0
+
+        h = xs @ weights["gate" if self.gated else "up"].t()
+        if bias is not None:
+            h = h + bias
+        h = F.relu(h)
+        if self.gated:
+            h = h * (xs @ weights["up"].t())
+        out = h @ weights["down"]
+        if self.down_bias is not None:
+            out = out + self.down_bias
+
+        t0 = time.perf_counter()
+        keep = np.unique(np.concatenate([self.hot, *self.window])) if self.window else self.hot
+        self.cache.delete(np.setdiff1d(self.cache.cached_ids(), keep, assume_unique=True))
+        sh.stats.memory_s += time.perf_counter() - t0
+        sh.stats.cached += self.cache.n
+        return out[None]
+
+    def _make_room(self, needed: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """Where the window's neurons and this token's delta overflow the cache, forget the oldest tokens of
+        the window first (shrinking it, as the paper does); a token that alone does not fit is an error."""
+        sh = self.shared
+        while self.cache.n + len(delta) > self.cache.capacity and len(self.window) > 1:
+            self.window.popleft()
+            keep = np.unique(np.concatenate([self.hot, needed, *self.window]))
+            self.cache.delete(np.setdiff1d(self.cache.cached_ids(), keep, assume_unique=True))
+            sh.stats.window_shrinks += 1
+        if self.cache.n + len(delta) > self.cache.capacity:
+            raise BudgetError(f"layer {self.layer}: a token needs {len(needed)} neurons, the cache holds "
+                              f"{self.cache.capacity}: raise the DRAM budget")
+        return delta
+
+    def _naive(self, xs: torch.Tensor) -> torch.Tensor:
+        sh = self.shared
+        stats = sh.reader.read_layer(self.layer, sh.file_buffer)
+        sh.stats.io_s += stats.seconds
+        sh.stats.records += stats.records
+        sh.stats.reads += stats.reads
+        sh.stats.bytes_requested += stats.bytes_requested
+        sh.stats.bytes_read += stats.bytes_read
+        sh.stats.direct = sh.stats.direct and stats.direct
+        t0 = time.perf_counter()
+        w = decode_layer_file(sh.file_buffer, sh.layout.geometry)
+        sh.stats.memory_s += time.perf_counter() - t0
+        h = xs @ w["gate" if self.gated else "up"].t()
+        if self.up_bias is not None:
+            h = h + self.up_bias
+        h = F.relu(h)
+        if self.gated:
+            h = h * (xs @ w["up"].t())
+        out = h @ w["down"]
+        return out + self.down_bias if self.down_bias is not None else out
+
+
+@dataclass(frozen=True)
+class DramUse:
+    """Bytes the engine holds for weights (the DRAM budget covers these); the KV cache is reported apart."""
+
+    resident: int
+    cache: int
+    buffers: int
+    source: int
+    kv_cache: int
+
+    @property
+    def weights_total(self) -> int:
+        return self.resident + self.cache + self.buffers + self.source
+
+
+class FlashEngine(Engine):
+    """prefill/step like the dense `Engine`, with FFN weights on flash; `history` holds a `TokenStats` per pass."""
+
+    def __init__(self, flash_dir: str | Path | FlashLayout, techniques: Techniques,
+                 source: ActivationSource | None = None, neuron_counts: np.ndarray | None = None,
+                 dram_budget: int | None = None, max_len: int | None = None):
+        """`neuron_counts` [n_layers, d_ffn]: how often each neuron was active on held-out text; the hybrid keeps
+        the `techniques.hybrid` most frequent ones resident. `source` overrides the default for
+        `techniques.source` (needed for `predictor` and `trace`)."""
+        layout = flash_dir if isinstance(flash_dir, FlashLayout) else FlashLayout.open(flash_dir)
+        config, g = layout.config, layout.geometry
+        self.layout, self.techniques = layout, techniques
+        resident = layout.resident_state()
+        biases = {i: (resident.pop(f"layers.{i}.ffn.up.bias", None), resident.pop(f"layers.{i}.ffn.down.bias", None))
+                  for i in range(config.n_layers)}
+        reader = FlashReader.for_layout(layout, threads=techniques.threads, direct=techniques.direct,
+                                        gap_bytes=techniques.gap_bytes)
+        if source is None:
+            source = self._default_source(techniques, layout, reader, biases)
+        if techniques.source != source.name:
+            raise ValueError(f"techniques ask for source {techniques.source!r}, got a {source.name!r} source")
+        if techniques.hybrid and neuron_counts is None:
+            raise ValueError("hybrid needs neuron_counts (activation frequencies) to choose the hot neurons")
+        hot = (hot_neurons(neuron_counts, techniques.hybrid) if techniques.hybrid
+               else [np.zeros(0, np.int64)] * config.n_layers)
+        n_hot = max(len(h) for h in hot)
+
+        resident_bytes = sum(t.nbytes for t in resident.values()) + sum(
+            b.nbytes for pair in biases.values() for b in pair if b is not None)
+        row_bytes = (len(g.vectors) * g.d_model + (1 if config.bias else 0)) * 4
+        capacity = 0 if techniques.source == "all" else g.d_ffn
+        if dram_budget is not None and techniques.source != "all":
+            fixed = resident_bytes + source.nbytes
+            per_neuron = row_bytes * config.n_layers + g.record_bytes  # a cache row in every layer + a buffer row
+            capacity = min(g.d_ffn, max(0, (dram_budget - fixed) // per_neuron))
+            if capacity <= n_hot:
+                raise BudgetError(
+                    f"DRAM budget {dram_budget:,} bytes cannot hold the resident weights ({resident_bytes:,}), the "
+                    f"activation source ({source.nbytes:,}), buffers and {n_hot} hot neurons plus any cache: "
+                    f"it would leave room for {capacity} neurons per layer"
+                )
+        shared = _Shared(techniques, layout, reader, source, capacity)
+        if techniques.source == "all":
+            shared.file_buffer = aligned_buffer(g.file_bytes)
+        else:
+            shared.record_buffer = aligned_buffer(capacity * g.record_bytes).reshape(capacity, g.record_bytes)
+        self.shared = shared
+        model = Transformer(config, ffn=lambda i: FlashFFN(i, shared, *biases[i], hot[i]))
+        model.load_state_dict(resident, strict=True)
+        model.eval()
+        for block in model.layers:
+            block.ffn.load_hot()
+        super().__init__(model, max_len)
+        self.history: list[TokenStats] = []
+        cache_bytes = capacity * config.n_layers * row_bytes
+        self.dram = DramUse(resident_bytes, cache_bytes, self._buffer_bytes(techniques, layout, capacity),
+                            source.nbytes, self.cache.nbytes)
+        if dram_budget is not None and self.dram.weights_total > dram_budget:
+            raise BudgetError(f"DRAM budget {dram_budget:,} bytes < {self.dram.weights_total:,} needed ({self.dram})")
+
+    @staticmethod
+    def _buffer_bytes(techniques: Techniques, layout: FlashLayout, capacity: int) -> int:
+        g = layout.geometry
+        return g.file_bytes if techniques.source == "all" else capacity * g.record_bytes
+
+    @staticmethod
+    def _default_source(techniques: Techniques, layout: FlashLayout, reader: FlashReader, biases) -> ActivationSource:
+        if techniques.source == "all":
+            return AllNeurons(layout.geometry.d_ffn)
+        if techniques.source == "oracle":
+            return oracle_from_flash(layout, reader, biases)
+        raise ValueError(f"source {techniques.source!r} must be passed in (a trained predictor or a trace)")
+
+    def _timed(self, run, tokens: int) -> torch.Tensor:
+        self.shared.stats = TokenStats(tokens=tokens, direct=self.shared.reader.direct)
+        t0 = time.perf_counter()
+        logits = run()
+        self.shared.stats.total_s = time.perf_counter() - t0
+        self.history.append(self.shared.stats)
+        return logits
+
+    def reset(self) -> None:
+        super().reset()
+        self.shared.source.reset()
+        for block in self.model.layers:
+            block.ffn.reset()
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        self.history = []
+        return self._timed(lambda: super(FlashEngine, self).prefill(tokens), len(tokens))
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._timed(lambda: super(FlashEngine, self).step(token), 1)
+
+    def close(self) -> None:
+        self.shared.reader.close()
+
+
+def oracle_from_flash(layout: FlashLayout, reader: FlashReader, biases) -> Oracle:
+    """The oracle's weights (up, or gate for gated FFNs) read once from flash and held in DRAM."""
+    g = layout.geometry
+    name = "gate" if "gate" in g.vectors else "up"
+    buffer = aligned_buffer(g.file_bytes)
+    weights = []
+    for layer in range(layout.config.n_layers):
+        reader.read_layer(layer, buffer)
+        weights.append(decode_layer_file(buffer, g)[name].clone())
+    use_bias = name == "up"
+    return Oracle(weights, [biases[i][0] if use_bias else None for i in range(layout.config.n_layers)])

@@ -1,0 +1,84 @@
+"""Activation sources: which neurons of a layer a token needs, decided before its FFN runs.
+
+- `oracle`: the exact active set, computed from the up (or gate) projection held in DRAM. For validation only:
+  it needs those weights resident, which defeats the purpose, and every report labels it so.
+- `trace`: replays recorded or generated sets, for synthetic paper-scale models.
+- `all`: every neuron, every token: the naive baseline.
+The real `predictor` source lives in predictor.py.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class ActivationSource(Protocol):
+    name: str
+    nbytes: int  # DRAM the source holds
+
+    def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+        """Per token of x [T, d] (the FFN input), the sorted neuron ids it needs."""
+        ...
+
+    def reset(self) -> None:
+        """A new sequence starts."""
+        ...
+
+
+class AllNeurons:
+    name = "all"
+    nbytes = 0
+
+    def __init__(self, d_ffn: int):
+        self.every = np.arange(d_ffn, dtype=np.int64)
+
+    def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+        return [self.every] * x.shape[0]
+
+    def reset(self) -> None:
+        pass
+
+
+class Oracle:
+    """Exact active sets: neurons whose ReLU input is positive. `weights[layer]` is the up projection [f, d]
+    (the gate for gated FFNs) as stored, `biases[layer]` its bias or None."""
+
+    name = "oracle"
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
+        self.weights, self.biases = weights, biases
+        self.nbytes = sum(w.nbytes for w in weights) + sum(b.nbytes for b in biases if b is not None)
+
+    def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+        pre = x @ self.weights[layer].t()
+        if self.biases[layer] is not None:
+            pre = pre + self.biases[layer]
+        active = (pre > 0).numpy()
+        return [np.flatnonzero(row) for row in active]
+
+    def reset(self) -> None:
+        pass
+
+
+class Trace:
+    """Replays sets: `sets[token][layer]` for the tokens in order (prefill tokens first)."""
+
+    name = "trace"
+    nbytes = 0
+
+    def __init__(self, sets: list[list[np.ndarray]]):
+        self.trace = sets
+        self.reset()
+
+    def reset(self) -> None:
+        self.position = [0] * (len(self.trace[0]) if self.trace else 0)
+
+    def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+        start = self.position[layer]
+        if start + x.shape[0] > len(self.trace):
+            raise IndexError(f"trace exhausted: {len(self.trace)} tokens recorded, token {start + x.shape[0]} asked")
+        self.position[layer] = start + x.shape[0]
+        return [np.asarray(self.trace[t][layer], dtype=np.int64) for t in range(start, start + x.shape[0])]

@@ -1,0 +1,81 @@
+"""The neuron cache against a plain model of its contents (a dict from neuron id to its vectors)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashbench.reference.cache import NeuronCache
+
+D_FFN, D_MODEL = 40, 3
+
+
+def vectors_of(ids, gated=True):
+    """Each neuron's vectors are a function of its id, so any misplaced row shows."""
+    base = torch.as_tensor(np.asarray(ids), dtype=torch.float32)[:, None]
+    names = ("gate", "up", "down") if gated else ("up", "down")
+    return {name: base * 10 + j + torch.arange(D_MODEL) / 10 for j, name in enumerate(names)}
+
+
+def check(cache: NeuronCache, model: set[int]):
+    assert cache.n == len(model)
+    ids = cache.ids[: cache.n]
+    assert set(ids.tolist()) == model
+    assert (cache.ids[cache.n :] == -1).all()
+    for slot, neuron in enumerate(ids):
+        assert cache.slot_of[neuron] == slot
+    assert (cache.slot_of >= 0).sum() == len(model)
+    want = vectors_of(ids)
+    rows, bias = cache.matrices()
+    for name in cache.vectors:
+        assert torch.equal(rows[name], want[name])
+    assert torch.equal(bias, torch.as_tensor(ids, dtype=torch.float32))
+
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["insert", "delete"]), st.sets(st.integers(0, D_FFN - 1), max_size=12)), max_size=30
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pinned=st.sets(st.integers(0, D_FFN - 1), max_size=5), ops=operations)
+def test_random_inserts_and_deletes_keep_the_cache_equal_to_its_model(pinned, ops):
+    cache = NeuronCache(D_FFN, D_MODEL, D_FFN, gated=True, bias=True)
+    model: set[int] = set()
+    ids = np.array(sorted(pinned), dtype=np.int64)
+    cache.insert(ids, vectors_of(ids), torch.as_tensor(ids, dtype=torch.float32), pin=True)
+    model |= pinned
+    for op, chosen in ops:
+        if op == "insert":
+            new = np.array(sorted(set(chosen) - model), dtype=np.int64)
+            np.testing.assert_array_equal(cache.missing(np.array(sorted(chosen), dtype=np.int64)), new)
+            cache.insert(new, vectors_of(new), torch.as_tensor(new, dtype=torch.float32))
+            model |= set(new.tolist())
+        else:
+            gone = np.array(sorted((set(chosen) & model) - pinned), dtype=np.int64)
+            np.random.default_rng(len(gone)).shuffle(gone)  # order of deletion must not matter
+            cache.delete(gone)
+            model -= set(gone.tolist())
+        check(cache, model)
+        assert set(cache.ids[: cache.pinned].tolist()) == pinned
+
+
+def test_a_full_cache_refuses_more():
+    cache = NeuronCache(2, D_MODEL, D_FFN, gated=False, bias=False)
+    cache.insert(np.array([1, 2]), vectors_of([1, 2], gated=False))
+    with pytest.raises(RuntimeError, match="cache full"):
+        cache.insert(np.array([3]), vectors_of([3], gated=False))
+
+
+def test_pinned_neurons_cannot_be_deleted():
+    cache = NeuronCache(4, D_MODEL, D_FFN, gated=False, bias=False)
+    cache.insert(np.array([5]), vectors_of([5], gated=False), pin=True)
+    with pytest.raises(RuntimeError, match="pinned"):
+        cache.delete(np.array([5]))
+
+
+def test_occupied_rows_are_views_of_the_preallocated_matrix():
+    cache = NeuronCache(8, D_MODEL, D_FFN, gated=False, bias=False)
+    cache.insert(np.array([1, 2, 3]), vectors_of([1, 2, 3], gated=False))
+    assert cache.matrices()[0]["up"].data_ptr() == cache.rows["up"].data_ptr()

@@ -1,0 +1,112 @@
+"""The flash engine: with the oracle, every combination of techniques gives the dense engine's tokens and logits."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from flashbench import suite
+from flashbench.reference import Engine, Transformer
+from flashbench.reference.activations import activation_counts
+from flashbench.reference.flash import BudgetError, FlashEngine, Techniques
+from flashbench.reference.layout import convert
+from flashbench.reference.tokenizer import BOS, encode
+
+PROMPT = encode(suite.heldout_text())[:32]
+STEPS = 128
+
+
+@pytest.fixture(scope="module", params=suite.EMBEDDED_MODELS)
+def model(request, tmp_path_factory):
+    """A shipped model: its dense reference run, fp32 flash directories of both layouts, and its hot neurons."""
+    path = suite.model_path(request.param)
+    dense = Transformer.from_checkpoint(path)
+    engine = Engine(dense)
+    logits = [engine.prefill(PROMPT)[-1]]
+    tokens = []
+    for _ in range(STEPS):
+        tokens.append(int(logits[-1].argmax()))
+        logits.append(engine.step(tokens[-1]))
+    root = tmp_path_factory.mktemp(request.param)
+    flash = {layout: convert(path, root / layout, layout, "float32") for layout in ("bundled", "unbundled")}
+    counts, _ = activation_counts(dense, encode(suite.heldout_text(), bos=False)[:8192], 512, BOS)
+    return {"tokens": tokens, "logits": torch.stack(logits), "flash": flash, "counts": counts}
+
+
+def replay(engine, tokens, prompt=PROMPT):
+    """Logits after the prompt and after each of `tokens`, fed in order (teacher-forced on the dense run)."""
+    out = [engine.prefill(prompt)[-1]]
+    out += [engine.step(t) for t in tokens]
+    return torch.stack(out)
+
+
+COMBINATIONS = list(itertools.product(["bundled", "unbundled"], [0, 4], ["preallocated", "regather"], [0.0, 0.1]))
+
+
+@pytest.mark.parametrize("layout, window, memory, hybrid", COMBINATIONS)
+def test_oracle_flash_engine_reproduces_dense_inference(model, layout, window, memory, hybrid):
+    techniques = Techniques(source="oracle", window=window, memory=memory, hybrid=hybrid, threads=4)
+    engine = FlashEngine(model["flash"][layout], techniques, neuron_counts=model["counts"])
+    logits = replay(engine, model["tokens"])
+    engine.close()
+    assert (logits[:-1].argmax(-1)[: STEPS] == torch.tensor(model["tokens"])).all(), "greedy tokens differ"
+    assert (logits - model["logits"]).abs().max() <= 1e-4
+
+
+def test_naive_configuration_reproduces_dense_inference_reading_every_weight(model):
+    engine = FlashEngine(model["flash"]["bundled"], Techniques.naive(threads=4))
+    logits = replay(engine, model["tokens"][:16])
+    engine.close()
+    assert (logits - model["logits"][:17]).abs().max() <= 1e-4
+    layout = model["flash"]["bundled"]
+    for stats in engine.history[1:]:
+        assert stats.bytes_read == layout.config.n_layers * layout.geometry.file_bytes
+        assert stats.records == layout.config.n_layers * layout.geometry.d_ffn
+
+
+def neurons_loaded(model, **techniques):
+    engine = FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", threads=4, **techniques),
+                         neuron_counts=model["counts"])
+    replay(engine, model["tokens"][:64])
+    engine.close()
+    return sum(s.records for s in engine.history[1:])
+
+
+def test_windowing_loads_fewer_neurons_the_longer_the_window(model):
+    loaded = [neurons_loaded(model, window=k) for k in (0, 1, 4)]
+    assert loaded[0] > loaded[1] > loaded[2]
+
+
+def test_hybrid_hot_neurons_are_never_read(model):
+    assert neurons_loaded(model, hybrid=0.1) < neurons_loaded(model)
+
+
+def test_hybrid_without_activation_counts_is_refused(model):
+    with pytest.raises(ValueError, match="hybrid needs neuron_counts"):
+        FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", hybrid=0.1))
+
+
+def test_a_budget_too_small_for_the_resident_weights_is_refused_with_the_numbers(model):
+    with pytest.raises(BudgetError, match=r"DRAM budget 1,000,000 bytes cannot hold the resident weights"):
+        FlashEngine(model["flash"]["bundled"], Techniques(source="oracle"), dram_budget=1_000_000)
+
+
+def test_a_tight_budget_shrinks_the_window_and_stays_exact(model):
+    flash = model["flash"]["bundled"]
+    short = PROMPT[:2]  # a long prompt's union of sets would not fit a tight budget in one prefill
+    roomy = FlashEngine(flash, Techniques(source="oracle", window=8, threads=4))  # the same, with room
+    dense_logits = replay(roomy, model["tokens"][:48], short)
+    roomy.close()
+    layers = [b.ffn for b in roomy.model.layers]
+    capacity = max(f.max_needed for f in layers)  # every pass fits, but not every window
+    assert capacity < max(f.peak_rows for f in layers)
+    fixed = roomy.dram.weights_total - roomy.dram.cache - roomy.dram.buffers
+    row_bytes = roomy.dram.cache // (flash.geometry.d_ffn * flash.config.n_layers)
+    budget = fixed + capacity * (row_bytes * flash.config.n_layers + flash.geometry.record_bytes)
+    engine = FlashEngine(flash, Techniques(source="oracle", window=8, threads=4), dram_budget=budget)
+    logits = replay(engine, model["tokens"][:48], short)
+    engine.close()
+    assert engine.dram.weights_total <= budget
+    assert sum(s.window_shrinks for s in engine.history) > 0
+    assert (logits - dense_logits).abs().max() <= 1e-4
