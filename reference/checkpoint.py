@@ -78,9 +78,18 @@ def hf_name(name: str, arch: str) -> str:
 
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:
-    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    """The checkpoint's weight files, as HF names them: those of `model.safetensors.index.json` if sharded,
+    else `model*.safetensors` (other safetensors beside them, such as a predictor, are not weights)."""
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e!r})") from e
+        return [checkpoint_dir / n for n in names]
+    files = sorted(checkpoint_dir.glob("model*.safetensors"))
     if not files:
-        raise CheckpointError(f"{checkpoint_dir}: no *.safetensors weight files")
+        raise CheckpointError(f"{checkpoint_dir}: no model*.safetensors weight files")
     return files
 
 

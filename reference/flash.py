@@ -14,7 +14,6 @@ Per token it reports I/O, memory management, predictor and compute seconds, and 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,7 +114,10 @@ class FlashFFN(nn.Module):
         else:
             self.cache = NeuronCache(shared.capacity, g.d_model, g.d_ffn, self.gated, up_bias is not None)
         self.hot = np.sort(hot).astype(np.int64)
-        self.window: deque[np.ndarray] = deque()
+        # The window: the position of the last token that needed each neuron (hot ones: never evicted).
+        self.last_needed = np.full(g.d_ffn, -1, dtype=np.int64)
+        self.last_needed[self.hot] = np.iinfo(np.int64).max
+        self.position = 0  # tokens of the current sequence seen by this layer
         self.peak_rows = 0  # most neurons held at once (window + this pass): the cache size this run needed
         self.max_needed = 0  # most neurons one pass needed (hot ones included)
 
@@ -125,9 +127,9 @@ class FlashFFN(nn.Module):
             self.cache.insert(self.hot, self._read(self.hot, count=False), self._bias(self.hot), pin=True)
 
     def reset(self) -> None:
-        evict = np.setdiff1d(self.cache.cached_ids(), self.hot)
-        self.cache.delete(evict)
-        self.window.clear()
+        self.cache.delete(np.setdiff1d(self.cache.cached_ids(), self.hot))
+        self.last_needed[self.last_needed != np.iinfo(np.int64).max] = -1
+        self.position = 0
 
     def _bias(self, ids: np.ndarray) -> torch.Tensor | None:
         return self.up_bias[torch.from_numpy(ids)] if self.up_bias is not None else None
@@ -158,12 +160,12 @@ class FlashFFN(nn.Module):
         if sh.techniques.source == "all":
             return self._naive(xs)[None]
 
-        needed = np.unique(np.concatenate([self.hot, *sets]))
-        k = sh.techniques.window
-        self.window.extend(sets)
-        while len(self.window) > k:
-            self.window.popleft()
-        delta = self._make_room(needed, self.cache.missing(needed))
+        start, end = self.position, self.position + len(sets)
+        self.position = end
+        for j, ids in enumerate(sets):
+            self.last_needed[ids] = np.maximum(self.last_needed[ids], start + j)
+        needed = np.union1d(self.hot, np.concatenate(sets)) if len(sets) > 1 else np.union1d(self.hot, sets[0])
+        delta = self._make_room(needed, start, self.cache.missing(needed))
         rows = self._read(delta)
         t0 = time.perf_counter()
         self.cache.insert(delta, rows, self._bias(delta))
@@ -182,23 +184,27 @@ class FlashFFN(nn.Module):
             out = out + self.down_bias
 
         t0 = time.perf_counter()
-        keep = np.unique(np.concatenate([self.hot, *self.window])) if self.window else self.hot
-        self.cache.delete(np.setdiff1d(self.cache.cached_ids(), keep, assume_unique=True))
+        self._evict_before(end - sh.techniques.window)  # keep what the last k tokens needed
         sh.stats.memory_s += time.perf_counter() - t0
         sh.stats.cached += self.cache.n
         return out[None]
 
-    def _make_room(self, needed: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        """Where the window's neurons and this token's delta overflow the cache, forget the oldest tokens of
-        the window first (shrinking it, as the paper does); a token that alone does not fit is an error."""
+    def _evict_before(self, position: int) -> None:
+        """Delete the cached neurons last needed before `position` (hot ones never are)."""
+        cached = self.cache.cached_ids()
+        self.cache.delete(cached[self.last_needed[cached] < position])
+
+    def _make_room(self, needed: np.ndarray, start: int, delta: np.ndarray) -> np.ndarray:
+        """Where the window's neurons and this pass's delta overflow the cache, forget the window's oldest tokens
+        first (shrinking it, as the paper does); a pass that alone does not fit is an error."""
         sh = self.shared
-        while self.cache.n + len(delta) > self.cache.capacity and len(self.window) > 1:
-            self.window.popleft()
-            keep = np.unique(np.concatenate([self.hot, needed, *self.window]))
-            self.cache.delete(np.setdiff1d(self.cache.cached_ids(), keep, assume_unique=True))
+        oldest = start - sh.techniques.window
+        while self.cache.n + len(delta) > self.cache.capacity and oldest < start:
+            oldest += 1
+            self._evict_before(oldest)
             sh.stats.window_shrinks += 1
         if self.cache.n + len(delta) > self.cache.capacity:
-            raise BudgetError(f"layer {self.layer}: a token needs {len(needed)} neurons, the cache holds "
+            raise BudgetError(f"layer {self.layer}: a pass needs {len(needed)} neurons, the cache holds "
                               f"{self.cache.capacity}: raise the DRAM budget")
         return delta
 

@@ -119,6 +119,10 @@ def decode_vectors(raw: np.ndarray, dtype: str, d_model: int) -> torch.Tensor:
 
 def decode_records(records: np.ndarray, geometry: FFNGeometry) -> dict[str, torch.Tensor]:
     """Reader output rows [n, record_bytes] -> {"up": [n, d], "down": [n, d], ("gate": [n, d])} in float32."""
+    if geometry.dtype != "int8" and records.flags.c_contiguous and len(records):  # one conversion for all vectors
+        n, v = len(records), len(geometry.vectors)
+        values = torch.from_numpy(records).view(DTYPES[geometry.dtype]).reshape(n, v, geometry.d_model).float()
+        return {name: values[:, j] for j, name in enumerate(geometry.vectors)}
     vb = geometry.vector_bytes
     return {
         name: decode_vectors(records[:, j * vb : (j + 1) * vb], geometry.dtype, geometry.d_model)

@@ -124,6 +124,27 @@ Fraction of FFN neurons with a non-zero ReLU output, averaged over the tokens of
 | layer | active (held-out) | no-L1 baseline (validation) |
 |---|---|---|
 {rows}
+{predictor_section(name, card.get("predictor"))}"""
+
+
+def predictor_section(name: str, meta: dict | None) -> str:
+    if not meta:
+        return ""
+    m = meta["metrics"]
+    rows = "\n".join(
+        f"| {i} | {x['recall']:.2%} | {x['precision']:.2%} | {x['predicted_per_active']:.2f} | {x['predicted_fraction']:.2%} |"
+        for i, x in enumerate(m["heldout_layers"])
+    )
+    return f"""
+## Activation predictor
+
+`predictor.safetensors` / `predictor.json`: one rank-{meta["rank"]} predictor per layer (sigmoid > {meta["threshold"]}),
+trained by `flashbench predictor train {name}` on {m["train_tokens"]:,} tokens of the training plays ({m["epochs"]}
+epochs, seed {m["seed"]}, balanced loss), judged on the {m["heldout_tokens"]:,} held-out tokens:
+
+| layer | recall | precision | predicted / active | predicted fraction |
+|---|---|---|---|---|
+{rows}
 """
 
 
@@ -149,6 +170,7 @@ def write_card(model_dir: Path) -> dict:
         "val_loss": run["best"]["val_loss"],
         "baseline_val_loss": base["best"]["val_loss"],
         "measured": measure(model_dir),
+        "predictor": json.loads((model_dir / "predictor.json").read_text()) if (model_dir / "predictor.json").exists() else None,
     }
     write_json_atomic(model_dir / "card.json", card)
     (model_dir / "README.md").write_text(render(model_dir.name, card, run, base))
