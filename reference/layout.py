@@ -37,6 +37,7 @@ FORMAT = "flashbench-flash-layout"
 FORMAT_VERSION = 1
 ALIGNMENT = 4096  # file sizes and regions are multiples of this; also the direct-I/O block size we assume
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 SCALE_BYTES = 4  # the float32 scale in front of each int8 vector
 
 
@@ -56,7 +57,7 @@ class FFNGeometry:
 
     @property
     def element_bytes(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return ELEMENT_BYTES[self.dtype]
 
     @property
     def vector_bytes(self) -> int:

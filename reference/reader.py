@@ -66,23 +66,31 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
 
 def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block: int = ALIGNMENT) -> list[Read]:
     """The reads that fetch records `ids` (output row k gets record ids[k]), coalesced as described above."""
-    pieces = []  # (file offset, bytes, row, column)
-    for row, neuron in enumerate(ids.tolist()):
-        column = 0
-        for offset, length in geometry.extents(neuron):
-            pieces.append((offset, length, row, column))
-            column += length
-    pieces.sort()
-    reads: list[Read] = []
-    for offset, length, row, column in pieces:
-        start = offset - offset % block
-        end = -(-(offset + length) // block) * block
-        if reads and start <= reads[-1].offset + reads[-1].length + gap_bytes:
-            last = reads[-1]
-            last.length = max(last.length, end - last.offset)
-        else:
-            reads.append(Read(start, end - start))
-        reads[-1].copies.append((row, column, offset, length))
+    if len(ids) == 0:
+        return []
+    # Every piece of every record: file offset, length, output row and column (numpy, for thousands of pieces).
+    first = geometry.extents(0)  # the pieces of neuron 0; neuron i's lie i * stride further
+    stride = geometry.record_bytes if geometry.layout == "bundled" else geometry.vector_bytes
+    base = np.array([o for o, _ in first], dtype=np.int64)
+    lengths = np.array([n for _, n in first], dtype=np.int64)
+    columns = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    offset = (ids[:, None] * stride + base[None, :]).ravel()
+    length = np.broadcast_to(lengths, (len(ids), len(lengths))).ravel()
+    row = np.repeat(np.arange(len(ids)), len(lengths))
+    column = np.broadcast_to(columns, (len(ids), len(lengths))).ravel()
+    order = np.argsort(offset, kind="stable")
+    offset, length, row, column = offset[order], length[order], row[order], column[order]
+    start = offset - offset % block
+    end = -(-(offset + length) // block) * block
+    reach = np.maximum.accumulate(end)  # pieces are sorted by start; a read ends at the furthest end so far
+    new_read = np.ones(len(offset), dtype=bool)
+    new_read[1:] = start[1:] > reach[:-1] + gap_bytes
+    firsts = np.flatnonzero(new_read)
+    lasts = np.append(firsts[1:], len(offset))
+    reads = []
+    pieces = list(zip(row.tolist(), column.tolist(), offset.tolist(), length.tolist()))
+    for a, b, s0, e0 in zip(firsts.tolist(), lasts.tolist(), start[firsts].tolist(), reach[lasts - 1].tolist()):
+        reads.append(Read(s0, e0 - s0, pieces[a:b]))
     return reads
 
 

@@ -31,7 +31,7 @@ def model(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     flash = {layout: convert(path, root / layout, layout, "float32") for layout in ("bundled", "unbundled")}
     counts, _ = activation_counts(dense, encode(suite.heldout_text(), bos=False)[:8192], 512, BOS)
-    return {"tokens": tokens, "logits": torch.stack(logits), "flash": flash, "counts": counts}
+    return {"path": path, "tokens": tokens, "logits": torch.stack(logits), "flash": flash, "counts": counts}
 
 
 def replay(engine, tokens, prompt=PROMPT):
@@ -110,3 +110,50 @@ def test_a_tight_budget_shrinks_the_window_and_stays_exact(model):
     assert engine.dram.weights_total <= budget
     assert sum(s.window_shrinks for s in engine.history) > 0
     assert (logits - dense_logits).abs().max() <= 1e-4
+
+
+class Recording:
+    """Wraps a source and records the sets it gives, as `Trace` replays them: sets[token][layer]."""
+
+    def __init__(self, source, n_layers):
+        self.source, self.name, self.nbytes = source, source.name, source.nbytes
+        self.n_layers, self.by_layer = n_layers, [[] for _ in range(n_layers)]
+
+    def sets(self, layer, x):
+        out = self.source.sets(layer, x)
+        self.by_layer[layer] += out
+        return out
+
+    def reset(self):
+        self.by_layer = [[] for _ in range(self.n_layers)]
+
+    def trace(self):
+        return [list(per_token) for per_token in zip(*self.by_layer)]
+
+
+def test_a_trace_of_recorded_sets_replays_the_same_run(model):
+    from flashbench.reference.sources import Trace
+
+    flash = model["flash"]["bundled"]
+    first = FlashEngine(flash, Techniques(source="oracle", window=2, threads=4))
+    recording = Recording(first.shared.source, flash.config.n_layers)
+    first.shared.source = recording
+    expected = replay(first, model["tokens"][:24])
+    first.close()
+    replayed = FlashEngine(flash, Techniques(source="trace", window=2, threads=4), source=Trace(recording.trace()))
+    assert torch.equal(replay(replayed, model["tokens"][:24]), expected)
+    assert [s.records for s in replayed.history] == [s.records for s in first.history]
+    replayed.close()
+
+
+def test_int8_storage_stays_close_to_dense(model, tmp_path):
+    from flashbench.harness.agreement import agreement
+
+    flash = convert(model["path"], tmp_path / "int8", "bundled", "int8")
+    engine = FlashEngine(flash, Techniques(source="oracle", window=4, threads=4))
+    logits = replay(engine, model["tokens"][:64])
+    engine.close()
+    a = agreement(model["logits"][:65], logits, model["tokens"][:64] + [0])
+    assert a.top1_agreement >= 0.95 and a.mean_kl < 0.01, a
+    assert engine.history[1].bytes_requested == engine.history[1].records * (flash.config.d_model + 4) * len(
+        flash.geometry.vectors)  # an int8 vector is its values and a float32 scale
