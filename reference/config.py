@@ -17,6 +17,17 @@ class CheckpointError(ValueError):
     """A checkpoint (config or weights) that cannot be used; the message names the file and the problem."""
 
 
+def read_json_object(path: Path, error: type[Exception]) -> dict:
+    """A JSON object from `path`, or `error` naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str  # "opt" or "llama"
@@ -164,13 +175,7 @@ class ModelConfig:
         path = Path(checkpoint_dir) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{path}: no config.json in the checkpoint directory")
-        try:
-            hf = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-        return cls.from_hf(hf, source=str(path))
+        return cls.from_hf(read_json_object(path, CheckpointError), source=str(path))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -27,10 +27,11 @@ from .cache import NeuronCache, RegatherCache
 from .engine import Engine
 from .layout import FlashLayout, decode_layer_file, decode_records
 from .model import Transformer
-from .reader import FlashReader, aligned_buffer
+from .reader import FlashReader, ReadStats, aligned_buffer
 from .sources import ActivationSource, AllNeurons, Oracle
 
 SOURCES = ("predictor", "oracle", "trace", "all")
+PINNED = np.iinfo(np.int64).max  # the "last needed" position of hot neurons: never evicted
 MEMORY = ("preallocated", "regather")
 
 
@@ -84,6 +85,14 @@ class TokenStats:
     def compute_s(self) -> float:
         return max(0.0, self.total_s - self.io_s - self.memory_s - self.predictor_s)
 
+    def add_read(self, read: ReadStats) -> None:
+        self.io_s += read.seconds
+        self.records += read.records
+        self.reads += read.reads
+        self.bytes_requested += read.bytes_requested
+        self.bytes_read += read.bytes_read
+        self.direct = self.direct and read.direct
+
 
 @dataclass
 class _Shared:
@@ -116,7 +125,7 @@ class FlashFFN(nn.Module):
         self.hot = np.sort(hot).astype(np.int64)
         # The window: the position of the last token that needed each neuron (hot ones: never evicted).
         self.last_needed = np.full(g.d_ffn, -1, dtype=np.int64)
-        self.last_needed[self.hot] = np.iinfo(np.int64).max
+        self.last_needed[self.hot] = PINNED
         self.position = 0  # tokens of the current sequence seen by this layer
         self.peak_rows = 0  # most neurons held at once (window + this pass): the cache size this run needed
         self.max_needed = 0  # most neurons one pass needed (hot ones included)
@@ -128,7 +137,7 @@ class FlashFFN(nn.Module):
 
     def reset(self) -> None:
         self.cache.delete(np.setdiff1d(self.cache.cached_ids(), self.hot))
-        self.last_needed[self.last_needed != np.iinfo(np.int64).max] = -1
+        self.last_needed[self.last_needed != PINNED] = -1
         self.position = 0
 
     def _bias(self, ids: np.ndarray) -> torch.Tensor | None:
@@ -139,12 +148,7 @@ class FlashFFN(nn.Module):
         out = sh.record_buffer[: len(ids)]
         stats = sh.reader.read(self.layer, ids, out)
         if count:
-            sh.stats.io_s += stats.seconds
-            sh.stats.records += stats.records
-            sh.stats.reads += stats.reads
-            sh.stats.bytes_requested += stats.bytes_requested
-            sh.stats.bytes_read += stats.bytes_read
-            sh.stats.direct = sh.stats.direct and stats.direct
+            sh.stats.add_read(stats)
         t0 = time.perf_counter()
         rows = decode_records(out, sh.layout.geometry)
         sh.stats.memory_s += time.perf_counter() - t0
@@ -164,7 +168,7 @@ class FlashFFN(nn.Module):
         self.position = end
         for j, ids in enumerate(sets):
             self.last_needed[ids] = np.maximum(self.last_needed[ids], start + j)
-        needed = np.union1d(self.hot, np.concatenate(sets)) if len(sets) > 1 else np.union1d(self.hot, sets[0])
+        needed = np.union1d(self.hot, np.concatenate(sets))
         delta = self._make_room(needed, start, self.cache.missing(needed))
         rows = self._read(delta)
         t0 = time.perf_counter()
@@ -173,16 +177,7 @@ class FlashFFN(nn.Module):
         weights, bias = self.cache.matrices()
         sh.stats.memory_s += time.perf_counter() - t0
 
-        h = xs @ weights["gate" if self.gated else "up"].t()
-        if bias is not None:
-            h = h + bias
-        h = F.relu(h)
-        if self.gated:
-            h = h * (xs @ weights["up"].t())
-        out = h @ weights["down"]
-        if self.down_bias is not None:
-            out = out + self.down_bias
-
+        out = self._ffn(xs, weights, bias)
         t0 = time.perf_counter()
         self._evict_before(end - sh.techniques.window)  # keep what the last k tokens needed
         sh.stats.memory_s += time.perf_counter() - t0
@@ -210,23 +205,21 @@ class FlashFFN(nn.Module):
 
     def _naive(self, xs: torch.Tensor) -> torch.Tensor:
         sh = self.shared
-        stats = sh.reader.read_layer(self.layer, sh.file_buffer)
-        sh.stats.io_s += stats.seconds
-        sh.stats.records += stats.records
-        sh.stats.reads += stats.reads
-        sh.stats.bytes_requested += stats.bytes_requested
-        sh.stats.bytes_read += stats.bytes_read
-        sh.stats.direct = sh.stats.direct and stats.direct
+        sh.stats.add_read(sh.reader.read_layer(self.layer, sh.file_buffer))
         t0 = time.perf_counter()
-        w = decode_layer_file(sh.file_buffer, sh.layout.geometry)
+        weights = decode_layer_file(sh.file_buffer, sh.layout.geometry)
         sh.stats.memory_s += time.perf_counter() - t0
-        h = xs @ w["gate" if self.gated else "up"].t()
-        if self.up_bias is not None:
-            h = h + self.up_bias
+        return self._ffn(xs, weights, self.up_bias)
+
+    def _ffn(self, xs: torch.Tensor, weights: dict[str, torch.Tensor], up_bias: torch.Tensor | None) -> torch.Tensor:
+        """The FFN over the given neurons' rows: down(relu(up x + b)), or down(relu(gate x) * up x) if gated."""
+        h = xs @ weights["gate" if self.gated else "up"].t()
+        if up_bias is not None:
+            h = h + up_bias
         h = F.relu(h)
         if self.gated:
-            h = h * (xs @ w["up"].t())
-        out = h @ w["down"]
+            h = h * (xs @ weights["up"].t())
+        out = h @ weights["down"]
         return out + self.down_bias if self.down_bias is not None else out
 
 

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import expected_shapes, hf_name, weight_files
-from .config import CheckpointError, ModelConfig
+from .config import CheckpointError, ModelConfig, read_json_object
 
 FORMAT = "flashbench-flash-layout"
 FORMAT_VERSION = 1
@@ -172,11 +172,8 @@ class FlashLayout:
         meta_path = path / "layout.json"
         if not meta_path.is_file():
             raise LayoutError(f"{path}: not a flash directory (no layout.json; an interrupted conversion leaves none)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LayoutError(f"{meta_path}: not valid JSON ({e})") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = read_json_object(meta_path, LayoutError)
+        if meta.get("format") != FORMAT:
             raise LayoutError(f"{meta_path}: not a {FORMAT} file")
         if meta.get("format_version") != FORMAT_VERSION:
             raise LayoutError(
