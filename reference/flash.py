@@ -6,7 +6,8 @@ Every technique is a switch of `Techniques` on this one engine:
 - `window` k: neurons needed by the last k tokens stay cached; a token reads only the delta (k = 0: no reuse);
 - `hybrid`: the fraction of each layer's neurons, the most often active ones, kept resident and never read;
 - `memory`: `preallocated` (the neuron cache's fixed matrix) or `regather` (matrices rebuilt per token);
-- the flash directory's layout (bundled or unbundled) and storage dtype (int8 included) are the directory's;
+- the flash directory's layout (bundled or unbundled), storage dtype (int8 included) and dead-neuron pruning
+  (neurons left out of the layout are dropped from every set) are the directory's;
 - `threads`, `direct`, `gap_bytes`: the reader's settings.
 Per token it reports I/O, memory management, predictor and compute seconds, and the reader's exact counters.
 """
@@ -116,15 +117,20 @@ class FlashFFN(nn.Module):
         super().__init__()
         self.layer, self.shared = layer, shared
         self.up_bias, self.down_bias = up_bias, down_bias
-        g = shared.layout.geometry
+        self.geometry = g = shared.layout.geometry_of(layer)
+        d_ffn = shared.layout.config.d_ffn
+        # Neuron id -> record index in this layer's file (-1: pruned from the layout).
+        self.stored = shared.layout.stored_ids(layer)
+        self.record_of = np.full(d_ffn, -1, dtype=np.int64)
+        self.record_of[self.stored] = np.arange(len(self.stored))
         self.gated = "gate" in g.vectors
         if shared.techniques.memory == "regather":
             self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None)
         else:
-            self.cache = NeuronCache(shared.capacity, g.d_model, g.d_ffn, self.gated, up_bias is not None)
-        self.hot = np.sort(hot).astype(np.int64)
+            self.cache = NeuronCache(shared.capacity, g.d_model, d_ffn, self.gated, up_bias is not None)
+        self.hot = self._stored_only(np.sort(hot).astype(np.int64))
         # The window: the position of the last token that needed each neuron (hot ones: never evicted).
-        self.last_needed = np.full(g.d_ffn, -1, dtype=np.int64)
+        self.last_needed = np.full(d_ffn, -1, dtype=np.int64)
         self.last_needed[self.hot] = PINNED
         self.position = 0  # tokens of the current sequence seen by this layer
         self.peak_rows = 0  # most neurons held at once (window + this pass): the cache size this run needed
@@ -140,17 +146,21 @@ class FlashFFN(nn.Module):
         self.last_needed[self.last_needed != PINNED] = -1
         self.position = 0
 
+    def _stored_only(self, ids: np.ndarray) -> np.ndarray:
+        """`ids` without the neurons pruned from the layout (they were never active on the pruning text)."""
+        return ids[self.record_of[ids] >= 0]
+
     def _bias(self, ids: np.ndarray) -> torch.Tensor | None:
         return self.up_bias[torch.from_numpy(ids)] if self.up_bias is not None else None
 
     def _read(self, ids: np.ndarray, count: bool = True) -> dict[str, torch.Tensor]:
         sh = self.shared
         out = sh.record_buffer[: len(ids)]
-        stats = sh.reader.read(self.layer, ids, out)
+        stats = sh.reader.read(self.layer, self.record_of[ids], out)
         if count:
             sh.stats.add_read(stats)
         t0 = time.perf_counter()
-        rows = decode_records(out, sh.layout.geometry)
+        rows = decode_records(out, self.geometry)
         sh.stats.memory_s += time.perf_counter() - t0
         return rows
 
@@ -168,7 +178,7 @@ class FlashFFN(nn.Module):
         self.position = end
         for j, ids in enumerate(sets):
             self.last_needed[ids] = np.maximum(self.last_needed[ids], start + j)
-        needed = np.union1d(self.hot, np.concatenate(sets))
+        needed = self._stored_only(np.union1d(self.hot, np.concatenate(sets)))
         delta = self._make_room(needed, start, self.cache.missing(needed))
         rows = self._read(delta)
         t0 = time.perf_counter()
@@ -205,11 +215,12 @@ class FlashFFN(nn.Module):
 
     def _naive(self, xs: torch.Tensor) -> torch.Tensor:
         sh = self.shared
-        sh.stats.add_read(sh.reader.read_layer(self.layer, sh.file_buffer))
+        buffer = sh.file_buffer[: self.geometry.file_bytes]
+        sh.stats.add_read(sh.reader.read_layer(self.layer, buffer))
         t0 = time.perf_counter()
-        weights = decode_layer_file(sh.file_buffer, sh.layout.geometry)
+        weights = decode_layer_file(buffer, self.geometry)
         sh.stats.memory_s += time.perf_counter() - t0
-        return self._ffn(xs, weights, self.up_bias)
+        return self._ffn(xs, weights, self._bias(self.stored))
 
     def _ffn(self, xs: torch.Tensor, weights: dict[str, torch.Tensor], up_bias: torch.Tensor | None) -> torch.Tensor:
         """The FFN over the given neurons' rows: down(relu(up x + b)), or down(relu(gate x) * up x) if gated."""
@@ -338,12 +349,15 @@ class FlashEngine(Engine):
 
 def oracle_from_flash(layout: FlashLayout, reader: FlashReader, biases) -> Oracle:
     """The oracle's weights (up, or gate for gated FFNs) read once from flash and held in DRAM."""
-    g = layout.geometry
-    name = "gate" if "gate" in g.vectors else "up"
-    buffer = aligned_buffer(g.file_bytes)
-    weights = []
+    name = "gate" if "gate" in layout.geometry.vectors else "up"
+    buffer = aligned_buffer(layout.geometry.file_bytes)
+    weights, layer_biases, ids = [], [], []
     for layer in range(layout.config.n_layers):
-        reader.read_layer(layer, buffer)
-        weights.append(decode_layer_file(buffer, g)[name].clone())
-    use_bias = name == "up"
-    return Oracle(weights, [biases[i][0] if use_bias else None for i in range(layout.config.n_layers)])
+        g = layout.geometry_of(layer)
+        reader.read_layer(layer, buffer[: g.file_bytes])
+        weights.append(decode_layer_file(buffer[: g.file_bytes], g)[name].clone())
+        stored = layout.stored_ids(layer)
+        bias = biases[layer][0] if name == "up" else None
+        layer_biases.append(bias[torch.from_numpy(stored)] if bias is not None else None)
+        ids.append(stored)
+    return Oracle(weights, layer_biases, ids)

@@ -9,7 +9,8 @@ A flash directory holds
     neuron's whole working set;
   - **unbundled**: each matrix's vectors in a region of their own, so one neuron costs one read per matrix;
 - `layout.json`, written last: format version, architecture, dtypes, shapes, record geometry, alignment, a sha256
-  per file, and the source checkpoint's hash. A directory without it is not a flash directory.
+  per file, the source checkpoint's hash, and, where dead neurons were pruned, the neurons each layer keeps.
+  A directory without it is not a flash directory.
 
 Storage dtypes float32, float16, bfloat16 and int8. An int8 vector starts with its float32 scale (symmetric,
 per neuron and matrix) followed by the int8 values; dequantized it is `scale * values`.
@@ -23,7 +24,7 @@ import os
 import shutil
 import struct
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class FFNGeometry:
-    """Byte geometry of one layer's FFN file; the same for every layer."""
+    """Byte geometry of one layer's FFN file (`d_ffn` is the neurons it stores: fewer where pruned)."""
 
     layout: str  # "bundled" or "unbundled"
     dtype: str
@@ -156,13 +157,21 @@ class FlashLayout:
 
     path: Path
     config: ModelConfig
-    geometry: FFNGeometry
+    geometry: FFNGeometry  # of an unpruned layer (all d_ffn neurons)
     resident_dtype: str
     source: dict
     files: dict
+    kept: list[np.ndarray] | None = None  # pruned: per layer, the model's neuron ids stored, in file order
 
     def ffn_path(self, layer: int) -> Path:
         return self.path / ffn_file(layer)
+
+    def geometry_of(self, layer: int) -> FFNGeometry:
+        return self.geometry if self.kept is None else replace(self.geometry, d_ffn=len(self.kept[layer]))
+
+    def stored_ids(self, layer: int) -> np.ndarray:
+        """The model's neuron id of each stored record of `layer`."""
+        return np.arange(self.geometry.d_ffn) if self.kept is None else self.kept[layer]
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> "FlashLayout":
@@ -184,7 +193,8 @@ class FlashLayout:
             config = ModelConfig(**meta["config"])
             geometry = FFNGeometry(**{**meta["geometry"], "vectors": tuple(meta["geometry"]["vectors"])})
             files, source, resident_dtype = meta["files"], meta["source"], meta["resident_dtype"]
-        except (KeyError, TypeError) as e:
+            kept = None if meta.get("kept") is None else [np.asarray(k, dtype=np.int64) for k in meta["kept"]]
+        except (KeyError, TypeError, ValueError) as e:
             raise LayoutError(f"{meta_path}: malformed ({e!r})") from e
         if geometry.layout not in ("bundled", "unbundled") or geometry.dtype not in DTYPES:
             raise LayoutError(f"{meta_path}: unknown layout {geometry.layout!r} or dtype {geometry.dtype!r}")
@@ -199,7 +209,10 @@ class FlashLayout:
                 raise LayoutError(f"{f}: {f.stat().st_size} bytes, layout.json says {info['bytes']} (truncated?)")
             if verify and sha256_file(f) != info["sha256"]:
                 raise LayoutError(f"{f}: checksum mismatch (the file changed after conversion)")
-        return cls(path, config, geometry, resident_dtype, source, files)
+        if kept is not None and (len(kept) != config.n_layers or any(
+                len(k) and (k.min() < 0 or k.max() >= config.d_ffn or (np.diff(k) <= 0).any()) for k in kept)):
+            raise LayoutError(f"{meta_path}: 'kept' must list, per layer, increasing neuron ids below {config.d_ffn}")
+        return cls(path, config, geometry, resident_dtype, source, files, kept)
 
     def resident_state(self) -> dict[str, torch.Tensor]:
         """The resident tensors under our names, as float32."""
@@ -282,8 +295,11 @@ def _write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dty
 
 
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bundled", dtype: str = "float16",
-            progress=None) -> FlashLayout:
+            progress=None, keep: list[np.ndarray] | None = None, pruning: dict | None = None) -> FlashLayout:
     """Convert an HF checkpoint to a flash directory, streaming one tensor at a time.
+
+    `keep` (per layer, the neuron ids to store) prunes the others, e.g. neurons never active on training text;
+    `pruning` describes how they were chosen, for layout.json.
 
     The directory appears under its name only when complete (built in a temp dir beside it, then renamed);
     on any error nothing is left behind. `progress(done, total)` is called after each layer.
@@ -295,6 +311,8 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out_dir.exists():
         raise ValueError(f"{out_dir}: already exists; remove it or choose another output directory")
+    if keep is not None:
+        keep = [np.unique(np.asarray(k, dtype=np.int64)) for k in keep]
     config = ModelConfig.load(checkpoint_dir)
     if config.activation != "relu":
         raise CheckpointError(f"{checkpoint_dir / 'config.json'}: activation {config.activation!r}: sparse flash "
@@ -302,6 +320,8 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     source = _TensorSource(checkpoint_dir, config)
     vectors = ("gate", "up", "down") if config.gated else ("up", "down")
     geometry = FFNGeometry(layout, dtype, config.d_model, config.d_ffn, vectors)
+    if keep is not None and (len(keep) != config.n_layers or any(len(k) and k.max() >= config.d_ffn for k in keep)):
+        raise ValueError(f"keep must list, per layer of {config.n_layers}, neuron ids below {config.d_ffn}")
     resident_dtype = "float32" if dtype == "float32" else ("float16" if dtype == "int8" else dtype)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -310,9 +330,11 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
         resident = [n for n in source.shapes if ".ffn." not in n or n.endswith(".bias")]
         _write_safetensors_streaming(tmp / "resident.safetensors", resident, source.shapes, DTYPES[resident_dtype], source.get)
         for layer in range(config.n_layers):
-            _write_ffn_file(tmp / ffn_file(layer), geometry, {
-                v: source.get(f"layers.{layer}.ffn.{v}.weight") for v in vectors
-            })
+            weights = {v: source.get(f"layers.{layer}.ffn.{v}.weight") for v in vectors}
+            if keep is not None:
+                ids = torch.from_numpy(np.asarray(keep[layer], dtype=np.int64))
+                weights = {v: w[:, ids] if v == "down" else w[ids] for v, w in weights.items()}
+            _write_ffn_file(tmp / ffn_file(layer), replace(geometry, d_ffn=weights["down"].shape[1]), weights)
             if progress:
                 progress(layer + 1, config.n_layers)
         files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
@@ -327,6 +349,8 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
             "resident_dtype": resident_dtype,
             "files": files,
             "source": {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
+            "kept": None if keep is None else [np.asarray(k, dtype=np.int64).tolist() for k in keep],
+            "pruning": pruning,
         }
         (tmp / "layout.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, out_dir)

@@ -149,12 +149,14 @@ class _Crew:
 class FlashReader:
     """Reads records of a flash directory's FFN files. One instance per engine; not re-entrant."""
 
-    def __init__(self, geometry: FFNGeometry, files: list[Path], threads: int = 16, direct: bool = True,
+    def __init__(self, geometries: list[FFNGeometry], files: list[Path], threads: int = 16, direct: bool = True,
                  gap_bytes: int = 0):
-        """`files[layer]` is that layer's FFN file, laid out as `geometry` says."""
+        """`files[layer]` is that layer's FFN file, laid out as `geometries[layer]` says."""
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.geometry = geometry
+        if len(geometries) != len(files):
+            raise ValueError(f"{len(geometries)} geometries for {len(files)} files")
+        self.geometries = geometries
         self.files = [Path(f) for f in files]
         self.threads = threads
         self.gap_bytes = gap_bytes
@@ -171,7 +173,8 @@ class FlashReader:
 
     @classmethod
     def for_layout(cls, layout: FlashLayout, **options) -> "FlashReader":
-        return cls(layout.geometry, [layout.ffn_path(i) for i in range(layout.config.n_layers)], **options)
+        layers = range(layout.config.n_layers)
+        return cls([layout.geometry_of(i) for i in layers], [layout.ffn_path(i) for i in layers], **options)
 
     def _open(self, path: Path) -> int:
         if self.direct:
@@ -211,30 +214,31 @@ class FlashReader:
     def read(self, layer: int, ids, out: np.ndarray) -> ReadStats:
         """Fill out[k] (uint8, [len(ids), record_bytes]) with neuron ids[k]'s record of `layer`."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        rb = self.geometry.record_bytes
+        g = self.geometries[layer]
+        rb = g.record_bytes
         if out.dtype != np.uint8 or out.ndim != 2 or out.shape[0] < len(ids) or out.shape[1] != rb:
             raise ValueError(f"out must be uint8 [>= {len(ids)}, {rb}], got {out.dtype} {list(out.shape)}")
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.geometry.d_ffn):
-            raise IndexError(f"neuron ids must lie in [0, {self.geometry.d_ffn}), got {ids.min()}..{ids.max()}")
+        if len(ids) and (ids.min() < 0 or ids.max() >= g.d_ffn):
+            raise IndexError(f"record ids must lie in [0, {g.d_ffn}), got {ids.min()}..{ids.max()}")
         t0 = time.perf_counter()
-        runs = self._record_runs(ids, out)
+        runs = self._record_runs(g, ids, out)
         if runs is not None:  # whole aligned records: each run of adjacent ones is one read straight into `out`
             self._run_all(lambda run: self._pread(layer, run[1], run[0]), runs)
             n_reads, total = len(runs), len(ids) * rb
         else:
-            n_reads, total = self._read_staged(layer, ids, out)
+            n_reads, total = self._read_staged(layer, g, ids, out)
         return ReadStats(
             records=len(ids), reads=n_reads, bytes_requested=len(ids) * rb, bytes_read=total,
             seconds=time.perf_counter() - t0, direct=self.direct,
         )
 
-    def _record_runs(self, ids: np.ndarray, out: np.ndarray) -> list[tuple[int, list[np.ndarray]]] | None:
+    def _record_runs(self, g: FFNGeometry, ids: np.ndarray, out: np.ndarray) -> list[tuple[int, list[np.ndarray]]] | None:
         """(file offset, output rows) per run of adjacent records, where records can be read in place: bundled,
         a multiple of the alignment long, into aligned rows, no gap filling, no duplicates. Else None.
 
         The reads are the ones `plan_reads` plans for these ids (aligned records never share a block)."""
-        rb = self.geometry.record_bytes
-        if (self.geometry.layout != "bundled" or rb % ALIGNMENT or self.gap_bytes or len(ids) == 0
+        rb = g.record_bytes
+        if (g.layout != "bundled" or rb % ALIGNMENT or self.gap_bytes or len(ids) == 0
                 or out.ctypes.data % ALIGNMENT or out.strides != (rb, 1)):
             return None
         order = np.argsort(ids, kind="stable")
@@ -248,9 +252,9 @@ class FlashReader:
         views = [rows[k] for k in order.tolist()]
         return [(o, views[a:b]) for o, a, b in zip(offsets, bounds[:-1], bounds[1:])]
 
-    def _read_staged(self, layer: int, ids: np.ndarray, out: np.ndarray) -> tuple[int, int]:
+    def _read_staged(self, layer: int, g: FFNGeometry, ids: np.ndarray, out: np.ndarray) -> tuple[int, int]:
         """The general path: covering blocks into the staging buffer, then each piece copied to its row."""
-        reads = plan_reads(self.geometry, ids, self.gap_bytes)
+        reads = plan_reads(g, ids, self.gap_bytes)
         total = 0
         for r in reads:
             r.staging, total = total, total + r.length
@@ -267,13 +271,14 @@ class FlashReader:
 
     def read_layer(self, layer: int, out: np.ndarray, chunk_bytes: int = 1 << 20) -> ReadStats:
         """Naive mode: the layer's whole FFN file into `out` (an aligned uint8 buffer of its size), in chunks."""
-        size = self.geometry.file_bytes
+        g = self.geometries[layer]
+        size = g.file_bytes
         if out.dtype != np.uint8 or out.shape != (size,) or out.ctypes.data % ALIGNMENT:
             raise ValueError(f"out must be an aligned uint8 buffer of {size} bytes (see aligned_buffer)")
         t0 = time.perf_counter()
         chunks = [(o, min(chunk_bytes, size - o)) for o in range(0, size, chunk_bytes)]
         self._run_all(lambda c: self._pread(layer, [out[c[0] : c[0] + c[1]]], c[0]), chunks)
-        return ReadStats(records=self.geometry.d_ffn, reads=len(chunks), bytes_requested=size, bytes_read=size,
+        return ReadStats(records=g.d_ffn, reads=len(chunks), bytes_requested=size, bytes_read=size,
                          seconds=time.perf_counter() - t0, direct=self.direct)
 
     def _run_all(self, fn, items: list) -> None:

@@ -43,13 +43,16 @@ class AllNeurons:
 
 
 class Oracle:
-    """Exact active sets: neurons whose ReLU input is positive. `weights[layer]` is the up projection [f, d]
-    (the gate for gated FFNs) as stored, `biases[layer]` its bias or None."""
+    """Exact active sets: neurons whose ReLU input is positive. `weights[layer]` is the up projection (the gate
+    for gated FFNs) as stored, [n, d]; `biases[layer]` its bias or None; `ids[layer]` the neuron id of each row
+    (default: row i is neuron i)."""
 
     name = "oracle"
 
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                 ids: list[np.ndarray] | None = None):
         self.weights, self.biases = weights, biases
+        self.ids = ids or [np.arange(len(w)) for w in weights]
         self.nbytes = sum(w.nbytes for w in weights) + sum(b.nbytes for b in biases if b is not None)
 
     def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
@@ -57,7 +60,7 @@ class Oracle:
         if self.biases[layer] is not None:
             pre = pre + self.biases[layer]
         active = (pre > 0).numpy()
-        return [np.flatnonzero(row) for row in active]
+        return [self.ids[layer][np.flatnonzero(row)] for row in active]
 
     def reset(self) -> None:
         pass

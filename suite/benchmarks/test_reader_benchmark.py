@@ -31,7 +31,7 @@ def test_reader_random_records(benchmark, layers, record_kib, threads):
     geometry, path = layers[record_kib]
     out = aligned_buffer(BATCH * geometry.record_bytes).reshape(BATCH, geometry.record_bytes)
     rng = np.random.default_rng(0)
-    with FlashReader(geometry, [path], threads=threads) as reader:
+    with FlashReader([geometry], [path], threads=threads) as reader:
         stats = benchmark(lambda: reader.read(0, rng.choice(geometry.d_ffn, BATCH, replace=False), out))
     assert stats.records == BATCH and stats.direct
     benchmark.extra_info["bytes_per_call"] = stats.bytes_read
