@@ -320,7 +320,8 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     source = _TensorSource(checkpoint_dir, config)
     vectors = ("gate", "up", "down") if config.gated else ("up", "down")
     geometry = FFNGeometry(layout, dtype, config.d_model, config.d_ffn, vectors)
-    if keep is not None and (len(keep) != config.n_layers or any(len(k) and k.max() >= config.d_ffn for k in keep)):
+    if keep is not None and (len(keep) != config.n_layers or any(
+            len(k) and (k.min() < 0 or k.max() >= config.d_ffn) for k in keep)):
         raise ValueError(f"keep must list, per layer of {config.n_layers}, neuron ids below {config.d_ffn}")
     resident_dtype = "float32" if dtype == "float32" else ("float16" if dtype == "int8" else dtype)
 
@@ -332,7 +333,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
         for layer in range(config.n_layers):
             weights = {v: source.get(f"layers.{layer}.ffn.{v}.weight") for v in vectors}
             if keep is not None:
-                ids = torch.from_numpy(np.asarray(keep[layer], dtype=np.int64))
+                ids = torch.from_numpy(keep[layer])
                 weights = {v: w[:, ids] if v == "down" else w[ids] for v, w in weights.items()}
             _write_ffn_file(tmp / ffn_file(layer), replace(geometry, d_ffn=weights["down"].shape[1]), weights)
             if progress:
@@ -349,7 +350,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
             "resident_dtype": resident_dtype,
             "files": files,
             "source": {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
-            "kept": None if keep is None else [np.asarray(k, dtype=np.int64).tolist() for k in keep],
+            "kept": None if keep is None else [k.tolist() for k in keep],
             "pruning": pruning,
         }
         (tmp / "layout.json").write_text(json.dumps(meta, indent=2) + "\n")
