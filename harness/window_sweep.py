@@ -52,12 +52,12 @@ def window_sweep(checkpoint: Path, flash: FlashLayout, source_factory, windows: 
         a = agreement(dense_logits, logits, targets)
         point = WindowPoint(
             window=k, top1_agreement=a.top1_agreement, perplexity=a.perplexity, dense_perplexity=a.dense_perplexity,
-            mean_kl=a.mean_kl, neurons_per_token=mean(lambda s: s.records),
-            ffn_fraction_requested=mean(lambda s: s.bytes_requested) / ffn_bytes,
-            ffn_fraction_read=mean(lambda s: s.bytes_read) / ffn_bytes,
-            io_ms=mean(lambda s: s.io_s) * 1e3, memory_ms=mean(lambda s: s.memory_s) * 1e3,
+            mean_kl=a.mean_kl, neurons_per_token=mean(lambda s: s.io.records),
+            ffn_fraction_requested=mean(lambda s: s.io.bytes_requested) / ffn_bytes,
+            ffn_fraction_read=mean(lambda s: s.io.bytes_read) / ffn_bytes,
+            io_ms=mean(lambda s: s.io.seconds) * 1e3, memory_ms=mean(lambda s: s.memory_s) * 1e3,
             predictor_ms=mean(lambda s: s.predictor_s) * 1e3, compute_ms=mean(lambda s: s.compute_s) * 1e3,
-            total_ms=mean(lambda s: s.total_s) * 1e3, direct=all(s.direct for s in steps),
+            total_ms=mean(lambda s: s.total_s) * 1e3, direct=all(s.io.direct for s in steps),
         )
         points.append(point)
         if progress:

@@ -71,28 +71,15 @@ class TokenStats:
 
     tokens: int = 0
     total_s: float = 0.0
-    io_s: float = 0.0
     memory_s: float = 0.0
     predictor_s: float = 0.0
-    records: int = 0  # neurons loaded from flash
-    reads: int = 0
-    bytes_requested: int = 0
-    bytes_read: int = 0
+    io: ReadStats = field(default_factory=ReadStats)  # the reader's counters; io.records = neurons loaded
     cached: int = 0  # neurons in DRAM after the pass (hot ones included), all layers
     window_shrinks: int = 0
-    direct: bool = True
 
     @property
     def compute_s(self) -> float:
-        return max(0.0, self.total_s - self.io_s - self.memory_s - self.predictor_s)
-
-    def add_read(self, read: ReadStats) -> None:
-        self.io_s += read.seconds
-        self.records += read.records
-        self.reads += read.reads
-        self.bytes_requested += read.bytes_requested
-        self.bytes_read += read.bytes_read
-        self.direct = self.direct and read.direct
+        return max(0.0, self.total_s - self.io.seconds - self.memory_s - self.predictor_s)
 
 
 @dataclass
@@ -158,7 +145,7 @@ class FlashFFN(nn.Module):
         out = sh.record_buffer[: len(ids)]
         stats = sh.reader.read(self.layer, self.record_of[ids], out)
         if count:
-            sh.stats.add_read(stats)
+            sh.stats.io += stats
         t0 = time.perf_counter()
         rows = decode_records(out, self.geometry)
         sh.stats.memory_s += time.perf_counter() - t0
@@ -216,7 +203,7 @@ class FlashFFN(nn.Module):
     def _naive(self, xs: torch.Tensor) -> torch.Tensor:
         sh = self.shared
         buffer = sh.file_buffer[: self.geometry.file_bytes]
-        sh.stats.add_read(sh.reader.read_layer(self.layer, buffer))
+        sh.stats.io += sh.reader.read_layer(self.layer, buffer)
         t0 = time.perf_counter()
         weights = decode_layer_file(buffer, self.geometry)
         sh.stats.memory_s += time.perf_counter() - t0
@@ -323,7 +310,7 @@ class FlashEngine(Engine):
         raise ValueError(f"source {techniques.source!r} must be passed in (a trained predictor or a trace)")
 
     def _timed(self, run, tokens: int) -> torch.Tensor:
-        self.shared.stats = TokenStats(tokens=tokens, direct=self.shared.reader.direct)
+        self.shared.stats = TokenStats(tokens=tokens, io=ReadStats(direct=self.shared.reader.direct))
         t0 = time.perf_counter()
         logits = run()
         self.shared.stats.total_s = time.perf_counter() - t0

@@ -60,8 +60,8 @@ def test_naive_configuration_reproduces_dense_inference_reading_every_weight(mod
     assert (logits - model["logits"][:17]).abs().max() <= 1e-4
     layout = model["flash"]["bundled"]
     for stats in engine.history[1:]:
-        assert stats.bytes_read == layout.config.n_layers * layout.geometry.file_bytes
-        assert stats.records == layout.config.n_layers * layout.geometry.d_ffn
+        assert stats.io.bytes_read == layout.config.n_layers * layout.geometry.file_bytes
+        assert stats.io.records == layout.config.n_layers * layout.geometry.d_ffn
 
 
 def neurons_loaded(model, **techniques):
@@ -69,7 +69,7 @@ def neurons_loaded(model, **techniques):
                          neuron_counts=model["counts"])
     replay(engine, model["tokens"][:64])
     engine.close()
-    return sum(s.records for s in engine.history[1:])
+    return sum(s.io.records for s in engine.history[1:])
 
 
 def test_windowing_loads_fewer_neurons_the_longer_the_window(model):
@@ -141,7 +141,7 @@ def test_a_trace_of_recorded_sets_replays_the_same_run(model):
     first.close()
     replayed = FlashEngine(flash, Techniques(source="trace", window=2, threads=4), source=Trace(recording.trace()))
     assert torch.equal(replay(replayed, model["tokens"][:24]), expected)
-    assert [s.records for s in replayed.history] == [s.records for s in first.history]
+    assert [s.io.records for s in replayed.history] == [s.io.records for s in first.history]
     replayed.close()
 
 
@@ -154,5 +154,5 @@ def test_int8_storage_stays_close_to_dense(model, tmp_path):
     engine.close()
     a = agreement(model["logits"][:65], logits, model["tokens"][:64] + [0])
     assert a.top1_agreement >= 0.95 and a.mean_kl < 0.01, a
-    assert engine.history[1].bytes_requested == engine.history[1].records * (flash.config.d_model + 4) * len(
+    assert engine.history[1].io.bytes_requested == engine.history[1].io.records * (flash.config.d_model + 4) * len(
         flash.geometry.vectors)  # an int8 vector is its values and a float32 scale

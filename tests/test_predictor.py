@@ -86,5 +86,19 @@ def test_predictor_driven_flash_engine_agrees_with_dense(name, tmp_path):
     a = agreement(dense, teacher_forced(engine, tokens), tokens[1:])
     engine.close()
     assert a.top1_agreement >= 0.95 and a.perplexity_ratio < 1.05, a
-    loaded = np.mean([s.records for s in engine.history[1:]])
+    loaded = np.mean([s.io.records for s in engine.history[1:]])
     assert 0 < loaded < 0.05 * flash.config.n_layers * flash.geometry.d_ffn
+
+
+def test_window_sweep_reports_each_window_beside_dense(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    args = ["window-sweep", "shakespeare-opt", "--max-window", "1", "--tokens", "24", "--threads", "2",
+            "--work", str(tmp_path), "--json", str(out)]
+    assert main(args) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [p["window"] for p in points] == [0, 1]
+    for p in points:
+        assert 0 < p["ffn_fraction_requested"] <= p["ffn_fraction_read"] <= 1 and p["direct"]
+        assert p["dense_perplexity"] > 1 and 0 <= p["top1_agreement"] <= 1
+    assert points[1]["neurons_per_token"] < points[0]["neurons_per_token"]  # the window reuses neurons
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.json"]  # the flash directory is cleaned up
