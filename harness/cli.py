@@ -172,9 +172,11 @@ def cmd_convert(args) -> int:
     flash = convert(source, args.out, layout=args.layout, dtype=args.dtype, progress=progress, keep=keep,
                     pruning=pruning)
     g = flash.geometry
+    ffn = sum(flash.geometry_of(i).file_bytes for i in range(flash.config.n_layers))
     total = sum(f["bytes"] for f in flash.files.values())
-    print(f"wrote {flash.path}: {flash.config.n_layers} FFN files of {g.file_bytes:,} bytes, record {g.record_bytes:,} "
-          f"bytes ({'+'.join(g.vectors)}), {total / 2**20:.1f} MiB in all")
+    print(f"wrote {flash.path}: {flash.config.n_layers} FFN files, {ffn:,} bytes"
+          f"{' (dead neurons pruned)' if flash.kept is not None else ''}; record {g.record_bytes:,} bytes "
+          f"({'+'.join(g.vectors)}); {total / 2**20:.1f} MiB in all")
     return EXIT_OK
 
 

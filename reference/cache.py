@@ -26,10 +26,6 @@ class NeuronCache:
         self.n = 0
         self.pinned = 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.rows.values()) + (self.up_bias.nbytes if self.up_bias is not None else 0)
-
     def missing(self, ids: np.ndarray) -> np.ndarray:
         """Which of `ids` are not cached (the delta to read)."""
         return ids[self.slot_of[ids] < 0]
@@ -100,10 +96,6 @@ class RegatherCache:
     @property
     def n(self) -> int:
         return len(self.store)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(sum(t.nbytes for t in rows.values()) for rows, _ in self.store.values())
 
     def missing(self, ids: np.ndarray) -> np.ndarray:
         return np.array([i for i in ids.tolist() if i not in self.store], dtype=np.int64)
