@@ -41,3 +41,59 @@ def agreement(dense_logits: torch.Tensor, logits: torch.Tensor, targets: list[in
         perplexity=float(F.nll_loss(logp, target).exp()),
         dense_perplexity=float(F.nll_loss(dense_logp, target).exp()),
     )
+
+
+def greedy_tokens(engine, prompt: list[int], n: int) -> list[int]:
+    """The engine's free-running greedy continuation of `prompt`, n tokens."""
+    out, logits = [], engine.prefill(prompt)[-1]
+    for i in range(n):
+        out.append(int(logits.argmax()))
+        if i + 1 < n:
+            logits = engine.step(out[-1])
+    return out
+
+
+def matched_prefix(expected: list[int], got: list[int]) -> int:
+    """Tokens produced before the first difference."""
+    return next((i for i, (x, y) in enumerate(zip(expected, got)) if x != y), min(len(expected), len(got)))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The limits a configuration's agreement is judged against. Exact configurations (every needed weight read at
+    the checkpoint's own precision, only the order of sums may differ) get `EXACT`; lossy ones (a predictor,
+    quantization, pruning) get `APPROXIMATE` or a scenario's own."""
+
+    exact: bool
+    max_abs_logit_diff: float
+    max_mean_kl: float
+    min_top1_agreement: float
+    max_perplexity_ratio: float
+    min_greedy_match: float  # fraction of the greedy continuation matched before the first difference
+
+
+EXACT = Tolerance(True, 1e-4, 1e-8, 1.0, 1.0 + 1e-6, 1.0)
+# The paper reports zero-shot accuracy unchanged within noise; these bound the drift a user would notice.
+APPROXIMATE = Tolerance(False, 10.0, 0.05, 0.95, 1.03, 0.25)
+
+
+@dataclass(frozen=True)
+class Check:
+    metric: str
+    value: float
+    limit: float
+    at_most: bool  # True: value <= limit passes; False: value >= limit passes
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+
+def checks(a: Agreement, match: int, continuation: int, tol: Tolerance) -> list[Check]:
+    return [
+        Check("max_abs_logit_diff", a.max_abs_logit_diff, tol.max_abs_logit_diff, True),
+        Check("mean_kl", a.mean_kl, tol.max_mean_kl, True),
+        Check("top1_agreement", a.top1_agreement, tol.min_top1_agreement, False),
+        Check("perplexity_ratio", a.perplexity_ratio, tol.max_perplexity_ratio, True),
+        Check("greedy_match", match / continuation if continuation else 1.0, tol.min_greedy_match, False),
+    ]

@@ -79,27 +79,51 @@ def cmd_generate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """The main job. For now: the dense engine on every embedded model, one record per model."""
+    """The main job: a scenario's probe, models and technique matrix, then the report. Exit 1 where a configuration
+    meant to be exact disagrees with dense inference (a lossy one outside its tolerance is a finding, reported)."""
+    from .main_job import run_scenario
+    from .report import write_report
+    from .scenario import load
+
+    scenario = load(args.scenario)
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.reports) / run_id
-    models = args.model or list(suite.EMBEDDED_MODELS)
-    records = []
-    for i, name in enumerate(models, 1):
-        print(f"[{i}/{len(models)}] dense generation on {name}", flush=True)
-        path, model = _load(name)
-        rec = _generation_record(path, model, args.prompt, args)
-        _print_generation(rec, per_token=args.per_token)
-        records.append(rec)
-    summary = {
-        "run_id": run_id,
-        "kind": "dense-generation",
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_commit(),
-        "records": records,
-    }
-    path = write_json_atomic(out_dir / "run.json", summary)
-    print(f"wrote {path}")
+    if out_dir.exists():
+        raise BadInput(f"{out_dir}: already exists; choose another --run-id")
+    print(f"flashbench run: scenario {scenario.name} ({scenario.path}) -> {out_dir}", flush=True)
+    index = run_scenario(scenario, out_dir, Path(args.work), fresh_probe=args.fresh_probe)
+    for path in write_report(out_dir):
+        print(f"wrote {path}")
+    if index["exact_failures"]:
+        print(f"FAIL: exact configurations disagree with dense inference: {', '.join(index['exact_failures'])}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise BadInput(f"{run_dir}: no run.json (not a finished run folder)")
+    for path in write_report(run_dir):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_probe(args) -> int:
+    from .probe import KIB, ProbeGrid, probe, table
+
+    grid = ProbeGrid(chunk_bytes=tuple(int(k) * KIB for k in args.chunk_kib.split(",")),
+                     threads=tuple(int(t) for t in args.threads.split(",")),
+                     ioengines=tuple(args.ioengines.split(",")), seconds=args.seconds, file_mib=args.file_mib)
+    result = probe(Path(args.dir), grid, fresh=args.fresh)
+    print(table(result))
+    for note in result.notes:
+        print(f"note: {note}")
+    if args.json:
+        write_json_atomic(Path(args.json), {"machine": machine_info(), "versions": versions(), "git": git_commit(),
+                                            "probe": result.as_dict()})
     return EXIT_OK
 
 
@@ -129,6 +153,35 @@ def cmd_check_dense(args) -> int:
     print(f"{verdict}: {path}: max |logit difference| vs transformers = {check.max_abs_diff:.3g} "
           f"(tolerance {check.tolerance:g}; {check.prefill_tokens}-token prefill + {check.decode_steps} decode steps)")
     return EXIT_OK if check.passed else EXIT_FAILED
+
+
+def cmd_model_synth(args) -> int:
+    from flashbench.reference.layout import convert
+    from flashbench.suite import synthetic, traces
+
+    out = Path(args.out)
+    if out.exists():
+        raise BadInput(f"{out}: already exists; choose another output directory")
+    config = synthetic.shape_config(args.shape)
+    profile = traces.profile_named(args.profile)
+    print(f"{args.shape}: {config.n_layers} layers, d_model {config.d_model}, {config.d_ffn} FFN neurons, "
+          f"{synthetic.weight_bytes(config) / 2**30:.2f} GiB in fp16; seed {args.seed}")
+    checkpoint = synthetic.write_synthetic(args.shape, out / "checkpoint", args.seed)
+    print(f"wrote {checkpoint} (HF format, random weights)")
+    trace = traces.generate(profile, config.n_layers, config.d_ffn, args.trace_tokens, args.seed)
+    trace.save(out / f"trace-{profile.name}")
+    mean = lambda k: sum(l[k] for l in trace.layers) / len(trace.layers)  # noqa: E731
+    print(f"wrote {out / f'trace-{profile.name}'}.npz/.json: {args.trace_tokens} tokens, profile {profile.name}: "
+          f"{mean('predicted_achieved'):.2%} predicted (target {mean('predicted_target'):.2%}), "
+          f"{mean('new_achieved'):.2%} new per token at window {profile.window} (target {mean('new_target'):.2%})")
+    for layout in args.layout or []:
+
+        def progress(done: int, total: int) -> None:
+            print(f"\r  {layout}: layer {done}/{total}", end="\n" if done == total else "", flush=True)
+
+        flash = convert(checkpoint, out / f"flash-{layout}", layout=layout, dtype="float16", progress=progress)
+        print(f"wrote {flash.path}")
+    return EXIT_OK
 
 
 def _training_text(path_or_none: str | None) -> tuple[str, str]:
@@ -277,14 +330,39 @@ def build_parser() -> argparse.ArgumentParser:
                                      "flash-offloaded, activation-sparse LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the main job on the embedded defaults (now: dense generation)",
-                       description="Run the main job and write reports/<run-id>/run.json.")
-    p.add_argument("--model", action="append", help="embedded model name or checkpoint path (repeatable; "
-                   "default: every embedded model)")
+    p = sub.add_parser("run", help="the main job: probe, technique matrix, report",
+                       description="Run a scenario (default: the embedded models through the whole technique "
+                       "matrix, beside the storage probe) and write reports/<run-id>/: records and the report.")
+    p.add_argument("--scenario", default="default", help="scenario name in suite/scenarios/ or a TOML path "
+                   "(default: default)")
     p.add_argument("--reports", default=str(REPO_ROOT / "reports"), help="reports folder (default: reports/)")
     p.add_argument("--run-id", default=None, help="name of the run's folder (default: a timestamp)")
-    _add_generation_args(p)
+    p.add_argument("--work", default=str(REPO_ROOT / ".work"), help="where flash layouts and the probe file go "
+                   "(the storage under test; not tmpfs)")
+    p.add_argument("--fresh-probe", action="store_true", help="measure the storage again even if cached")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="turn a run's records into report.md, report.html, CSV and plots",
+                       description="Write report.md, report.html (self-contained), results.csv and plots into a "
+                       "run folder from its records.")
+    p.add_argument("run_dir", help="reports/<run-id>")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("probe", help="measure the storage with fio (cached per device and filesystem)",
+                       description="fio random reads (direct=1) over chunk sizes and parallelism, with psync jobs "
+                       "and io_uring queue depth, plus a sequential read, on a file in DIR. Cached per device, "
+                       "filesystem, fio version and grid. Falls back to flashbench's own reader, labelled, "
+                       "where fio is missing or fails.")
+    p.add_argument("dir", nargs="?", default=str(REPO_ROOT / ".work"), help="directory on the storage to probe "
+                   "(default: .work/)")
+    p.add_argument("--chunk-kib", default="4,16,64,256,1024", help="chunk sizes in KiB (default 4,16,64,256,1024)")
+    p.add_argument("--threads", default="1,4,16,32", help="psync jobs / io_uring depths (default 1,4,16,32)")
+    p.add_argument("--ioengines", default="psync,io_uring", help="fio engines (default psync,io_uring)")
+    p.add_argument("--seconds", type=float, default=1.0, help="seconds per point (default 1)")
+    p.add_argument("--file-mib", type=int, default=1024, help="test file size (default 1024 MiB)")
+    p.add_argument("--fresh", action="store_true", help="measure even if a cached probe exists")
+    p.add_argument("--json", help="also write the probe as JSON to this path")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("generate", help="generate text with the dense engine",
                        description="Generate text from a checkpoint with the dense engine, with per-token timings.")
@@ -351,6 +429,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pruning_args(p)
     p.set_defaults(func=cmd_window_sweep)
 
+    p = sub.add_parser("model", help="paper-scale synthetic models", description="Synthetic models.")
+    msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = msub.add_parser("synth", help="write a seeded random-weight model at a paper shape, with an active-set trace",
+                        description="Write OUT/checkpoint (HF format, seeded random weights at the real dimensions, "
+                        "tensor by tensor: never all in memory) and OUT/trace-PROFILE.npz/.json (which neurons each "
+                        "token needs, calibrated to the profile); with --layout, also the flash layouts.")
+    q.add_argument("out", help="directory to create")
+    q.add_argument("--shape", required=True, choices=["opt-1.3b", "opt-6.7b", "llama-2-7b"])
+    q.add_argument("--profile", default="paper-opt-6.7b", help="trace profile: paper-opt-6.7b (default) or "
+                   "embedded-<embedded model> (measured from its predictor, scaled by relative depth)")
+    q.add_argument("--trace-tokens", type=int, default=128, help="tokens in the trace (default 128)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--layout", action="append", choices=["bundled", "unbundled"],
+                   help="also convert to this fp16 flash layout (repeatable)")
+    q.set_defaults(func=cmd_model_synth)
+
     p = sub.add_parser("models", help="list the embedded models", description="List the embedded default models.")
     p.set_defaults(func=cmd_models)
 
@@ -369,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BadInput, CheckpointError, LayoutError, ValueError) as e:
+    except (BadInput, CheckpointError, LayoutError, ValueError) as e:  # ScenarioError is a ValueError
         print(f"flashbench: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -24,6 +24,8 @@ class FioResult:
     runtime_s: float
     clat_p50_us: float | None
     clat_p99_us: float | None
+    achieved_depth: float | None  # I/Os in flight on average (Little's law: IOPS x mean latency), all jobs
+    rw: str = "randread"
 
 
 def parse_fio_json(text: str) -> dict:
@@ -45,17 +47,23 @@ def _percentile(clat: dict, key: str) -> float | None:
     return None
 
 
+def _bandwidth(read: dict) -> float:
+    """Bytes/s: `bw_bytes` where fio has it (3.x), else `bw`, which older fio gives in KiB/s."""
+    return float(read["bw_bytes"]) if "bw_bytes" in read else float(read["bw"]) * 1024
+
+
 def randread(path: Path, block_bytes: int, numjobs: int, seconds: float = 3.0, ioengine: str = "psync",
-             iodepth: int = 1, size_bytes: int | None = None) -> FioResult:
-    """fio randread with direct=1 on an existing file (fio reads it, never writes it)."""
+             iodepth: int = 1, size_bytes: int | None = None, rw: str = "randread") -> FioResult:
+    """fio randread (or `rw="read"`: sequential) with direct=1 on an existing file (fio reads it, never writes
+    it)."""
     fio = shutil.which("fio")
     if fio is None:
         raise FioError("fio is not installed (Debian/Ubuntu: apt-get install fio)")
     size = size_bytes or Path(path).stat().st_size
     cmd = [
-        fio, "--name=flashbench", f"--filename={path}", "--rw=randread", f"--bs={block_bytes}", "--direct=1",
+        fio, "--name=flashbench", f"--filename={path}", f"--rw={rw}", f"--bs={block_bytes}", "--direct=1",
         f"--ioengine={ioengine}", f"--iodepth={iodepth}", f"--numjobs={numjobs}", f"--size={size}",
-        f"--runtime={seconds}", "--time_based", "--group_reporting", "--readonly", "--output-format=json",
+        f"--runtime={max(1, round(seconds * 1000))}ms", "--time_based", "--group_reporting", "--readonly", "--output-format=json",
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
@@ -68,11 +76,13 @@ def randread(path: Path, block_bytes: int, numjobs: int, seconds: float = 3.0, i
         job = report["jobs"][0]
         read = job["read"]
         clat = read.get("clat_ns") or {}
+        lat_mean_ns = (read.get("lat_ns") or {}).get("mean")
         return FioResult(
             block_bytes=block_bytes, numjobs=numjobs, ioengine=ioengine, iodepth=iodepth,
-            bandwidth_bytes_s=float(read["bw_bytes"]), iops=float(read["iops"]),
+            bandwidth_bytes_s=_bandwidth(read), iops=float(read["iops"]),
             runtime_s=float(read.get("runtime", 0)) / 1e3,
             clat_p50_us=_percentile(clat, "50.0"), clat_p99_us=_percentile(clat, "99.0"),
+            achieved_depth=float(read["iops"]) * float(lat_mean_ns) / 1e9 if lat_mean_ns else None, rw=rw,
         )
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise FioError(f"fio's JSON report lacks the read results ({e!r})") from e

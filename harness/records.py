@@ -14,14 +14,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flashbench", "torch", "safetensors", "numpy", "pandas", "transformers", "accelerate")
 
 
-def write_json_atomic(path: Path, data: dict) -> Path:
-    """Write JSON to a temp file beside `path`, fsync, then rename: a reader never sees half a record."""
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write to a temp file beside `path`, fsync, then rename: a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,6 +28,10 @@ def write_json_atomic(path: Path, data: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: Path, data: dict) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _cpu_model() -> str:

@@ -19,8 +19,9 @@ class NeuronCache:
     def __init__(self, capacity: int, d_model: int, d_ffn: int, gated: bool, bias: bool):
         self.capacity = capacity
         self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
-        self.rows = {v: torch.zeros(capacity, d_model) for v in self.vectors}
-        self.up_bias = torch.zeros(capacity) if bias else None
+        # Uninitialised: rows are written before they are used, and untouched pages cost no DRAM until then.
+        self.rows = {v: torch.empty(capacity, d_model) for v in self.vectors}
+        self.up_bias = torch.empty(capacity) if bias else None
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.slot_of = np.full(d_ffn, -1, dtype=np.int64)
         self.n = 0
@@ -83,44 +84,54 @@ class NeuronCache:
 
 
 class RegatherCache:
-    """What a plain implementation does (the `memory=regather` ablation): neurons kept in a dict, and the
-    matrices the FFN multiplies built anew, by stacking, for every token."""
+    """What a plain implementation does (the `memory=regather` ablation): the matrices kept sorted by neuron id,
+    and every insertion or deletion builds them anew (allocate, gather, copy) instead of editing them in place."""
 
     def __init__(self, capacity: int, d_model: int, gated: bool, bias: bool):
-        self.capacity, self.d_model = capacity, d_model
+        self.capacity = capacity
         self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
-        self.bias = bias
-        self.store: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor | None]] = {}
-        self.pinned_ids: set[int] = set()
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.rows = {v: torch.zeros(0, d_model) for v in self.vectors}
+        self.up_bias = torch.zeros(0) if bias else None
+        self.pinned_ids = np.zeros(0, dtype=np.int64)
 
     @property
     def n(self) -> int:
-        return len(self.store)
+        return len(self.ids)
 
     def missing(self, ids: np.ndarray) -> np.ndarray:
-        return np.array([i for i in ids.tolist() if i not in self.store], dtype=np.int64)
+        return ids[~np.isin(ids, self.ids)]
+
+    def _regather(self, ids: np.ndarray, rows: dict[str, torch.Tensor], up_bias: torch.Tensor | None) -> None:
+        order = torch.from_numpy(np.argsort(ids, kind="stable"))
+        self.ids = ids[order.numpy()]
+        self.rows = {v: rows[v].index_select(0, order) for v in self.vectors}
+        if self.up_bias is not None:
+            self.up_bias = up_bias.index_select(0, order)
 
     def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor], up_bias: torch.Tensor | None = None,
                pin: bool = False) -> None:
-        for k, i in enumerate(ids.tolist()):
-            self.store[i] = ({name: rows[name][k].clone() for name in self.vectors},
-                             up_bias[k].clone() if up_bias is not None else None)
-            if pin:
-                self.pinned_ids.add(i)
+        if self.n + len(ids) > self.capacity:
+            raise RuntimeError(f"neuron cache full: {self.n} + {len(ids)} rows > capacity {self.capacity}")
+        bias = torch.cat([self.up_bias, up_bias]) if self.up_bias is not None else None
+        self._regather(np.concatenate([self.ids, ids]), {v: torch.cat([self.rows[v], rows[v]]) for v in self.vectors},
+                       bias)
+        if pin:
+            self.pinned_ids = np.union1d(self.pinned_ids, ids)
 
     def delete(self, ids: np.ndarray) -> None:
-        for i in ids.tolist():
-            if i in self.pinned_ids:
-                raise RuntimeError("cannot delete a pinned neuron")
-            del self.store[i]
+        if len(ids) == 0:
+            return
+        if np.isin(ids, self.pinned_ids).any() or not np.isin(ids, self.ids).all():
+            raise RuntimeError("cannot delete a pinned or uncached neuron")
+        keep = torch.from_numpy(np.flatnonzero(~np.isin(self.ids, ids)))
+        self.ids = self.ids[keep.numpy()]
+        self.rows = {v: self.rows[v].index_select(0, keep) for v in self.vectors}
+        if self.up_bias is not None:
+            self.up_bias = self.up_bias.index_select(0, keep)
 
     def cached_ids(self) -> np.ndarray:
-        return np.array(sorted(self.store), dtype=np.int64)
+        return self.ids.copy()
 
     def matrices(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        ids = sorted(self.store)
-        if not ids:
-            return {name: torch.zeros(0, self.d_model) for name in self.vectors}, torch.zeros(0) if self.bias else None
-        rows = {name: torch.stack([self.store[i][0][name] for i in ids]) for name in self.vectors}
-        bias = torch.stack([self.store[i][1] for i in ids]) if self.bias else None
-        return rows, bias
+        return self.rows, self.up_bias

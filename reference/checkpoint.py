@@ -11,9 +11,12 @@ import functools
 import json
 import os
 import re
+import shutil
+import struct
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -183,4 +186,46 @@ def save_checkpoint(
         tmp.rmdir()
     else:
         os.replace(tmp, out_dir)
+    return out_dir
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtype: torch.dtype, load) -> None:
+    """Write a safetensors file tensor by tensor, so the resident part never sits in memory whole."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name in names:
+        n = int(np.prod(shapes[name])) * elem
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            f.write(load(name).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def save_checkpoint_streaming(out_dir: str | Path, config: ModelConfig, load, dtype: torch.dtype = torch.float16) -> Path:
+    """Write an HF checkpoint whose tensors come one at a time from `load(our_name)`, never all in memory (for
+    paper-scale synthetic models); atomically (temp dir + rename)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ValueError(f"{out_dir}: already exists")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shapes = expected_shapes(config)
+        theirs = {hf_name(n, config.arch): n for n in shapes}
+        write_safetensors_streaming(tmp / "model.safetensors", list(theirs), {h: shapes[n] for h, n in theirs.items()},
+                                    dtype, lambda h: load(theirs[h]))
+        hf = config.to_hf() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir

@@ -1,8 +1,8 @@
 """The flash engine: the dense transformer with each FFN swapped for one that reads its neurons from flash.
 
 Every technique is a switch of `Techniques` on this one engine:
-- `source`: which neurons a token needs (`predictor`, `oracle`, `trace`, or `all` = the naive baseline: every
-  FFN weight read from flash for every token, dense compute);
+- `source`: which neurons a token needs (`predictor`, `oracle`, `trace`, or `all`: with no hybrid, the naive
+  baseline, every FFN file read whole for every token; with a hybrid, every neuron not kept resident);
 - `window` k: neurons needed by the last k tokens stay cached; a token reads only the delta (k = 0: no reuse);
 - `hybrid`: the fraction of each layer's neurons, the most often active ones, kept resident and never read;
 - `memory`: `preallocated` (the neuron cache's fixed matrix) or `regather` (matrices rebuilt per token);
@@ -57,8 +57,13 @@ class Techniques:
             raise ValueError(f"memory must be one of {', '.join(MEMORY)}, got {self.memory!r}")
         if self.window < 0 or not 0.0 <= self.hybrid <= 1.0:
             raise ValueError(f"window must be >= 0 and hybrid in [0, 1], got {self.window}, {self.hybrid}")
-        if self.source == "all" and (self.window or self.hybrid):
-            raise ValueError("the naive configuration (source 'all') reads every neuron: no window, no hybrid")
+        if self.source == "all" and self.window:
+            raise ValueError("source 'all' needs every neuron every token: a window saves nothing")
+
+    @property
+    def reads_whole_layers(self) -> bool:
+        """The naive baseline: every FFN file read whole for every token (no hot neurons kept)."""
+        return self.source == "all" and not self.hybrid
 
     @classmethod
     def naive(cls, **reader_settings) -> "Techniques":
@@ -158,7 +163,7 @@ class FlashFFN(nn.Module):
         t0 = time.perf_counter()
         sets = sh.source.sets(self.layer, xs)
         sh.stats.predictor_s += time.perf_counter() - t0
-        if sh.techniques.source == "all":
+        if sh.techniques.reads_whole_layers:
             return self._naive(xs)[None]
 
         start, end = self.position, self.position + len(sets)
@@ -241,14 +246,16 @@ class FlashEngine(Engine):
 
     def __init__(self, flash_dir: str | Path | FlashLayout, techniques: Techniques,
                  source: ActivationSource | None = None, neuron_counts: np.ndarray | None = None,
-                 dram_budget: int | None = None, max_len: int | None = None):
+                 dram_budget: int | None = None, max_len: int | None = None,
+                 resident: dict[str, torch.Tensor] | None = None):
         """`neuron_counts` [n_layers, d_ffn]: how often each neuron was active on held-out text; the hybrid keeps
         the `techniques.hybrid` most frequent ones resident. `source` overrides the default for
-        `techniques.source` (needed for `predictor` and `trace`)."""
+        `techniques.source` (needed for `predictor` and `trace`). `resident`: the layout's resident tensors already
+        loaded (`layout.resident_state()`), to share them between engines instead of reading them again."""
         layout = flash_dir if isinstance(flash_dir, FlashLayout) else FlashLayout.open(flash_dir)
         config, g = layout.config, layout.geometry
         self.layout, self.techniques = layout, techniques
-        resident = layout.resident_state()
+        resident = dict(resident) if resident is not None else layout.resident_state()
         biases = {i: (resident.pop(f"layers.{i}.ffn.up.bias", None), resident.pop(f"layers.{i}.ffn.down.bias", None))
                   for i in range(config.n_layers)}
         reader = FlashReader.for_layout(layout, threads=techniques.threads, direct=techniques.direct,
@@ -266,8 +273,8 @@ class FlashEngine(Engine):
         resident_bytes = sum(t.nbytes for t in resident.values()) + sum(
             b.nbytes for pair in biases.values() for b in pair if b is not None)
         row_bytes = (len(g.vectors) * g.d_model + (1 if config.bias else 0)) * 4
-        capacity = 0 if techniques.source == "all" else g.d_ffn
-        if dram_budget is not None and techniques.source != "all":
+        capacity = 0 if techniques.reads_whole_layers else g.d_ffn
+        if dram_budget is not None and not techniques.reads_whole_layers:
             fixed = resident_bytes + source.nbytes
             per_neuron = row_bytes * config.n_layers + g.record_bytes  # a cache row in every layer + a buffer row
             capacity = min(g.d_ffn, max(0, (dram_budget - fixed) // per_neuron))
@@ -278,13 +285,13 @@ class FlashEngine(Engine):
                     f"it would leave room for {capacity} neurons per layer"
                 )
         shared = _Shared(techniques, layout, reader, source, capacity)
-        if techniques.source == "all":
+        if techniques.reads_whole_layers:
             shared.file_buffer = aligned_buffer(g.file_bytes)
         else:
             shared.record_buffer = aligned_buffer(capacity * g.record_bytes).reshape(capacity, g.record_bytes)
         self.shared = shared
-        model = Transformer(config, ffn=lambda i: FlashFFN(i, shared, *biases[i], hot[i]))
-        model.load_state_dict(resident, strict=True)
+        model = Transformer.for_assignment(config, ffn=lambda i: FlashFFN(i, shared, *biases[i], hot[i]))
+        model.load_state_dict(resident, strict=True, assign=True)
         model.eval()
         for block in model.layers:
             block.ffn.load_hot()
@@ -299,7 +306,7 @@ class FlashEngine(Engine):
     @staticmethod
     def _buffer_bytes(techniques: Techniques, layout: FlashLayout, capacity: int) -> int:
         g = layout.geometry
-        return g.file_bytes if techniques.source == "all" else capacity * g.record_bytes
+        return g.file_bytes if techniques.reads_whole_layers else capacity * g.record_bytes
 
     @staticmethod
     def _default_source(techniques: Techniques, layout: FlashLayout, reader: FlashReader, biases) -> ActivationSource:

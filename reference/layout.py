@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import expected_shapes, hf_name, weight_files
+from .checkpoint import expected_shapes, hf_name, weight_files, write_safetensors_streaming
 from .config import CheckpointError, ModelConfig, read_json_object
 
 FORMAT = "flashbench-flash-layout"
@@ -274,26 +273,6 @@ class _TensorSource:
         return t
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def _write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtype: torch.dtype, load) -> None:
-    """Write a safetensors file tensor by tensor, so the resident part never sits in memory whole."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    header, offset = {}, 0
-    for name in names:
-        n = int(np.prod(shapes[name])) * elem
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name in names:
-            f.write(load(name).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
-
-
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bundled", dtype: str = "float16",
             progress=None, keep: list[np.ndarray] | None = None, pruning: dict | None = None) -> FlashLayout:
     """Convert an HF checkpoint to a flash directory, streaming one tensor at a time.
@@ -329,7 +308,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.converting-", dir=out_dir.parent))
     try:
         resident = [n for n in source.shapes if ".ffn." not in n or n.endswith(".bias")]
-        _write_safetensors_streaming(tmp / "resident.safetensors", resident, source.shapes, DTYPES[resident_dtype], source.get)
+        write_safetensors_streaming(tmp / "resident.safetensors", resident, source.shapes, DTYPES[resident_dtype], source.get)
         for layer in range(config.n_layers):
             weights = {v: source.get(f"layers.{layer}.ffn.{v}.weight") for v in vectors}
             if keep is not None:

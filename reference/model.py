@@ -178,6 +178,20 @@ class Transformer(nn.Module):
         return KVCache(self.config, max_len or self.config.max_positions, batch, device=p.device, dtype=p.dtype)
 
     @classmethod
+    def for_assignment(cls, config: ModelConfig, ffn=None) -> "Transformer":
+        """A model whose weights will all come from `load_state_dict(..., assign=True)`: built without initialising
+        them (that takes seconds at paper scale), with its computed buffers filled in."""
+        with torch.device("meta"):
+            model = cls(config, ffn=lambda _layer: None) if ffn is not None else cls(config)
+        model = model.to_empty(device="cpu")
+        if ffn is not None:
+            for i, block in enumerate(model.layers):
+                block.ffn = ffn(i)
+        if config.arch != "opt":
+            model.rope_cos, model.rope_sin = rope_tables(config)
+        return model
+
+    @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> "Transformer":
         """Load an HF checkpoint; weights in any stored float dtype are computed in fp32."""
         config = ModelConfig.load(checkpoint_dir)

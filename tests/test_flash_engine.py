@@ -64,6 +64,16 @@ def test_naive_configuration_reproduces_dense_inference_reading_every_weight(mod
         assert stats.io.records == layout.config.n_layers * layout.geometry.d_ffn
 
 
+def test_hybrid_alone_reads_every_neuron_but_the_hot_ones_and_stays_exact(model):
+    layout = model["flash"]["unbundled"]
+    engine = FlashEngine(layout, Techniques(source="all", hybrid=0.25, threads=4), neuron_counts=model["counts"])
+    logits = replay(engine, model["tokens"][:16])
+    engine.close()
+    assert (logits - model["logits"][:17]).abs().max() <= 1e-4
+    hot = round(0.25 * layout.config.d_ffn)
+    assert all(s.io.records == layout.config.n_layers * (layout.config.d_ffn - hot) for s in engine.history[1:])
+
+
 def neurons_loaded(model, **techniques):
     engine = FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", threads=4, **techniques),
                          neuron_counts=model["counts"])

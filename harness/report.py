@@ -1,0 +1,510 @@
+"""Records -> report: reports/<run-id>/report.md, a self-contained report.html, results.csv and plots.
+
+The report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered twice, as
+Markdown and as HTML with the plots embedded, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .agreement import APPROXIMATE, EXACT
+
+MIB = 1024 * 1024
+# The paper's own figures (OPT 6.7B, fp16, M1 Max, DRAM budget ~50%): Table 2 (I/O only) and Table 3.
+PAPER_TABLE2 = {  # configuration -> (flash->DRAM GB per token, throughput GB/s, I/O ms per token)
+    "naive": (13.4, 6.1, 2196), "hybrid": (6.7, 6.1, 1090), "hybrid+predictor": (0.9, 1.25, 738),
+    "hybrid+predictor+windowing": (0.2, 1.25, 164), "hybrid+predictor+windowing+bundling": (0.2, 2.25, 87),
+}
+PAPER_TABLE3 = {  # (I/O, memory management, compute, total) ms per token, OPT 6.7B on the M1 Max CPU
+    "naive": (2196, 0, 986, 3182), "all": (105, 58, 506, 669),
+}
+TABLE2_ROWS = list(PAPER_TABLE2)
+
+
+# ---- blocks ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Para:
+    text: str
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
+
+
+@dataclass
+class Pre:
+    text: str
+
+
+def to_markdown(blocks: list) -> str:
+    out = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append("#" * b.level + " " + b.text)
+        elif isinstance(b, Para):
+            out.append(b.text)
+        elif isinstance(b, Table):
+            cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+            out.append("\n".join(["| " + " | ".join(cell(h) for h in b.headers) + " |",
+                                  "|" + "---|" * len(b.headers)]
+                                 + ["| " + " | ".join(cell(c) for c in r) + " |" for r in b.rows]))
+        elif isinstance(b, Figure):
+            out.append(f"![{b.caption}]({b.path.name})\n\n*{b.caption}*")
+        elif isinstance(b, Pre):
+            out.append("```\n" + b.text + "\n```")
+    return "\n\n".join(out) + "\n"
+
+
+def to_html(blocks: list, title: str) -> str:
+    e = html.escape
+    body = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            body.append(f"<h{b.level}>{e(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            body.append(f"<p>{e(b.text)}</p>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{e(str(h))}</th>" for h in b.headers)
+            rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in b.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif isinstance(b, Figure):
+            data = base64.b64encode(b.path.read_bytes()).decode()
+            body.append(f'<figure><img alt="{e(b.caption)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{e(b.caption)}</figcaption></figure>")
+        elif isinstance(b, Pre):
+            body.append(f"<pre>{e(b.text)}</pre>")
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%}figcaption{font-style:italic;color:#555}pre{background:#f7f7f7;padding:1em}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>\n")
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+
+
+def load_run(run_dir: Path) -> tuple[dict, dict | None, dict[str, list[dict]], dict[str, dict], dict[str, list[dict]]]:
+    """(run index, probe record, configuration records per model, model record per model, peers per model)."""
+    index = json.loads((run_dir / "run.json").read_text())
+    probe, configs, models, peers = None, {}, {}, {}
+    for rel in index["records"]:
+        path = run_dir / "records" / rel
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable record ({e})") from e
+        kind = rec.get("kind")
+        if kind == "probe":
+            probe = rec["probe"]
+        elif kind == "model":
+            models[rec["model"]] = rec
+        elif kind == "configuration":
+            configs.setdefault(rec["model"], []).append(rec)
+        elif kind == "peer":
+            peers.setdefault(rec["model"], []).append(rec)
+    return index, probe, configs, models, peers
+
+
+# ---- formatting helpers ------------------------------------------------------------------------------------------
+
+
+def _f(x, fmt: str = ".2f", none: str = "-") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _verdict(rec: dict) -> str:
+    if rec["status"] != "measured":
+        return rec["status"]
+    a = rec["agreement"]
+    if "not_applicable" in a:
+        return "n/a"
+    failed = [c["metric"] for c in a["checks"] if not c["passed"]]
+    return ("PASS" if a["passed"] else "FAIL: " + ", ".join(failed)) + f" ({a['tolerance']})"
+
+
+def _by_name(records: list[dict]) -> dict[str, dict]:
+    return {r["configuration"]: r for r in records}
+
+
+def _all_name(records: list[dict]) -> str | None:
+    return next((r["configuration"] for r in records if "all" in r["sections"]), None)
+
+
+def _speedup(rec: dict, naive: dict | None) -> str:
+    if not naive or rec["status"] != "measured" or naive["status"] != "measured":
+        return "-"
+    return f"{rec['metrics']['tokens_per_s'] / naive['metrics']['tokens_per_s']:.2f}x"
+
+
+# ---- sections ----------------------------------------------------------------------------------------------------
+
+
+def _header(index: dict, probe: dict | None) -> list:
+    m, g = index["machine"], index["git"]
+    storage = probe["storage"] if probe else {}
+    sc = index["scenario"]
+    blocks = [
+        Heading(1, f"flashbench report: {index['run_id']}"),
+        Para(f"Scenario {sc['name']} ({sc['path']}), {index['seconds']:.0f} s. "
+             f"Commit {g.get('commit') or 'unknown'}{' (with uncommitted changes)' if g.get('dirty') else ''}."),
+        Table(["machine", ""], [
+            ["CPU", f"{m['cpu']} ({m['cores']} cores)"], ["RAM", _bytes(m["ram_bytes"])],
+            ["kernel", m["kernel"]], ["storage", f"{storage.get('device', '?')} ({storage.get('filesystem', '?')}, "
+                                                 f"mounted at {storage.get('mount_point', '?')})"],
+            ["packages", ", ".join(f"{k} {v}" for k, v in index["versions"].items() if v)],
+        ]),
+    ]
+    return blocks
+
+
+def _probe_section(probe: dict | None, out: Path) -> list:
+    blocks = [Heading(2, "Storage probe")]
+    if probe is None:
+        return blocks + [Para("No probe record in this run.")]
+    p = probe
+    source = "fio" if p["tool"] == "fio" else f"flashbench's own reader: fio was not usable ({p['fio_error']})"
+    cached = f" Cached from {p['cached_from']} (measured {p['measured_at']})." if p.get("cached_from") else \
+        f" Measured in this run ({p['measured_at']})."
+    blocks.append(Para(f"Random reads with direct=1 on a {p['grid']['file_mib']} MiB file in {p['directory']}, "
+                       f"{p['grid']['seconds']} s per point, by {source}.{cached} Bandwidth in MiB/s; in brackets the "
+                       "I/Os in flight on average as fio measured them (IOPS x mean latency)."))
+    threads = p["grid"]["threads"]
+    for engine in p["grid"]["ioengines"]:
+        pts = {(q["chunk_bytes"], q["threads"]): q for q in p["points"] if q["ioengine"] == engine
+               and q["rw"] == "randread"}
+        if not pts:
+            continue
+        label = "jobs" if engine == "psync" else "queue depth"
+        rows = [[f"{c // 1024} KiB"] + [
+            f"{pts[(c, t)]['bandwidth_bytes_s'] / MIB:.1f}" + (f" ({pts[(c, t)]['achieved_depth']:.1f})"
+                                                             if pts[(c, t)]["achieved_depth"] else "")
+            if (c, t) in pts else "-" for t in threads] for c in p["grid"]["chunk_bytes"]]
+        blocks += [Para(f"{engine} ({label} across):"), Table(["chunk"] + [f"{label} {t}" for t in threads], rows)]
+    for q in p["points"]:
+        if q["rw"] == "read":
+            blocks.append(Para(f"Sequential read, {q['chunk_bytes'] // 1024} KiB chunks, 1 job: "
+                               f"{q['bandwidth_bytes_s'] / MIB:.1f} MiB/s."))
+    for note in p.get("notes", []):
+        blocks.append(Para(f"Note: {note}"))
+    return blocks
+
+
+def _table2(model: str, recs: dict[str, dict]) -> list:
+    rows = []
+    for name in TABLE2_ROWS:
+        r = recs.get(name)
+        gb, gbs, ms = PAPER_TABLE2[name]
+        flags = ["yes" if t in name.split("+") else "no" for t in ("hybrid", "predictor", "windowing", "bundling")]
+        if r is None or r["status"] != "measured":
+            rows.append(flags + ["not run"] * 3 + [f"{gb} GB", f"{gbs} GB/s", f"{ms} ms"])
+            continue
+        m = r["metrics"]
+        rows.append(flags + [_bytes(m["per_token"]["bytes_read"]), f"{_f(m['read_bandwidth_bytes_s'] / 1e9, '.3f')} GB/s",
+                             f"{m['ms']['io']['mean']:.2f} ms", f"{gb} GB", f"{gbs} GB/s", f"{ms} ms"])
+    return [Heading(3, "Table 2 shape: I/O per technique (cumulative)"),
+            Para("Ours on this machine beside the paper's (OPT 6.7B, M1 Max). Flash->DRAM is bytes actually read per "
+                 "token (whole direct-I/O blocks), throughput is the effective read bandwidth, I/O is reader time per "
+                 "token."),
+            Table(["hybrid", "predictor", "windowing", "bundling", "flash->DRAM / token", "throughput", "I/O / token",
+                   "paper flash->DRAM", "paper throughput", "paper I/O"], rows)]
+
+
+def _table3(model: str, recs: dict[str, dict], all_name: str | None) -> list:
+    rows = []
+    for label, name, paper in (("naive", "naive", PAPER_TABLE3["naive"]), ("all techniques", all_name, PAPER_TABLE3["all"])):
+        r = recs.get(name) if name else None
+        p = f"{paper[0]} / {paper[1]} / {paper[2]} = {paper[3]}"
+        if r is None or r["status"] != "measured":
+            rows.append([label, "not run", "-", p])
+            continue
+        ms = r["metrics"]["ms"]
+        io, mem, comp = ms["io"]["mean"], ms["memory"]["mean"], ms["compute"]["mean"] + ms["predictor"]["mean"]
+        rows.append([label, f"{io:.2f} / {mem:.2f} / {comp:.2f} = {ms['total']['mean']:.2f}",
+                     _speedup(r, recs.get("naive")), p])
+    return [Heading(3, "Table 3 shape: per-token latency, I/O / memory management / compute = total (ms)"),
+            Para("Compute includes the predictor. Paper: OPT 6.7B on the M1 Max CPU, 4.76x."),
+            Table(["configuration", "ours (ms)", "ours speedup", "paper (ms)"], rows)]
+
+
+def _matrix_table(recs: list[dict]) -> Table:
+    naive = _by_name(recs).get("naive")
+    rows = []
+    for r in recs:
+        if r["status"] != "measured":
+            rows.append([r["configuration"], ", ".join(r["sections"])] + ["-"] * 12 + [_verdict(r)])
+            continue
+        m, ref = r["metrics"], r.get("fio_reference")
+        ms = m["ms"]
+        ratio = (f"{ref['ratio']:.2f} (fio {ref['chunk_bytes'] // 1024} KiB x{ref['threads']})"
+                 if ref and ref.get("ratio") is not None else "-")
+        rows.append([
+            r["configuration"], ", ".join(r["sections"]), f"{m['tokens_per_s']:.1f}", _speedup(r, naive),
+            f"{ms['io']['mean']:.2f} ({ms['io']['p90']:.2f})", f"{ms['memory']['mean']:.2f} ({ms['memory']['p90']:.2f})",
+            f"{ms['predictor']['mean']:.2f} ({ms['predictor']['p90']:.2f})",
+            f"{ms['compute']['mean']:.2f} ({ms['compute']['p90']:.2f})",
+            _bytes(m["per_token"]["bytes_read"]), f"{m['per_token']['reads']:.1f}", f"{m['per_token']['neurons']:.1f}",
+            f"{_f(m['read_bandwidth_bytes_s'] and m['read_bandwidth_bytes_s'] / MIB, '.1f')}", ratio,
+            _bytes(r["dram"]["weights_total"]), _verdict(r),
+        ])
+    return Table(["configuration", "sections", "tokens/s", "vs naive", "I/O ms mean (p90)", "memory ms", "predictor ms",
+                  "compute ms", "read / token", "reads / token", "neurons / token", "read MiB/s", "vs fio",
+                  "DRAM (weights)", "agreement"], rows)
+
+
+def _agreement_table(recs: list[dict]) -> list:
+    rows = []
+    for r in recs:
+        a = r.get("agreement") or {}
+        if r["status"] != "measured" or "not_applicable" in a:
+            continue
+        c = {x["metric"]: x for x in a["checks"]}
+        cell = lambda k, fmt: f"{format(c[k]['value'], fmt)}{'' if c[k]['passed'] else ' !'}"  # noqa: E731
+        rows.append([r["configuration"], a["tolerance"], cell("max_abs_logit_diff", ".3g"), cell("mean_kl", ".3g"),
+                     cell("top1_agreement", ".2%"), cell("perplexity_ratio", ".4f"),
+                     f"{a['greedy_matched_tokens']}/{a['greedy_tokens']}{'' if c['greedy_match']['passed'] else ' !'}",
+                     "PASS" if a["passed"] else "FAIL"])
+    if not rows:
+        reasons = {r["agreement"]["not_applicable"] for r in recs if "not_applicable" in r.get("agreement", {})}
+        return [Para("Agreement: not applicable. " + " ".join(sorted(reasons)))]
+    return [Heading(3, "Agreement with dense inference"),
+            Para(f"Teacher-forced over held-out text, plus a free-running greedy continuation. '!' marks a check "
+                 f"outside its tolerance. Exact configurations: max |logit diff| <= {EXACT.max_abs_logit_diff:g}, "
+                 f"KL <= {EXACT.max_mean_kl:g}, top-1 = 100%, greedy continuation identical. Approximate ones (a "
+                 f"predictor, int8, pruning): KL <= {APPROXIMATE.max_mean_kl:g}, top-1 >= "
+                 f"{APPROXIMATE.min_top1_agreement:.0%}, perplexity ratio <= {APPROXIMATE.max_perplexity_ratio:g}, "
+                 f"greedy match >= {APPROXIMATE.min_greedy_match:.0%} of the continuation, max |logit diff| <= "
+                 f"{APPROXIMATE.max_abs_logit_diff:g}."),
+            Table(["configuration", "tolerance", "max |logit diff|", "mean KL", "top-1", "perplexity ratio",
+                   "greedy match", "verdict"], rows)]
+
+
+def _all_but_one(recs: list[dict]) -> list:
+    by = _by_name(recs)
+    all_name = _all_name(recs)
+    full = by.get(all_name) if all_name else None
+    if not full or full["status"] != "measured":
+        return []
+    rows = []
+    for r in recs:
+        for s in r["sections"]:
+            if s.startswith("all-but:") and r["status"] == "measured":
+                t = s.split(":", 1)[1]
+                m = r["metrics"]
+                rows.append([t, r["configuration"], f"{m['tokens_per_s']:.1f}",
+                             f"{full['metrics']['tokens_per_s'] / m['tokens_per_s']:.2f}x",
+                             _bytes(m["per_token"]["bytes_read"]), ", ".join(r["inactive"]) or "-"])
+    return [Heading(3, "All but one: what each technique contributes"),
+            Para(f"All combined: {full['metrics']['tokens_per_s']:.1f} tokens/s. 'all / this' above 1 means the left-out "
+                 "technique helps."),
+            Table(["left out", "configuration", "tokens/s", "all / this", "read / token", "inactive without it"], rows)]
+
+
+# ---- plots -------------------------------------------------------------------------------------------------------
+
+
+def _plots(probe: dict | None, configs: dict[str, list[dict]], out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    if probe:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for engine, style in (("psync", "-o"), ("io_uring", "--s")):
+            for t in probe["grid"]["threads"]:
+                pts = sorted((q["chunk_bytes"], q["bandwidth_bytes_s"]) for q in probe["points"]
+                             if q["ioengine"] == engine and q["threads"] == t and q["rw"] == "randread")
+                if pts:
+                    ax.plot([c / 1024 for c, _ in pts], [b / MIB for _, b in pts], style,
+                            label=f"{probe['tool']} {engine} x{t}", alpha=0.8)
+        for model, recs in configs.items():
+            ours = [(r["metrics"]["mean_read_bytes"], r["metrics"]["read_bandwidth_bytes_s"]) for r in recs
+                    if r["status"] == "measured" and r["metrics"]["mean_read_bytes"]]
+            if ours:
+                ax.scatter([c / 1024 for c, _ in ours], [b / MIB for _, b in ours], marker="x", s=40, zorder=5,
+                           label=f"our reader ({model}, x{recs[0]['engine']['threads']} threads)")
+        ax.set(xscale="log", yscale="log", xlabel="chunk size (KiB)", ylabel="bandwidth (MiB/s)",
+               title="Random-read bandwidth against chunk size")
+        ax.legend(fontsize=7, ncol=2)
+        paths["bandwidth"] = _save(fig, out / "bandwidth.png")
+    for model, recs in configs.items():
+        measured = [r for r in recs if r["status"] == "measured"]
+        if not measured:
+            continue
+        names = [r["configuration"] for r in measured]
+        fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.5))
+        left = [0.0] * len(names)
+        for part in ("io", "memory", "predictor", "compute"):
+            vals = [r["metrics"]["ms"][part]["mean"] for r in measured]
+            ax.barh(names, vals, left=left, label=part)
+            left = [a + b for a, b in zip(left, vals)]
+        ax.invert_yaxis()
+        ax.set(xlabel="ms per token (mean)", title=f"{model}: per-token latency by part")
+        ax.legend(fontsize=8)
+        paths[f"latency-{model}"] = _save(fig, out / f"latency-{model}.png")
+        fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.5))
+        ax.barh(names, [r["metrics"]["per_token"]["bytes_read"] / 1024 for r in measured], label="read (whole blocks)")
+        ax.barh(names, [r["metrics"]["per_token"]["bytes_requested"] / 1024 for r in measured], label="records' own bytes")
+        ax.invert_yaxis()
+        ax.set(xscale="log", xlabel="KiB per token", title=f"{model}: bytes read from flash per token")
+        ax.legend(fontsize=8)
+        paths[f"bytes-{model}"] = _save(fig, out / f"bytes-{model}.png")
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        fig.clf()
+    return path
+
+
+# ---- the report --------------------------------------------------------------------------------------------------
+
+
+def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
+    index, probe, configs, models, peers = load_run(run_dir)
+    plots = _plots(probe, configs, run_dir)
+    blocks = _header(index, probe)
+    blocks += _summary(configs, peers)
+    blocks += _probe_section(probe, run_dir)
+    if "bandwidth" in plots:
+        blocks.append(Figure(plots["bandwidth"], "fio's random-read bandwidth per chunk size and parallelism (lines) "
+                             "and our reader's effective bandwidth in each configuration (crosses)."))
+    for model, recs in configs.items():
+        d = models.get(model, {})
+        by = _by_name(recs)
+        blocks += [Heading(2, f"Model {model}"),
+                   Para(f"Activation source for the predictor technique: {d.get('activation_source', '?')}. "
+                        f"Settings: {json.dumps(recs[0]['settings'])}. "
+                        + (f"Dense inference (all weights in DRAM) on the same tokens: "
+                           f"{d['dense']['tokens_per_s']:.1f} tokens/s. " if d.get("dense") else "")
+                        + _prerequisites(recs))]
+        blocks += _table2(model, by) + _table3(model, by, _all_name(recs))
+        blocks += [Heading(3, "Technique matrix"),
+                   Para("Per decode step: tokens/s and its ratio to the naive run of this invocation; latency parts, "
+                        "mean (p90), in ms; bytes and read operations per token (exact counters); effective read "
+                        "bandwidth and its ratio to the probe's at the nearest chunk size and thread count; DRAM held "
+                        "for weights (resident + cache + buffers + predictor; KV cache apart)."),
+                   _matrix_table(recs)]
+        blocks += _agreement_table(recs) + _all_but_one(recs) + _peers_section(recs, peers.get(model, []))
+        for key, caption in ((f"latency-{model}", "per-token latency by part, per configuration"),
+                             (f"bytes-{model}", "bytes read per token (whole blocks) and the records' own bytes")):
+            if key in plots:
+                blocks.append(Figure(plots[key], f"{model}: {caption}."))
+    frame = pd.json_normalize([r for recs in configs.values() for r in recs], sep=".")
+    keep = [c for c in frame.columns if not c.startswith(("machine.", "versions.", "scenario.raw", "spec."))]
+    return blocks, frame[keep] if len(frame) else frame, f"flashbench report {index['run_id']}"
+
+
+def _prerequisites(recs: list[dict]) -> str:
+    notes = [f"{r['configuration']} has {', '.join(r['prerequisites'])} on because "
+             f"{r['sections'][0].split(':', 1)[1]} needs it" for r in recs if r["prerequisites"]]
+    return ("Prerequisites: " + "; ".join(notes) + ".") if notes else ""
+
+
+def _peer_ratio(full: dict | None, peer: dict | None) -> str:
+    if not full or full["status"] != "measured" or not peer or peer["status"] != "measured" or not peer["tokens_per_s"]:
+        return "-" if not peer or peer["status"] == "measured" else "skipped"
+    return f"{full['metrics']['tokens_per_s'] / peer['tokens_per_s']:.2f}x"
+
+
+def _peers_section(recs: list[dict], peers: list[dict]) -> list:
+    if not peers:
+        return []
+    by = _by_name(recs)
+    full, naive = by.get(_all_name(recs) or ""), by.get("naive")
+    rows = []
+    for p in peers:
+        if p["status"] != "measured":
+            rows.append([p["peer"], f"skipped: {p['reason']}", "-", "-", "-", "-", "-", _bytes(p["dram_budget_bytes"]),
+                         p.get("cgroup") or "-"])
+            continue
+        ms = sum(p["token_ms"]) / len(p["token_ms"]) if p["token_ms"] else None
+        naive_ratio = _peer_ratio(naive, p)
+        rows.append([p["peer"], "measured", _f(p["tokens_per_s"], ".2f"), _f(ms, ".1f"), _peer_ratio(full, p),
+                     naive_ratio, _bytes(p["read_bytes"] / p["tokens"]) if p.get("read_bytes") is not None and p["tokens"] else "-",
+                     _bytes(p["dram_budget_bytes"]), p.get("cgroup") or "-"])
+    return [Heading(3, "Peers on the same checkpoint"),
+            Para("mmap: dense inference over the memory-mapped fp16 weights (as llama.cpp does), in a memory cgroup "
+                 "capped at the DRAM budget; accelerate: transformers with accelerate's disk offload, max_memory at "
+                 "the budget. Both decode greedily from the same prompt; 'all / peer' is the all-combined "
+                 "configuration's tokens/s over the peer's."),
+            Table(["peer", "status", "tokens/s", "ms / token", "all / peer", "naive / peer", "read / token",
+                   "DRAM budget", "cap"], rows)]
+
+
+def _summary(configs: dict[str, list[dict]], peers: dict[str, list[dict]]) -> list:
+    rows = []
+    for model, recs in configs.items():
+        by = _by_name(recs)
+        naive, full = by.get("naive"), by.get(_all_name(recs) or "")
+        peer = {p["peer"]: p for p in peers.get(model, [])}
+        measured = [r for r in recs if r["status"] == "measured"]
+        best = max(measured, key=lambda r: r["metrics"]["tokens_per_s"], default=None)
+        verdicts = [r["agreement"] for r in measured if "passed" in r["agreement"]]
+        exact_fail = [r["configuration"] for r in measured if r["exact"] and r["agreement"].get("passed") is False]
+        rows.append([
+            model, _f(naive and naive.get("metrics", {}).get("tokens_per_s"), ".1f"),
+            _f(full and full.get("metrics", {}).get("tokens_per_s"), ".1f"), _speedup(full, naive) if full else "-",
+            _peer_ratio(full, peer.get("mmap")), _peer_ratio(full, peer.get("accelerate")),
+            f"{best['configuration']} ({best['metrics']['tokens_per_s']:.1f})" if best else "-",
+            f"{sum(v['passed'] for v in verdicts)}/{len(verdicts)}" if verdicts else "n/a",
+            ", ".join(exact_fail) or "none",
+        ])
+    return [Heading(2, "Summary"),
+            Table(["model", "naive tokens/s", "all combined tokens/s", "all / naive", "all / mmap", "all / accelerate",
+                   "fastest (tokens/s)",
+                   "agreement passed", "exact configurations failing"], rows)]
+
+
+def write_report(run_dir: Path) -> list[Path]:
+    from .records import write_text_atomic
+
+    blocks, frame, title = build(run_dir)
+    written = [write_text_atomic(run_dir / "report.md", to_markdown(blocks)),
+               write_text_atomic(run_dir / "report.html", to_html(blocks, title)),
+               write_text_atomic(run_dir / "results.csv", frame.to_csv(index=False))]
+    return written

@@ -1,0 +1,124 @@
+"""Scenarios: what a run measures, as a TOML file in suite/scenarios/ (or any path).
+
+    name = "default"
+    description = "..."
+    [engine]              # the technique settings every configuration shares
+    window = 5            # k, for configurations with windowing
+    hybrid = 0.25         # fraction of each layer's neurons kept resident, for configurations with the hybrid
+    threads = 16          # reader threads
+    dtype = "float16"     # FFN storage dtype where quantization is off (int8 where it is on)
+    gap_bytes = 0         # merge reads this close (sparse configurations)
+    whole_gap_bytes = 1048576  # ... and in configurations that need every non-resident neuron
+    [probe]
+    chunk_kib = [4, 16, 64, 256, 1024]
+    threads = [1, 4, 16, 32]
+    ioengines = ["psync", "io_uring"]
+    seconds = 1.0
+    file_mib = 1024
+    [[models]]
+    name = "shakespeare-opt"  # an embedded model, a checkpoint path, or "synthetic:SHAPE"
+    tokens = 256              # held-out tokens, teacher-forced
+    greedy_prompt = 32        # free-running greedy continuation: prompt and new tokens
+    greedy_tokens = 64
+    counts_tokens = 131072    # training tokens whose activations choose hot (hybrid) and dead (pruning) neurons
+    whole_read_tokens = 8     # optional: fewer tokens for configurations that read every neuron (naive, hybrid)
+    profile = "paper-opt-6.7b"  # synthetic models: the trace profile ("embedded-<model>" scales a measured one)
+    peers = ["mmap", "accelerate"]  # peers measured on the same checkpoint, capped at the DRAM budget
+    peer_tokens = 8
+    dram_budget = 0.5         # fraction of the checkpoint's weight bytes
+    techniques = ["hybrid", "predictor", ...]  # default: all seven
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from flashbench import suite
+
+from .matrix import TECHNIQUES, Settings
+from .peers import PEERS
+from .probe import KIB, ProbeGrid
+
+SCENARIOS_DIR = suite.SUITE_DIR / "scenarios"
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    tokens: int = 256
+    greedy_prompt: int = 32
+    greedy_tokens: int = 64
+    counts_tokens: int = 131072
+    techniques: tuple[str, ...] = TECHNIQUES
+    whole_read_tokens: int | None = None  # fewer tokens for configurations reading every neuron (default: tokens)
+    profile: str | None = None  # synthetic models: the trace profile
+    seed: int = 0
+    peers: tuple[str, ...] = ("mmap", "accelerate")
+    peer_tokens: int = 8
+    dram_budget: float = 0.5  # the peers' DRAM budget for weights, as a fraction of the checkpoint's weight bytes
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    path: str
+    settings: Settings
+    probe: ProbeGrid
+    models: tuple[ModelSpec, ...]
+    raw: dict = field(default_factory=dict)  # the file as read, for the records
+
+
+def scenario_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    return p if p.suffix == ".toml" or p.exists() else SCENARIOS_DIR / f"{name_or_path}.toml"
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in SCENARIOS_DIR.glob("*.toml"))
+
+
+def _build(cls, table: dict, where: str, **converters):
+    known = {f.name for f in fields(cls)}
+    extra = set(table) - known
+    if extra:
+        raise ScenarioError(f"{where}: unknown key(s) {sorted(extra)}; known: {sorted(known)}")
+    try:
+        return cls(**{k: converters[k](v) if k in converters else v for k, v in table.items()})
+    except (TypeError, ValueError) as e:
+        raise ScenarioError(f"{where}: {e}") from e
+
+
+def load(name_or_path: str) -> Scenario:
+    path = scenario_path(name_or_path)
+    if not path.is_file():
+        raise ScenarioError(f"{path}: no such scenario (available: {', '.join(available())})")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"{path}: not valid TOML ({e})") from e
+    extra = set(raw) - {"name", "description", "engine", "probe", "models"}
+    if extra:
+        raise ScenarioError(f"{path}: unknown key(s) {sorted(extra)}")
+    settings = _build(Settings, raw.get("engine", {}), f"{path} [engine]")
+    probe_table = dict(raw.get("probe", {}))
+    if "chunk_kib" in probe_table:
+        probe_table["chunk_bytes"] = [int(k * KIB) for k in probe_table.pop("chunk_kib")]
+    probe = _build(ProbeGrid, probe_table, f"{path} [probe]", chunk_bytes=tuple, threads=tuple, ioengines=tuple)
+    models = tuple(_build(ModelSpec, m, f"{path} [[models]] #{i + 1}", techniques=tuple, peers=tuple)
+                   for i, m in enumerate(raw.get("models", [])))
+    if not models:
+        raise ScenarioError(f"{path}: no [[models]]")
+    for m in models:
+        unknown = set(m.techniques) - set(TECHNIQUES)
+        if unknown:
+            raise ScenarioError(f"{path}: model {m.name!r}: unknown techniques {sorted(unknown)}")
+        if set(m.peers) - set(PEERS):
+            raise ScenarioError(f"{path}: model {m.name!r}: unknown peers {sorted(set(m.peers) - set(PEERS))}")
+    return Scenario(raw.get("name", path.stem), raw.get("description", ""), str(path), settings, probe, models, raw)

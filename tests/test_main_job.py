@@ -1,0 +1,100 @@
+"""The main job on a small scenario: one record per configuration, verdicts, and the report built from them."""
+
+import json
+
+import pytest
+
+from flashbench.harness.cli import main
+from flashbench.harness.matrix import matrix
+
+SCENARIO = """
+name = "tiny"
+[engine]
+window = 2
+hybrid = 0.25
+threads = 4
+[probe]
+chunk_kib = [4, 64]
+threads = [1, 4]
+ioengines = ["psync"]
+seconds = 0.2
+file_mib = 8
+[[models]]
+name = "shakespeare-opt"
+tokens = 24
+greedy_prompt = 8
+greedy_tokens = 8
+counts_tokens = 4096
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("main-job")
+    (root / "tiny.toml").write_text(SCENARIO)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root / "cache"))  # the probe's cache: not the user's
+        code = main(["run", "--scenario", str(root / "tiny.toml"), "--reports", str(root / "reports"),
+                     "--run-id", "r1", "--work", str(root / "work")])
+    return {"code": code, "dir": root / "reports" / "r1"}
+
+
+def records(run):
+    index = json.loads((run["dir"] / "run.json").read_text())
+    return [json.loads((run["dir"] / "records" / rel).read_text()) for rel in index["records"]]
+
+
+def test_run_writes_a_record_per_configuration_plus_probe_and_model(run):
+    kinds = [r["kind"] for r in records(run)]
+    assert kinds.count("configuration") == len(matrix()) and kinds.count("probe") == 1 and kinds.count("model") == 1
+
+
+def test_every_record_carries_machine_versions_commit_and_parameters(run):
+    for r in records(run):
+        assert r["machine"]["cores"] >= 1 and r["versions"]["torch"].startswith("2.13.0") and "commit" in r["git"]
+        assert r["scenario"]["name"] == "tiny"
+        if r["kind"] == "configuration":
+            assert r["settings"]["window"] == 2 and r["engine"]["threads"] == 4 and "seeds" in r
+
+
+def test_exact_configurations_pass_and_the_run_exits_0(run):
+    exact = [r for r in records(run) if r.get("exact")]
+    assert {r["configuration"] for r in exact} == {"naive", "hybrid"}
+    assert all(r["agreement"]["passed"] and r["agreement"]["tolerance"] == "exact" for r in exact)
+    assert run["code"] == 0
+
+
+def test_counters_and_reference_are_filled_for_every_configuration(run):
+    for r in records(run):
+        if r["kind"] == "configuration":
+            m = r["metrics"]  # 24 tokens: a 1-token prefill, then 22 decode steps
+            assert r["status"] == "measured" and m["tokens"] == 22 and m["per_token"]["bytes_read"] > 0
+            assert r["fio_reference"]["tool"] == "fio" and r["fio_reference"]["ratio"] > 0
+
+
+def test_report_has_every_section_and_a_self_contained_html(run):
+    md = (run["dir"] / "report.md").read_text()
+    for section in ("## Summary", "## Storage probe", "Table 2 shape", "Table 3 shape", "### Technique matrix",
+                    "### Agreement with dense inference", "### All but one"):
+        assert section in md
+    html = (run["dir"] / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and 'src="http' not in html
+    csv = (run["dir"] / "results.csv").read_text().splitlines()
+    assert len(csv) == 1 + len(matrix()) and "metrics.tokens_per_s" in csv[0]
+
+
+def test_report_can_be_rebuilt_from_the_records(run, capsys):
+    (run["dir"] / "report.md").unlink()
+    assert main(["report", str(run["dir"])]) == 0
+    assert (run["dir"] / "report.md").is_file()
+
+
+def test_an_existing_run_folder_is_not_overwritten(run, capsys):
+    reports = run["dir"].parent
+    assert main(["run", "--reports", str(reports), "--run-id", "r1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_an_unknown_scenario_exits_2(tmp_path, capsys):
+    assert main(["run", "--scenario", "nope", "--reports", str(tmp_path)]) == 2
+    assert "no such scenario" in capsys.readouterr().err

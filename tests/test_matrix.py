@@ -1,0 +1,64 @@
+"""The technique matrix: naive, each technique alone (with what it needs), cumulative, all, all-but-one."""
+
+import pytest
+
+from flashbench.harness.matrix import TECHNIQUES, Settings, matrix
+
+
+def by_section(configs):
+    return {s: c for c in configs for s in c.sections}
+
+
+def test_naive_comes_first_and_reads_whole_unbundled_files():
+    naive = matrix()[0]
+    assert naive.name == "naive" and naive.on == frozenset()
+    assert naive.engine_settings(Settings(), "predictor").reads_whole_layers
+    assert naive.layout().name == "unbundled-float16"
+
+
+def test_every_technique_appears_alone_with_its_prerequisites_named():
+    s = by_section(matrix())
+    assert {f"alone:{t}" for t in TECHNIQUES} <= set(s)
+    assert s["alone:windowing"].prerequisites == ("predictor",)
+    assert s["alone:memory"].prerequisites == ("predictor", "windowing")
+    assert s["alone:quantization"].prerequisites == ()
+
+
+def test_cumulative_order_is_the_papers_then_memory_quantization_pruning():
+    s = by_section(matrix())
+    assert [s[f"cumulative:{i}"].name.split("+")[-1] for i in range(1, 8)] == list(TECHNIQUES)
+    assert s["cumulative:7"] is s["all"]
+
+
+def test_a_set_reached_from_two_sections_is_measured_once():
+    configs = matrix()
+    assert len({c.on for c in configs}) == len(configs)
+    assert set(by_section(configs)["alone:hybrid"].sections) == {"alone:hybrid", "cumulative:1"}
+
+
+def test_all_but_predictor_names_the_techniques_left_without_effect():
+    c = by_section(matrix())["all-but:predictor"]
+    assert c.on == {"hybrid", "quantization", "pruning"}
+    assert c.inactive == ("windowing", "bundling", "memory")
+
+
+def test_only_configurations_without_lossy_techniques_are_exact():
+    exact = {c.name for c in matrix() if c.exact}
+    assert exact == {"naive", "hybrid"}
+
+
+def test_switches_map_to_the_engine_and_the_layout():
+    c = by_section(matrix())["all"]
+    t = c.engine_settings(Settings(window=4, hybrid=0.1, threads=8, gap_bytes=4096), source="trace")
+    assert (t.source, t.window, t.hybrid, t.memory, t.threads, t.gap_bytes) == ("trace", 4, 0.1, "preallocated", 8, 4096)
+    assert c.layout().name == "bundled-int8-pruned"
+
+
+def test_configurations_needing_every_resident_neuron_merge_reads_past_hot_ones():
+    hybrid = by_section(matrix())["alone:hybrid"]
+    assert hybrid.engine_settings(Settings(whole_gap_bytes=1 << 20), "predictor").gap_bytes == 1 << 20
+
+
+def test_a_technique_without_its_prerequisite_in_the_matrix_is_refused():
+    with pytest.raises(ValueError, match="'windowing' needs \\['predictor'\\]"):
+        matrix(("hybrid", "windowing"))
