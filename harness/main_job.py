@@ -165,6 +165,7 @@ def run_scenario(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: boo
             progress(f"  [{j:2d}/{len(configs)}] {_summary(rec)}")
             if config.exact and rec.get("agreement", {}).get("passed") is False:
                 exact_failures.append(f"{model.name}/{config.name}")
+        model.release()
         budget = int(spec.dram_budget * sum(f.stat().st_size for f in weight_files(model.checkpoint)))
         for peer in spec.peers:
             progress(f"  peer {peer}: {spec.peer_tokens} tokens, DRAM budget {budget:,} bytes "
@@ -172,7 +173,7 @@ def run_scenario(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: boo
             result = measure_peer(peer, model.checkpoint, budget, model.tokens[:8], spec.peer_tokens)
             write(f"{model.name}/peer-{peer}.json", {"kind": "peer", "model": model.name, "spec": asdict(spec)}
                   | asdict(result))
-            progress(f"  peer {peer}: " + (f"{result.tokens_per_s:.2f} tokens/s" if result.status == "measured"
+            progress(f"  peer {peer}: " + (f"{result.tokens_per_s:.3g} tokens/s" if result.status == "measured"
                                            else f"skipped: {result.reason}"))
 
     index = header | {"kind": "run", "started": started, "seconds": time.time() - started, "records": written,
@@ -187,6 +188,6 @@ def _summary(rec: dict) -> str:
     m = rec["metrics"]
     a = rec["agreement"]
     verdict = "n/a" if "not_applicable" in a else ("PASS" if a["passed"] else "FAIL") + f" ({a['tolerance']})"
-    return (f"{rec['configuration']:58s} {m['tokens_per_s']:7.1f} tok/s  io {m['ms']['io']['mean']:6.2f} ms  "
+    return (f"{rec['configuration']:58s} {m['tokens_per_s']:7.3g} tok/s  io {m['ms']['io']['mean']:6.2f} ms  "
             f"{m['per_token']['bytes_read'] / 1024:8.1f} KiB/tok  {verdict}")
 

@@ -273,13 +273,14 @@ def _matrix_table(recs: list[dict]) -> Table:
         ratio = (f"{ref['ratio']:.2f} (fio {ref['chunk_bytes'] // 1024} KiB x{ref['threads']})"
                  if ref and ref.get("ratio") is not None else "-")
         rows.append([
-            r["configuration"], ", ".join(r["sections"]), f"{m['tokens_per_s']:.1f}", _speedup(r, naive),
+            r["configuration"], ", ".join(r["sections"]), f"{m['tokens_per_s']:.3g}", _speedup(r, naive),
             f"{ms['io']['mean']:.2f} ({ms['io']['p90']:.2f})", f"{ms['memory']['mean']:.2f} ({ms['memory']['p90']:.2f})",
             f"{ms['predictor']['mean']:.2f} ({ms['predictor']['p90']:.2f})",
             f"{ms['compute']['mean']:.2f} ({ms['compute']['p90']:.2f})",
             _bytes(m["per_token"]["bytes_read"]), f"{m['per_token']['reads']:.1f}", f"{m['per_token']['neurons']:.1f}",
             f"{_f(m['read_bandwidth_bytes_s'] and m['read_bandwidth_bytes_s'] / MIB, '.1f')}", ratio,
-            _bytes(r["dram"]["weights_total"]), _verdict(r),
+            _bytes(r["dram"]["resident"] + r["dram"].get("cache_peak_used", r["dram"]["cache"]) + r["dram"]["buffers"]
+                   + r["dram"]["source"]), _verdict(r),
         ])
     return Table(["configuration", "sections", "tokens/s", "vs naive", "I/O ms mean (p90)", "memory ms", "predictor ms",
                   "compute ms", "read / token", "reads / token", "neurons / token", "read MiB/s", "vs fio",
@@ -325,11 +326,11 @@ def _all_but_one(recs: list[dict]) -> list:
             if s.startswith("all-but:") and r["status"] == "measured":
                 t = s.split(":", 1)[1]
                 m = r["metrics"]
-                rows.append([t, r["configuration"], f"{m['tokens_per_s']:.1f}",
+                rows.append([t, r["configuration"], f"{m['tokens_per_s']:.3g}",
                              f"{full['metrics']['tokens_per_s'] / m['tokens_per_s']:.2f}x",
                              _bytes(m["per_token"]["bytes_read"]), ", ".join(r["inactive"]) or "-"])
     return [Heading(3, "All but one: what each technique contributes"),
-            Para(f"All combined: {full['metrics']['tokens_per_s']:.1f} tokens/s. 'all / this' above 1 means the left-out "
+            Para(f"All combined: {full['metrics']['tokens_per_s']:.3g} tokens/s. 'all / this' above 1 means the left-out "
                  "technique helps."),
             Table(["left out", "configuration", "tokens/s", "all / this", "read / token", "inactive without it"], rows)]
 
@@ -420,14 +421,15 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
                    Para(f"Activation source for the predictor technique: {d.get('activation_source', '?')}. "
                         f"Settings: {json.dumps(recs[0]['settings'])}. "
                         + (f"Dense inference (all weights in DRAM) on the same tokens: "
-                           f"{d['dense']['tokens_per_s']:.1f} tokens/s. " if d.get("dense") else "")
-                        + _prerequisites(recs))]
+                           f"{d['dense']['tokens_per_s']:.3g} tokens/s. " if d.get("dense") else "")
+                        + _budget(peers.get(model, [])) + _prerequisites(recs))]
         blocks += _table2(model, by) + _table3(model, by, _all_name(recs))
         blocks += [Heading(3, "Technique matrix"),
                    Para("Per decode step: tokens/s and its ratio to the naive run of this invocation; latency parts, "
                         "mean (p90), in ms; bytes and read operations per token (exact counters); effective read "
                         "bandwidth and its ratio to the probe's at the nearest chunk size and thread count; DRAM held "
-                        "for weights (resident + cache + buffers + predictor; KV cache apart)."),
+                        "for weights (resident, held as fp32 for compute, + the neuron cache rows in use at the peak "
+                        "+ read buffers + predictor; KV cache apart)."),
                    _matrix_table(recs)]
         blocks += _agreement_table(recs) + _all_but_one(recs) + _peers_section(recs, peers.get(model, []))
         for key, caption in ((f"latency-{model}", "per-token latency by part, per configuration"),
@@ -437,6 +439,12 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
     frame = pd.json_normalize([r for recs in configs.values() for r in recs], sep=".")
     keep = [c for c in frame.columns if not c.startswith(("machine.", "versions.", "scenario.raw", "spec."))]
     return blocks, frame[keep] if len(frame) else frame, f"flashbench report {index['run_id']}"
+
+
+def _budget(peers: list[dict]) -> str:
+    budgets = {p["dram_budget_bytes"] for p in peers if p.get("dram_budget_bytes")}
+    return (f"DRAM budget (the peers' cap; our engine's use is in the DRAM column): {_bytes(budgets.pop())}. "
+            if len(budgets) == 1 else "")
 
 
 def _prerequisites(recs: list[dict]) -> str:
@@ -471,7 +479,8 @@ def _peers_section(recs: list[dict], peers: list[dict]) -> list:
             Para("mmap: dense inference over the memory-mapped fp16 weights (as llama.cpp does), in a memory cgroup "
                  "capped at the DRAM budget; accelerate: transformers with accelerate's disk offload, max_memory at "
                  "the budget. Both decode greedily from the same prompt; 'all / peer' is the all-combined "
-                 "configuration's tokens/s over the peer's."),
+                 "configuration's tokens/s over the peer's. The cap leaves 32 MiB for temporaries: a model smaller "
+                 "than that (the embedded ones) is not constrained by it and its peers run from DRAM."),
             Table(["peer", "status", "tokens/s", "ms / token", "all / peer", "naive / peer", "read / token",
                    "DRAM budget", "cap"], rows)]
 
@@ -487,10 +496,10 @@ def _summary(configs: dict[str, list[dict]], peers: dict[str, list[dict]]) -> li
         verdicts = [r["agreement"] for r in measured if "passed" in r["agreement"]]
         exact_fail = [r["configuration"] for r in measured if r["exact"] and r["agreement"].get("passed") is False]
         rows.append([
-            model, _f(naive and naive.get("metrics", {}).get("tokens_per_s"), ".1f"),
-            _f(full and full.get("metrics", {}).get("tokens_per_s"), ".1f"), _speedup(full, naive) if full else "-",
+            model, _f(naive and naive.get("metrics", {}).get("tokens_per_s"), ".3g"),
+            _f(full and full.get("metrics", {}).get("tokens_per_s"), ".3g"), _speedup(full, naive) if full else "-",
             _peer_ratio(full, peer.get("mmap")), _peer_ratio(full, peer.get("accelerate")),
-            f"{best['configuration']} ({best['metrics']['tokens_per_s']:.1f})" if best else "-",
+            f"{best['configuration']} ({best['metrics']['tokens_per_s']:.3g})" if best else "-",
             f"{sum(v['passed'] for v in verdicts)}/{len(verdicts)}" if verdicts else "n/a",
             ", ".join(exact_fail) or "none",
         ])

@@ -12,11 +12,11 @@ FLASHBENCH = str(Path(sys.executable).parent / "flashbench")
 
 def test_help_lists_every_subcommand():
     out = subprocess.run([FLASHBENCH, "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("run", "generate", "convert", "models", "check-dense"):
+    for command in ("run", "report", "probe", "model", "generate", "convert", "models", "check-dense"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["run", "generate", "convert", "models", "check-dense"])
+@pytest.mark.parametrize("command", ["run", "report", "probe", "generate", "convert", "models", "check-dense"])
 def test_each_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit:
         main([command, "--help"])
@@ -78,3 +78,16 @@ def test_convert_of_a_truncated_checkpoint_exits_2_and_leaves_nothing(tiny_check
     assert main(["convert", str(ck), str(tmp_path / "flash")]) == 2
     assert "model.safetensors" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_probe_cli_prints_the_grid(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["probe", str(tmp_path), "--chunk-kib", "4", "--threads", "1", "--ioengines", "psync", "--seconds", "0.2",
+            "--file-mib", "4", "--json", str(tmp_path / "p.json")]
+    assert main(args) == 0
+    assert "randread psync" in capsys.readouterr().out and (tmp_path / "p.json").is_file()
+
+
+def test_report_of_a_folder_without_run_json_exits_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no run.json" in capsys.readouterr().err
