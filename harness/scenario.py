@@ -119,6 +119,10 @@ def load(name_or_path: str) -> Scenario:
         unknown = set(m.techniques) - set(TECHNIQUES)
         if unknown:
             raise ScenarioError(f"{path}: model {m.name!r}: unknown techniques {sorted(unknown)}")
+        too_few = [k for k in ("tokens", "whole_read_tokens") if getattr(m, k) is not None and getattr(m, k) < 3]
+        if too_few:
+            raise ScenarioError(f"{path}: model {m.name!r}: {too_few[0]} must be at least 3 (a one-token prefill, "
+                                "then at least one timed decode step)")
         if set(m.peers) - set(PEERS):
             raise ScenarioError(f"{path}: model {m.name!r}: unknown peers {sorted(set(m.peers) - set(PEERS))}")
     return Scenario(raw.get("name", path.stem), raw.get("description", ""), str(path), settings, probe, models, raw)

@@ -40,3 +40,10 @@ def test_chunk_sizes_are_given_in_kib(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text('[probe]\nchunk_kib = [4, 1024]\n[[models]]\nname = "shakespeare-opt"\n')
     assert sc.load(str(f)).probe.chunk_bytes == (4096, 1 << 20)
+
+
+def test_too_few_tokens_to_time_a_decode_step_are_refused(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('[[models]]\nname = "synthetic:opt-1.3b"\nwhole_read_tokens = 2\n')
+    with pytest.raises(sc.ScenarioError, match="whole_read_tokens must be at least 3"):
+        sc.load(str(f))
