@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,3 +22,14 @@ test: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+
+# Regression benchmarks (pytest-benchmark), saved under $(BENCH_STORAGE) and compared with the last saved run there:
+# the run fails where a benchmark's median got more than $(BENCH_FAIL) slower. The first run is the baseline.
+BENCH_STORAGE ?= .benchmarks
+BENCH_FAIL ?= 25%
+bench: setup
+	@if ls $(BENCH_STORAGE)/*/[0-9][0-9][0-9][0-9]_*.json >/dev/null 2>&1; then \
+		compare="--benchmark-compare --benchmark-compare-fail=median:$(BENCH_FAIL)"; \
+	else echo "make bench: no saved run under $(BENCH_STORAGE): this run becomes the baseline"; compare=""; fi; \
+	$(BIN)/python -m pytest suite/benchmarks --benchmark-only --benchmark-storage=file://$(BENCH_STORAGE) \
+		--benchmark-autosave --benchmark-columns=min,median,mean,stddev,rounds --benchmark-sort=name $$compare

@@ -111,6 +111,32 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args) -> int:
+    """Candidates against a baseline: exit 1 with the list of regressions, 0 if none."""
+    from .compare import DEFAULT_RULES, compare, load, parse_rules, render
+
+    rules = parse_rules(args.fail_on or DEFAULT_RULES)
+    base = load(args.baseline)
+    results = []
+    for path in args.candidates:
+        cand = load(path)
+        result = compare(base, cand, rules)
+        print(render(result, base, cand), end="\n\n")
+        results.append(result.as_dict())
+    if args.json:
+        write_json_atomic(Path(args.json), {"baseline": str(base.path), "passed": all(r["passed"] for r in results),
+                                            "comparisons": results})
+    return EXIT_OK if all(r["passed"] for r in results) else EXIT_FAILED
+
+
+def cmd_hardware(args) -> int:
+    from .hardware import write_hardware_report
+
+    for path in write_hardware_report(args.runs, Path(args.out)):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def cmd_probe(args) -> int:
     from .probe import KIB, ProbeGrid, probe, table
 
@@ -347,6 +373,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "run folder from its records.")
     p.add_argument("run_dir", help="reports/<run-id>")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="compare runs' records with a baseline's; exit 1 on a regression",
+                       description="Compare candidate runs with a baseline run of the same scenario. Counters "
+                       "(bytes, reads, neurons per token) must not grow; same-run ratios (speedup over naive, "
+                       "fraction of fio) may fall by a tolerance; raw times are gated only on the same machine. "
+                       "Exit 1 with the list of regressions, 0 if none, 2 if the records cannot be compared.")
+    p.add_argument("baseline", help="a finished run folder (reports/<run-id>) or its run.json")
+    p.add_argument("candidates", nargs="+", metavar="candidate", help="run folders to compare with the baseline")
+    p.add_argument("--fail-on", metavar="RULES",
+                   help="comma-separated METRIC[:TOLERANCE]: counters, bytes_per_token, reads_per_token, "
+                        "neurons_per_token (default tolerance 0), verdicts, speedup_over_naive, fio_fraction, "
+                        "tokens_per_s (same machine only; default 10%%), or none "
+                        "(default: counters,verdicts,speedup_over_naive:30%%,fio_fraction:30%%); timed metrics are gated on each model's geometric mean over its configurations")
+    p.add_argument("--json", help="also write the comparison as JSON here")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("hardware", help="merge runs from different machines into one comparison report",
+                       description="Merge runs of one scenario from different machines (or storage) into "
+                       "report.md, report.html, comparison.csv and plots.")
+    p.add_argument("runs", nargs="+", help="finished run folders, the first is the reference")
+    p.add_argument("--out", required=True, help="folder for the comparison report")
+    p.set_defaults(func=cmd_hardware)
 
     p = sub.add_parser("probe", help="measure the storage with fio (cached per device and filesystem)",
                        description="fio random reads (direct=1) over chunk sizes and parallelism, with psync jobs "

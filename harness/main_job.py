@@ -23,6 +23,7 @@ from flashbench.reference import Engine, Transformer
 from flashbench.reference.activations import activation_counts, ever_active
 from flashbench.reference.checkpoint import weight_files
 from flashbench.reference.predictor import Predictor
+from flashbench.reference.storage import storage_of
 from flashbench.reference.tokenizer import BOS, encode
 
 from .agreement import greedy_tokens, teacher_forced
@@ -30,7 +31,7 @@ from .matrix import matrix
 from .measure import DenseReference, ModelUnderTest, measure
 from .peers import measure_peer
 from .probe import probe, table
-from .records import git_commit, machine_info, versions, write_json_atomic
+from .records import SCHEMA, git_commit, machine_info, versions, write_json_atomic
 from .scenario import ModelSpec, Scenario
 
 
@@ -131,8 +132,12 @@ def run_scenario(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: boo
             elapsed = int(time.time() - started)
             print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {line}", flush=True)
 
-    header = {"run_id": out_dir.name, "scenario": {"name": scenario.name, "path": scenario.path, "raw": scenario.raw},
-              "machine": machine_info(), "versions": versions(), "git": git_commit()}
+    work.mkdir(parents=True, exist_ok=True)
+    where = storage_of(work)
+    storage = asdict(where) | {"in_memory": where.in_memory, "directory": str(work.resolve())}
+    header = {"schema": SCHEMA, "run_id": out_dir.name,
+              "scenario": {"name": scenario.name, "path": scenario.path, "raw": scenario.raw},
+              "machine": machine_info() | {"storage": storage}, "versions": versions(), "git": git_commit()}
     records_dir = out_dir / "records"
     written: list[str] = []
     exact_failures: list[str] = []  # exact configurations that disagree with dense: a correctness bug

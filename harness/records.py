@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = 1  # the records' format: `flashbench compare` refuses to set records of different schemas side by side
 PACKAGES = ("flashbench", "torch", "safetensors", "numpy", "pandas", "transformers", "accelerate")
 
 

@@ -1,13 +1,4 @@
-"""Regression benchmarks of the flash reader (pytest-benchmark): one token's delta of random records per call.
-
-    .venv/bin/python -m pytest suite/benchmarks --benchmark-only
-
-The file lives under FLASHBENCH_BENCH_DIR (default: .benchmarks/data in the repository) so that it is on the
-storage being measured, not on tmpfs.
-"""
-
-import os
-from pathlib import Path
+"""The flash reader: one token's delta of random records per call, over record sizes and thread counts."""
 
 import numpy as np
 import pytest
@@ -15,14 +6,12 @@ import pytest
 from flashbench.harness.sweep import KIB, synthetic_layer
 from flashbench.reference.reader import FlashReader, aligned_buffer
 
-DATA = Path(os.environ.get("FLASHBENCH_BENCH_DIR", Path(__file__).resolve().parents[2] / ".benchmarks" / "data"))
 BATCH = 256
 
 
 @pytest.fixture(scope="module")
-def layers():
-    DATA.mkdir(parents=True, exist_ok=True)
-    return {kib: synthetic_layer(DATA, kib * KIB, 256 << 20) for kib in (4, 16, 32, 64)}
+def layers(bench_dir):
+    return {kib: synthetic_layer(bench_dir, kib * KIB, 256 << 20) for kib in (4, 16, 32, 64)}
 
 
 @pytest.mark.parametrize("threads", [1, 4, 16, 32])
