@@ -17,6 +17,7 @@ from flashbench.reference.tokenizer import EOS, decode, encode
 from .records import REPO_ROOT, git_commit, machine_info, versions, write_json_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+CONFORMANCE_CASES = suite.SUITE_DIR / "conformance" / "cases.toml"
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
 
@@ -127,6 +128,35 @@ def cmd_compare(args) -> int:
         write_json_atomic(Path(args.json), {"baseline": str(base.path), "passed": all(r["passed"] for r in results),
                                             "comparisons": results})
     return EXIT_OK if all(r["passed"] for r in results) else EXIT_FAILED
+
+
+def cmd_validate(args) -> int:
+    """The conformance suite against a SUT: exit 0 VALID, 1 INVALID, 2 if the SUT could not be run."""
+    from .sut import ProcessSUT, SUTError, sut_from_spec
+    from .validate import load_cases, validate
+
+    if bool(args.sut) == bool(args.sut_cmd):
+        raise BadInput("give exactly one of --sut module:Class and --sut-cmd COMMAND")
+    cases = load_cases(Path(args.cases), args.case or None)
+    label = f"in-process {args.sut}" if args.sut else f"process {args.sut_cmd!r}"
+    print(f"flashbench validate: {label}, {len(cases)} case(s) from {args.cases}", flush=True)
+    make = (lambda: sut_from_spec(args.sut)) if args.sut else (lambda: ProcessSUT(args.sut_cmd, args.timeout))
+    try:
+        result = validate(make, cases)
+    except SUTError as e:
+        print(f"SUT COULD NOT BE RUN: {e}", file=sys.stderr)
+        if args.json:
+            write_json_atomic(Path(args.json), {"sut": label, "status": "could not be run", "error": str(e)})
+        return EXIT_BAD_INPUT
+    checks = [c for r in result["cases"] for c in r["subchecks"]]
+    failed = [f"{r['case']['name']}: {c['name']}" for r in result["cases"] for c in r["subchecks"] if not c["passed"]]
+    print(("VALID" if result["valid"] else "INVALID") + f": {len(cases)} case(s), {len(checks)} sub-checks"
+          + (f", failing: {'; '.join(failed)}" if failed else ", all passed"))
+    if args.json:
+        write_json_atomic(Path(args.json), {"sut": label, "status": "valid" if result["valid"] else "invalid",
+                                            "machine": machine_info(), "versions": versions(), "git": git_commit()}
+                          | result)
+    return EXIT_OK if result["valid"] else EXIT_FAILED
 
 
 def cmd_hardware(args) -> int:
@@ -388,6 +418,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: counters,verdicts,speedup_over_naive:30%%,fio_fraction:30%%); timed metrics are gated on each model's geometric mean over its configurations")
     p.add_argument("--json", help="also write the comparison as JSON here")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("validate", help="validate a system under test (in-process or a JSON-lines process)",
+                       description="Run the conformance suite against a SUT: accuracy against dense inference, "
+                       "performance timed by the harness, and audits (determinism, performance run = accuracy run, "
+                       "peak memory within the budget, storage reads consistent with its claims). Exit 0 VALID, "
+                       "1 INVALID, 2 if the SUT could not be run. The protocol: suite/conformance/PROTOCOL.md.")
+    p.add_argument("--sut", metavar="MODULE:CLASS",
+                   help="an in-process SUT, e.g. flashbench.harness.adapters:ReferenceSUT or :TransformersSUT")
+    p.add_argument("--sut-cmd", metavar="COMMAND", help="a SUT process speaking the JSON-lines protocol, e.g. "
+                   "'python -m flashbench.harness.serve flashbench.harness.adapters:ReferenceSUT'")
+    p.add_argument("--cases", default=str(CONFORMANCE_CASES), help="the conformance cases (TOML)")
+    p.add_argument("--case", action="append", help="run only this case (repeatable)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a SUT process may take per request "
+                   "(load: 600) before it is taken as hung (default 60)")
+    p.add_argument("--json", help="also write the verdicts and every sub-check as JSON here")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("hardware", help="merge runs from different machines into one comparison report",
                        description="Merge runs of one scenario from different machines (or storage) into "

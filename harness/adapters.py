@@ -1,0 +1,110 @@
+"""The SUTs flashbench ships: the reference flash engine, and transformers (dense). Each also runs as a process
+through the protocol: `python -m flashbench.harness.serve flashbench.harness.adapters:ReferenceSUT`."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import torch
+
+from flashbench.reference.flash import FlashEngine, Techniques
+from flashbench.reference.layout import FlashLayout, LayoutError, checkpoint_hash, convert
+
+from .sut import SUTError, SystemUnderTest
+
+
+def layout_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashbench" / "sut"
+
+
+class ReferenceSUT(SystemUnderTest):
+    """The reference flash engine on a bundled fp16 flash directory (converted once per checkpoint and cached),
+    with the oracle activation source, so it is exact and reads only the truly active neurons, and a window of 5
+    tokens, within the DRAM budget. (Its predictor configurations are judged in the technique matrix.)"""
+
+    techniques = Techniques(source="oracle", window=5, threads=8)
+
+    def __init__(self):
+        # Start-up before 'hello' (PROTOCOL.md): the first model built on torch's meta device imports sympy,
+        # torch._dynamo and more (about 67 MiB of Python modules), which is not the engine's memory.
+        with torch.device("meta"):  # what Transformer.for_assignment builds there
+            torch.arange(1), torch.nn.Embedding(1, 1)
+        self.engine: FlashEngine | None = None
+        self.totals = {"bytes_read": 0, "neurons_loaded": 0, "reads": 0, "tokens": 0}
+        self.ms = {"io": 0.0, "memory": 0.0, "compute": 0.0}
+
+    def hello(self) -> dict:
+        return {"name": "flashbench reference engine (oracle source, window 5, bundled fp16)", "flash": True}
+
+    def load(self, checkpoint: Path, dram_budget: int, tolerance: str) -> int:
+        path = layout_cache() / checkpoint_hash(checkpoint)[:16] / "bundled-float16"
+        try:
+            layout = FlashLayout.open(path)
+        except LayoutError:
+            layout = convert(checkpoint, path, "bundled", "float16")
+        self.engine = FlashEngine(layout, self.techniques, dram_budget=dram_budget)
+        return layout.config.vocab_size
+
+    def _count(self, logits: torch.Tensor) -> torch.Tensor:
+        stats = self.engine.history[-1]
+        self.totals["bytes_read"] += stats.io.bytes_read
+        self.totals["neurons_loaded"] += stats.io.records
+        self.totals["reads"] += stats.io.reads
+        self.totals["tokens"] += stats.tokens
+        self.ms["io"] += stats.io.seconds * 1e3
+        self.ms["memory"] += stats.memory_s * 1e3
+        self.ms["compute"] += stats.compute_s * 1e3
+        return logits
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        return self._count(self.engine.prefill(tokens))
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._count(self.engine.step(token))
+
+    def counters(self) -> dict:
+        per_token = {k: v / max(1, self.totals["tokens"]) for k, v in self.ms.items()}
+        return {"bytes_read": self.totals["bytes_read"], "neurons_loaded": self.totals["neurons_loaded"],
+                "reads": self.totals["reads"], "ms_per_token": per_token}
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+class TransformersSUT(SystemUnderTest):
+    """transformers, dense and fp32, with its own KV cache: every weight in DRAM, no flash."""
+
+    def __init__(self):
+        try:  # start-up before 'hello' (PROTOCOL.md): the modelling code of the architectures flashbench reads
+            import transformers
+            import transformers.models.llama.modeling_llama  # noqa: F401
+            import transformers.models.opt.modeling_opt  # noqa: F401
+        except ImportError as e:
+            raise SUTError("the transformers adapter needs transformers: pip install 'flashbench[peers]'") from e
+        self.transformers = transformers
+        self.model, self.past = None, None
+
+    def hello(self) -> dict:
+        return {"name": f"transformers {self.transformers.__version__} (dense, fp32)", "flash": False}
+
+    def load(self, checkpoint: Path, dram_budget: int, tolerance: str) -> int:
+        self.model = self.transformers.AutoModelForCausalLM.from_pretrained(
+            str(checkpoint), local_files_only=True, dtype=torch.float32).eval()
+        # transformers 5.x calls the KV cache `cache`; earlier versions `past_key_values`
+        self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        return self.model.config.vocab_size
+
+    @torch.inference_mode()
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        out = self.model(torch.tensor([tokens]), use_cache=True)
+        self.past = out[self.cache_name]
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        out = self.model(torch.tensor([[token]]), use_cache=True, **{self.cache_name: self.past})
+        self.past = out[self.cache_name]
+        return out.logits[0, -1].float()
