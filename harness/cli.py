@@ -17,6 +17,7 @@ from flashbench.reference.tokenizer import EOS, decode, encode
 from .records import REPO_ROOT, git_commit, machine_info, versions, write_json_atomic
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
 CONFORMANCE_CASES = suite.SUITE_DIR / "conformance" / "cases.toml"
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
@@ -87,12 +88,28 @@ def cmd_run(args) -> int:
     from .scenario import load
 
     scenario = load(args.scenario)
+    if args.resume and not args.run_id:
+        raise BadInput("--resume needs the --run-id of the interrupted run")
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.reports) / run_id
-    if out_dir.exists():
-        raise BadInput(f"{out_dir}: already exists; choose another --run-id")
+    if args.resume:
+        if (out_dir / "run.json").is_file():
+            raise BadInput(f"{out_dir}: a finished run (it has run.json): nothing to resume")
+        if not out_dir.is_dir():
+            raise BadInput(f"{out_dir}: no such run folder to resume")
+    else:
+        try:  # exclusive: of two runs started with one --run-id, the second stops here
+            out_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise BadInput(f"{out_dir}: already exists; choose another --run-id, or --resume an interrupted "
+                           "run") from None
     print(f"flashbench run: scenario {scenario.name} ({scenario.path}) -> {out_dir}", flush=True)
-    index = run_scenario(scenario, out_dir, Path(args.work), fresh_probe=args.fresh_probe)
+    try:
+        index = run_scenario(scenario, out_dir, Path(args.work), fresh_probe=args.fresh_probe, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the records finished so far are whole in {out_dir / 'records'}; finish the run "
+              f"with: flashbench run --scenario {args.scenario} --run-id {run_id} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     for path in write_report(out_dir):
         print(f"wrote {path}")
     if index["exact_failures"]:
@@ -396,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default=str(REPO_ROOT / ".work"), help="where flash layouts and the probe file go "
                    "(the storage under test; not tmpfs)")
     p.add_argument("--fresh-probe", action="store_true", help="measure the storage again even if cached")
+    p.add_argument("--resume", action="store_true", help="finish the interrupted run --run-id: keep its whole "
+                   "records, measure the rest")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="turn a run's records into report.md, report.html, CSV and plots",
@@ -558,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (BadInput, CheckpointError, LayoutError, ValueError) as e:  # ScenarioError is a ValueError
+        print(f"flashbench: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # a full disk, a read-only or unreadable place: the message names the file
         print(f"flashbench: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

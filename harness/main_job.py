@@ -7,12 +7,16 @@ reports/<run-id>/
   records/<model>/<config>.json  one per configuration of the matrix
   records/<model>/peer-<peer>.json  each peer (mmap under a memory cgroup, accelerate disk offload), or why skipped
 Every record carries the machine, versions, git commit, scenario, seeds and every parameter. Records are
-written atomically, so an interrupted run leaves whole records and no run.json.
+written atomically, so an interrupted run leaves whole records and no run.json; `flashbench run --resume` keeps
+them and measures the rest.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from .agreement import greedy_tokens, teacher_forced
 from .matrix import matrix
 from .measure import DenseReference, ModelUnderTest, measure
 from .peers import measure_peer
-from .probe import probe, table
+from .probe import Probe, probe, table
 from .records import SCHEMA, git_commit, machine_info, versions, write_json_atomic
 from .scenario import ModelSpec, Scenario
 
@@ -124,15 +128,62 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print) -> tuple[ModelU
     return mut, info
 
 
+def model_name(spec: ModelSpec) -> str:
+    """The name its records are filed under (as `embedded_model` and `synthetic_model` name it)."""
+    if spec.name.startswith("synthetic:"):
+        return "synthetic-" + spec.name.removeprefix("synthetic:")
+    return suite.model_path(spec.name).name
+
+
+def whole_records(records_dir: Path, scenario: Scenario) -> dict[str, dict]:
+    """The records an interrupted run left, by relative path. Records are written atomically, so each file is
+    whole; a temp file a killed write left behind is removed. Records of another scenario are an error."""
+    kept = {}
+    for path in sorted(records_dir.rglob("*")):
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            path.unlink()
+        elif path.suffix == ".json":
+            try:
+                rec = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: unreadable record ({e}); remove it to measure it again") from e
+            if rec.get("schema") != SCHEMA or rec.get("scenario", {}).get("raw") != scenario.raw:
+                raise ValueError(f"{path}: a record of another scenario or schema: resume with the scenario the "
+                                 f"run started with ({rec.get('scenario', {}).get('path')})")
+            kept[str(path.relative_to(records_dir))] = rec
+    return kept
+
+
+@contextmanager
+def work_lock(work: Path, progress):
+    """One run at a time per work directory: runs sharing it would convert the same layouts at once and disturb
+    each other's timings. A second run waits for the first."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"waiting for another run using {work} to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def run_scenario(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool = False,
-                 progress=print) -> dict:
+                 progress=print, resume: bool = False) -> dict:
+    """Measure the scenario into out_dir/records, then write out_dir/run.json. `resume` keeps the records an
+    interrupted run of the same scenario finished, and measures only the rest."""
     started = time.time()
     if progress is print:
         def progress(line: str) -> None:  # every line with the run's elapsed time
             elapsed = int(time.time() - started)
             print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {line}", flush=True)
 
-    work.mkdir(parents=True, exist_ok=True)
+    with work_lock(work, progress):
+        return _run(scenario, out_dir, work, fresh_probe, progress, resume, started)
+
+
+def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progress, resume: bool,
+         started: float) -> dict:
     where = storage_of(work)
     storage = asdict(where) | {"in_memory": where.in_memory, "directory": str(work.resolve())}
     header = {"schema": SCHEMA, "run_id": out_dir.name,
@@ -142,42 +193,75 @@ def run_scenario(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: boo
     written: list[str] = []
     exact_failures: list[str] = []  # exact configurations that disagree with dense: a correctness bug
 
+    kept = whole_records(records_dir, scenario) if resume else {}
+    if resume:
+        progress(f"[resume] {len(kept)} whole records kept from the interrupted run in {records_dir}")
+
     def write(rel: str, data: dict) -> None:
         write_json_atomic(records_dir / rel, header | data)
         written.append(rel)
 
-    progress(f"[probe] fio over {len(scenario.probe.chunk_bytes)} chunk sizes x {len(scenario.probe.threads)} "
-             f"parallelisms x {len(scenario.probe.ioengines)} engines in {work}")
-    storage_probe = probe(work, scenario.probe, fresh=fresh_probe, progress=progress)
-    progress(table(storage_probe))
-    write("probe.json", {"kind": "probe", "probe": storage_probe.as_dict()})
+    def keep(rel: str) -> dict | None:
+        """A record the interrupted run finished, now part of this run's index."""
+        if rel in kept:
+            written.append(rel)
+        return kept.get(rel)
+
+    def check_exact(rel: str, rec: dict) -> None:
+        if rec.get("exact") and rec.get("agreement", {}).get("passed") is False:
+            exact_failures.append(rel.removesuffix(".json"))
+
+    if rec := keep("probe.json"):
+        storage_probe = Probe.from_dict(rec["probe"])
+        progress("[probe] kept from the interrupted run")
+    else:
+        progress(f"[probe] fio over {len(scenario.probe.chunk_bytes)} chunk sizes x {len(scenario.probe.threads)} "
+                 f"parallelisms x {len(scenario.probe.ioengines)} engines in {work}")
+        storage_probe = probe(work, scenario.probe, fresh=fresh_probe, progress=progress)
+        progress(table(storage_probe))
+        write("probe.json", {"kind": "probe", "probe": storage_probe.as_dict()})
 
     for i, spec in enumerate(scenario.models, 1):
+        name, configs = model_name(spec), matrix(spec.techniques)
+        rels = ([f"{name}/model.json"] + [f"{name}/{c.name}.json" for c in configs]
+                + [f"{name}/peer-{p}.json" for p in spec.peers])
+        if all(rel in kept for rel in rels):
+            for rel in rels:
+                check_exact(rel, keep(rel))
+            progress(f"[model {i}/{len(scenario.models)}] {spec.name}: all {len(rels)} records kept")
+            continue
         progress(f"[model {i}/{len(scenario.models)}] {spec.name}")
         prepare = synthetic_model if spec.name.startswith("synthetic:") else embedded_model
         model, info = prepare(spec, work, progress)
-        write(f"{model.name}/model.json", {"kind": "model", "model": model.name, "spec": asdict(spec)} | info)
-        configs = matrix(spec.techniques)
+        if not keep(f"{name}/model.json"):
+            write(f"{name}/model.json", {"kind": "model", "model": name, "spec": asdict(spec)} | info)
         for j, config in enumerate(configs, 1):
-            rec = measure(model, config, scenario.settings, storage_probe, progress)
-            rec = {"kind": "configuration", "spec": asdict(spec), "settings": asdict(scenario.settings),
-                   "seeds": {"model": spec.seed}} | rec
-            write(f"{model.name}/{config.name}.json", rec)
-            progress(f"  [{j:2d}/{len(configs)}] {_summary(rec)}")
-            if config.exact and rec.get("agreement", {}).get("passed") is False:
-                exact_failures.append(f"{model.name}/{config.name}")
+            rel = f"{name}/{config.name}.json"
+            if rec := keep(rel):
+                progress(f"  [{j:2d}/{len(configs)}] {config.name}: kept")
+            else:
+                rec = measure(model, config, scenario.settings, storage_probe, progress)
+                rec = {"kind": "configuration", "spec": asdict(spec), "settings": asdict(scenario.settings),
+                       "seeds": {"model": spec.seed}} | rec
+                write(rel, rec)
+                progress(f"  [{j:2d}/{len(configs)}] {_summary(rec)}")
+            check_exact(rel, rec)
         model.release()
         budget = int(spec.dram_budget * sum(f.stat().st_size for f in weight_files(model.checkpoint)))
         for peer in spec.peers:
+            if keep(f"{name}/peer-{peer}.json"):
+                progress(f"  peer {peer}: kept")
+                continue
             progress(f"  peer {peer}: {spec.peer_tokens} tokens, DRAM budget {budget:,} bytes "
                      f"({spec.dram_budget:.0%} of the checkpoint)")
             result = measure_peer(peer, model.checkpoint, budget, model.tokens[:8], spec.peer_tokens)
-            write(f"{model.name}/peer-{peer}.json", {"kind": "peer", "model": model.name, "spec": asdict(spec)}
+            write(f"{name}/peer-{peer}.json", {"kind": "peer", "model": name, "spec": asdict(spec)}
                   | asdict(result))
             progress(f"  peer {peer}: " + (f"{result.tokens_per_s:.3g} tokens/s" if result.status == "measured"
                                            else f"skipped: {result.reason}"))
 
     index = header | {"kind": "run", "started": started, "seconds": time.time() - started, "records": written,
+                      "kept_from_interrupted_run": sorted(set(kept) & set(written)),
                       "exact_failures": exact_failures}
     write_json_atomic(out_dir / "run.json", index)
     return index

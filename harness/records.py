@@ -25,6 +25,9 @@ def write_text_atomic(path: Path, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk says nothing of which file: name it
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, f"{e.strerror or e}; nothing written", str(path)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -396,6 +396,8 @@ def _save(fig, path: Path) -> Path:
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e}; nothing written", str(path)) from e
     finally:
         Path(tmp).unlink(missing_ok=True)
         fig.clf()

@@ -89,11 +89,11 @@ def encode_logits(logits: torch.Tensor) -> dict:
 
 def decode_logits(obj, shape: tuple[int, ...], op: str) -> torch.Tensor:
     """{"shape", "dtype": "float32", "base64"} or {"shape", "values": nested lists} -> a tensor of `shape`."""
-    if not isinstance(obj, dict) or "shape" not in obj:
-        raise SUTError(f"'{op}': logits must be an object with shape and base64 or values (PROTOCOL.md), got "
-                       f"{str(obj)[:80]!r}")
-    if list(obj["shape"]) != list(shape):
-        raise SUTError(f"'{op}': logits of shape {obj['shape']}, expected {list(shape)}")
+    if not isinstance(obj, dict) or not isinstance(obj.get("shape"), list):
+        raise SUTError(f"'{op}': logits must be an object with a shape (a list) and base64 or values "
+                       f"(PROTOCOL.md), got {str(obj)[:80]!r}")
+    if obj["shape"] != list(shape):
+        raise SUTError(f"'{op}': logits of shape {str(obj['shape'])[:80]}, expected {list(shape)}")
     try:
         if "base64" in obj:
             if obj.get("dtype", "float32") != "float32":
@@ -101,8 +101,8 @@ def decode_logits(obj, shape: tuple[int, ...], op: str) -> torch.Tensor:
             array = np.frombuffer(base64.b64decode(obj["base64"], validate=True), dtype="<f4").reshape(shape)
         else:
             array = np.asarray(obj["values"], dtype=np.float32).reshape(shape)
-    except (ValueError, TypeError, KeyError) as e:
-        raise SUTError(f"'{op}': logits cannot be read as {list(shape)} float32 ({e})") from e
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
+        raise SUTError(f"'{op}': logits cannot be read as {list(shape)} float32 ({str(e)[:200]})") from e
     logits = torch.from_numpy(array.copy())
     if not torch.isfinite(logits).all():
         raise SUTError(f"'{op}': logits contain NaN or Inf")
@@ -110,6 +110,20 @@ def decode_logits(obj, shape: tuple[int, ...], op: str) -> torch.Tensor:
 
 
 # ---- a SUT as a process ----------------------------------------------------------------------------------------
+
+
+def parse_answer(line: str, expected_id: int, op: str) -> dict:
+    """One answer line -> its object, or a SUTError saying what is wrong with it."""
+    try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise SUTError(f"answered '{op}' with a line that is not JSON ({str(e)[:80]}): {line[:120]!r}") from None
+    if not isinstance(answer, dict) or answer.get("id") != expected_id or not isinstance(answer.get("ok"), bool):
+        raise SUTError(f"answered '{op}' with {line[:120]!r}: expected an object with the request's id "
+                       f"({expected_id}) and ok true/false")
+    if not answer["ok"]:
+        raise SUTError(f"refused '{op}': {str(answer.get('error', 'no error given'))[:500]}")
+    return answer
 
 
 class ProcessSUT(SystemUnderTest):
@@ -163,15 +177,9 @@ class ProcessSUT(SystemUnderTest):
         if line is None:
             raise self._fail(f"exited (code {self.proc.wait()}) without answering '{op}'")
         try:
-            answer = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise self._fail(f"answered '{op}' with a line that is not JSON ({e}): {line[:120]!r}") from None
-        if not isinstance(answer, dict) or answer.get("id") != self._id or not isinstance(answer.get("ok"), bool):
-            raise self._fail(f"answered '{op}' with {line[:120]!r}: expected an object with the request's id "
-                             f"({self._id}) and ok true/false")
-        if not answer["ok"]:
-            raise self._fail(f"refused '{op}': {answer.get('error', 'no error given')}")
-        return answer
+            return parse_answer(line, self._id, op)
+        except SUTError as e:
+            raise self._fail(str(e)) from None
 
     def hello(self) -> dict:
         answer = self.call("hello", protocol=PROTOCOL_VERSION)

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, replace
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import expected_shapes, hf_name, weight_files, write_safetensors_streaming
-from .config import CheckpointError, ModelConfig, read_json_object
+from .config import ARCHITECTURES, CheckpointError, ModelConfig, read_json_object
 
 FORMAT = "flashbench-flash-layout"
 FORMAT_VERSION = 1
@@ -43,6 +45,41 @@ SCALE_BYTES = 4  # the float32 scale in front of each int8 vector
 
 class LayoutError(ValueError):
     """A flash directory that cannot be used; the message names the file and the problem."""
+
+
+MAX_DIMENSION = 1 << 31  # no real model has a dimension (or layer count) near this
+
+
+def _checked(cls, table, where: str):
+    """`cls` built from a JSON object, every field of its annotated type (dimensions positive and sane), or a
+    LayoutError naming what is wrong: layout.json is untrusted input."""
+    if not isinstance(table, dict):
+        raise LayoutError(f"{where}: expected an object, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    if set(table) - known:
+        raise LayoutError(f"{where}: unknown keys {sorted(set(table) - known)}")
+    values = {}
+    for f in fields(cls):
+        if f.name not in table:
+            if f.default is MISSING:
+                raise LayoutError(f"{where}: missing {f.name!r}")
+            continue
+        v, t = table[f.name], hints[f.name]
+        if t is int:
+            ok = type(v) is int and 0 < v <= MAX_DIMENSION
+        elif t is float:
+            ok = type(v) in (int, float) and math.isfinite(v)
+        elif t == int | None:
+            ok = v is None or (type(v) is int and v >= 0)
+        elif t == tuple[str, ...]:
+            ok, v = isinstance(v, list) and all(isinstance(x, str) for x in v), tuple(v) if isinstance(v, list) else v
+        else:
+            ok = isinstance(v, t)
+        if not ok:
+            raise LayoutError(f"{where}: {f.name!r} = {str(v)[:60]!r} is not a valid {t}")
+        values[f.name] = v
+    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -188,15 +225,27 @@ class FlashLayout:
                 f"{meta_path}: format version {meta.get('format_version')!r}, this flashbench reads {FORMAT_VERSION}; "
                 "convert the checkpoint again"
             )
-        try:
-            config = ModelConfig(**meta["config"])
-            geometry = FFNGeometry(**{**meta["geometry"], "vectors": tuple(meta["geometry"]["vectors"])})
-            files, source, resident_dtype = meta["files"], meta["source"], meta["resident_dtype"]
-            kept = None if meta.get("kept") is None else [np.asarray(k, dtype=np.int64) for k in meta["kept"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise LayoutError(f"{meta_path}: malformed ({e!r})") from e
+        config = _checked(ModelConfig, meta.get("config"), f"{meta_path}: config")
+        geometry = _checked(FFNGeometry, meta.get("geometry"), f"{meta_path}: geometry")
+        files, source, resident_dtype = meta.get("files"), meta.get("source"), meta.get("resident_dtype")
         if geometry.layout not in ("bundled", "unbundled") or geometry.dtype not in DTYPES:
             raise LayoutError(f"{meta_path}: unknown layout {geometry.layout!r} or dtype {geometry.dtype!r}")
+        vectors = ("gate", "up", "down") if config.gated else ("up", "down")
+        if (config.arch not in ARCHITECTURES or geometry.vectors != vectors or geometry.d_model != config.d_model
+                or geometry.d_ffn > config.d_ffn or not isinstance(resident_dtype, str) or resident_dtype not in DTYPES):
+            raise LayoutError(f"{meta_path}: geometry {geometry} does not fit config {config}, or resident dtype "
+                              f"{resident_dtype!r} is not one of {', '.join(DTYPES)}")
+        if not isinstance(source, dict) or not isinstance(files, dict) or not all(
+                isinstance(i, dict) and type(i.get("bytes")) is int and isinstance(i.get("sha256"), str)
+                for i in files.values()):
+            raise LayoutError(f"{meta_path}: malformed: 'source' must be an object and 'files' map each file to its "
+                              "bytes (integer) and sha256 (string)")
+        kept = meta.get("kept")
+        if kept is not None:
+            if not isinstance(kept, list) or not all(
+                    isinstance(k, list) and all(type(i) is int for i in k) for k in kept):
+                raise LayoutError(f"{meta_path}: malformed: 'kept' must be lists of neuron ids")
+            kept = [np.asarray(k, dtype=np.int64) for k in kept]
         expected = {"resident.safetensors"} | {ffn_file(i) for i in range(config.n_layers)}
         if set(files) != expected:
             raise LayoutError(f"{meta_path}: lists files {sorted(files)}, expected {sorted(expected)}")
@@ -304,8 +353,11 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
         raise ValueError(f"keep must list, per layer of {config.n_layers}, neuron ids below {config.d_ffn}")
     resident_dtype = "float32" if dtype == "float32" else ("float16" if dtype == "int8" else dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.converting-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.converting-", dir=out_dir.parent))
+    except OSError as e:
+        raise LayoutError(f"{out_dir}: cannot write the flash directory there ({e.strerror or e})") from e
     try:
         resident = [n for n in source.shapes if ".ffn." not in n or n.endswith(".bias")]
         write_safetensors_streaming(tmp / "resident.safetensors", resident, source.shapes, DTYPES[resident_dtype], source.get)
@@ -334,6 +386,9 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
         }
         (tmp / "layout.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, out_dir)
+    except OSError as e:  # a full disk, say: the half-written directory goes, and the message says where
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LayoutError(f"{out_dir}: conversion failed ({e}); nothing was left behind") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,26 +22,9 @@ from flashbench.reference.predictor import Predictor
 from flashbench.reference.reader import FlashReader
 from flashbench.reference.storage import storage_of
 
-SCENARIO = """
-name = "compare-tiny"
-[engine]
-window = 4
-threads = 4
-[probe]
-chunk_kib = [4, 64]
-threads = [1, 4]
-ioengines = ["psync"]
-seconds = 0.2
-file_mib = 8
-[[models]]
-name = "shakespeare-opt"
-tokens = 32
-greedy_prompt = 8
-greedy_tokens = 8
-counts_tokens = 4096
-techniques = ["predictor", "windowing"]
-peers = []
-"""
+from .tiny import scenario
+
+SCENARIO = scenario("compare-tiny", tokens=32, model='techniques = ["predictor", "windowing"]\npeers = []')
 EASY = "counters,verdicts,speedup_over_naive:50%"  # run-to-run noise on a tiny model stays well inside 50%
 
 

@@ -7,25 +7,9 @@ import pytest
 from flashbench.harness.cli import main
 from flashbench.harness.matrix import matrix
 
-SCENARIO = """
-name = "tiny"
-[engine]
-window = 2
-hybrid = 0.25
-threads = 4
-[probe]
-chunk_kib = [4, 64]
-threads = [1, 4]
-ioengines = ["psync"]
-seconds = 0.2
-file_mib = 8
-[[models]]
-name = "shakespeare-opt"
-tokens = 24
-greedy_prompt = 8
-greedy_tokens = 8
-counts_tokens = 4096
-"""
+from .tiny import scenario
+
+SCENARIO = scenario("tiny", tokens=24, window=2, engine="hybrid = 0.25")
 
 
 @pytest.fixture(scope="module")
