@@ -195,6 +195,9 @@ class Transformer(nn.Module):
     def from_checkpoint(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> "Transformer":
         """Load an HF checkpoint; weights in any stored float dtype are computed in fp32."""
         config = ModelConfig.load(checkpoint_dir)
+        if config.activation != "relu":
+            raise CheckpointError(f"{Path(checkpoint_dir) / 'config.json'}: activation {config.activation!r} is not "
+                                  "supported: the suite is about ReLU FFNs, whose activations are sparse")
         state = load_state_dict(checkpoint_dir, config)
         model = cls(config)
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
