@@ -229,18 +229,21 @@ def cmd_check_dense(args) -> int:
 
 
 def cmd_model_synth(args) -> int:
-    from flashbench.reference.layout import convert
     from flashbench.suite import synthetic, traces
 
     out = Path(args.out)
     if out.exists():
         raise BadInput(f"{out}: already exists; choose another output directory")
+    if not args.checkpoint and not args.layout:
+        raise BadInput("nothing to write: give --layout bundled|unbundled (repeatable) and/or --checkpoint")
     config = synthetic.shape_config(args.shape)
     profile = traces.profile_named(args.profile)
     print(f"{args.shape}: {config.n_layers} layers, d_model {config.d_model}, {config.d_ffn} FFN neurons, "
           f"{synthetic.weight_bytes(config) / 2**30:.2f} GiB in fp16; seed {args.seed}")
-    checkpoint = synthetic.write_synthetic(args.shape, out / "checkpoint", args.seed)
-    print(f"wrote {checkpoint} (HF format, random weights)")
+    out.mkdir(parents=True)
+    if args.checkpoint:
+        checkpoint = synthetic.write_synthetic(args.shape, out / "checkpoint", args.seed)
+        print(f"wrote {checkpoint} (HF format, random weights)")
     trace = traces.generate(profile, config.n_layers, config.d_ffn, args.trace_tokens, args.seed)
     trace.save(out / f"trace-{profile.name}")
     mean = lambda k: sum(l[k] for l in trace.layers) / len(trace.layers)  # noqa: E731
@@ -252,8 +255,9 @@ def cmd_model_synth(args) -> int:
         def progress(done: int, total: int) -> None:
             print(f"\r  {layout}: layer {done}/{total}", end="\n" if done == total else "", flush=True)
 
-        flash = convert(checkpoint, out / f"flash-{layout}", layout=layout, dtype="float16", progress=progress)
-        print(f"wrote {flash.path}")
+        flash = synthetic.write_random_layout(config, out / f"flash-{layout}", args.seed, layout,
+                                              {"shape": args.shape}, progress)
+        print(f"wrote {flash.path} (fp16, straight from the generator)")
     return EXIT_OK
 
 
@@ -434,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated METRIC[:TOLERANCE]: counters, bytes_per_token, reads_per_token, "
                         "neurons_per_token (default tolerance 0), verdicts, speedup_over_naive, fio_fraction, "
                         "tokens_per_s (same machine only; default 10%%), or none "
-                        "(default: counters,verdicts,speedup_over_naive:30%%,fio_fraction:30%%); timed metrics are gated on each model's geometric mean over its configurations")
+                        "(default: counters,verdicts,speedup_over_naive:30%%,fio_fraction:30%%); timed metrics are "
+                        "gated on each model's geometric mean over its configurations")
     p.add_argument("--json", help="also write the comparison as JSON here")
     p.set_defaults(func=cmd_compare)
 
@@ -545,9 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model", help="paper-scale synthetic models", description="Synthetic models.")
     msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = msub.add_parser("synth", help="write a seeded random-weight model at a paper shape, with an active-set trace",
-                        description="Write OUT/checkpoint (HF format, seeded random weights at the real dimensions, "
-                        "tensor by tensor: never all in memory) and OUT/trace-PROFILE.npz/.json (which neurons each "
-                        "token needs, calibrated to the profile); with --layout, also the flash layouts.")
+                        description="Write seeded random weights at the real dimensions, tensor by tensor (never all "
+                        "in memory), straight into fp16 flash layouts (OUT/flash-LAYOUT) and/or as an HF checkpoint "
+                        "(OUT/checkpoint, which the peers need), and OUT/trace-PROFILE.npz/.json (which neurons each "
+                        "token needs, calibrated to the profile).")
     q.add_argument("out", help="directory to create")
     q.add_argument("--shape", required=True, choices=["opt-1.3b", "opt-6.7b", "llama-2-7b"])
     q.add_argument("--profile", default="paper-opt-6.7b", help="trace profile: paper-opt-6.7b (default) or "
@@ -555,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--trace-tokens", type=int, default=128, help="tokens in the trace (default 128)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--layout", action="append", choices=["bundled", "unbundled"],
-                   help="also convert to this fp16 flash layout (repeatable)")
+                   help="write this fp16 flash layout, straight from the generator (repeatable)")
+    q.add_argument("--checkpoint", action="store_true", help="also write the HF checkpoint")
     q.set_defaults(func=cmd_model_synth)
 
     p = sub.add_parser("models", help="list the embedded models", description="List the embedded default models.")

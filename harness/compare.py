@@ -6,9 +6,9 @@ Figures are gated by what they can honestly be compared on:
   machine in one run, so they travel between machines: a tolerance gate;
 - raw times (tokens/s) are shown, but a rule on them is refused unless both runs come from the same machine.
 Timed figures are gated on each model's geometric mean over its configurations: one configuration's timing in one
-run is too noisy to gate alone (two smoke runs of the same commit here differ by up to 60% in single
-configurations, by up to 18% in the per-model mean, hence the default tolerances of 30%). Every ratio column is candidate against baseline, oriented so
-that > 1 is better.
+run is too noisy to gate alone (smoke runs of one commit here differ by up to 60% in single configurations, by up
+to 18% in the per-model mean, hence the default tolerances of 30%). Every ratio column is candidate against
+baseline, oriented so that > 1 is better.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ METRICS = {m.name: m for m in (
     Metric("reads_per_token", COUNTER, False, "reads/token", _per_token("reads")),
     Metric("neurons_per_token", COUNTER, False, "neurons/token", _per_token("neurons")),
     Metric("speedup_over_naive", RATIO, True, "speedup over naive", _speedup),
-    Metric("fio_fraction", RATIO, True, "fraction of fio", lambda rec, naive: (rec.get("fio_reference") or {}).get("ratio")),
+    Metric("fio_fraction", RATIO, True, "fraction of fio",
+           lambda rec, naive: (rec.get("fio_reference") or {}).get("ratio")),
     Metric("tokens_per_s", TIME, True, "tokens/s", lambda rec, naive: rec["metrics"]["tokens_per_s"]),
 )}
 VERDICTS = "verdicts"
@@ -156,7 +157,8 @@ def describe_machine(index: dict) -> str:
     m = index["machine"]
     s = m.get("storage", {})
     where = f"{s.get('device', '?')} ({s.get('filesystem', '?')}{', in memory' if s.get('in_memory') else ''})"
-    return f"{m.get('hostname')}: {m.get('cpu')}, {m.get('cores')} cores, {(m.get('ram_bytes') or 0) / 2**30:.0f} GiB, {where}"
+    ram = (m.get("ram_bytes") or 0) / 2**30
+    return f"{m.get('hostname')}: {m.get('cpu')}, {m.get('cores')} cores, {ram:.0f} GiB, {where}"
 
 
 @dataclass
@@ -209,7 +211,8 @@ def geomean(values: list[float]) -> float | None:
 def _counter_gate(rule: Rule, key: str, base: float, cand: float) -> str | None:
     if cand > base * (1 + rule.tolerance) * (1 + 1e-9):
         growth = f"+{cand / base - 1:.1%}" if base else "from zero"
-        return f"{key}: {rule.metric} grew from {base:,.1f} to {cand:,.1f} ({growth}); counters are deterministic: {rule}"
+        return (f"{key}: {rule.metric} grew from {base:,.1f} to {cand:,.1f} ({growth}); "
+                f"counters are deterministic: {rule}")
     return None
 
 
@@ -295,8 +298,8 @@ def _model_means(out: Comparison, rules: list[Rule]) -> None:
                 continue
             names = [n for n, _ in pairs]
             base, cand = geomean([v["baseline"] for _, v in pairs]), geomean([v["candidate"] for _, v in pairs])
-            out.means.append({"model": model, "metric": metric.name, "configurations": names,
-                              "baseline": base, "candidate": cand, "ratio": _ratio(base, cand, metric.higher_is_better)})
+            out.means.append({"model": model, "metric": metric.name, "configurations": names, "baseline": base,
+                              "candidate": cand, "ratio": _ratio(base, cand, metric.higher_is_better)})
             message = _timed_gate(gated[metric.name], model, names, base, cand) if metric.name in gated else None
             if message:
                 out.regressions.append(Regression(model, "(geometric mean)", metric.name, message))
@@ -333,7 +336,8 @@ def render(result: Comparison, base: RunRecords, cand: RunRecords) -> str:
              to_markdown([table(result)]).rstrip()]
     lines += [f"note: {n}" for n in result.notes]
     if result.regressions:
-        lines += ["", f"REGRESSED: {len(result.regressions)} finding(s)"] + [f"  - {r.message}" for r in result.regressions]
+        lines += ["", f"REGRESSED: {len(result.regressions)} finding(s)"]
+        lines += [f"  - {r.message}" for r in result.regressions]
     else:
         lines += ["", f"PASSED: no regression under {len(result.rules)} rule(s)"]
     return "\n".join(lines)

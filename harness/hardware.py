@@ -72,9 +72,9 @@ def _machines(runs: list[RunRecords]) -> Table:
     rows = []
     for run in runs:
         m, p = run.index["machine"], run.probe or {}
-        rows.append([run_label(run), m.get("hostname"), f"{m.get('cpu')}", str(m.get("cores")), _bytes(m.get("ram_bytes")),
-                     storage_label(run.index), p.get("tool", "-") + ("" if p.get("tool") == "fio" else
-                                                                      f" ({p.get('fio_error')})"),
+        tool = p.get("tool", "-") + ("" if p.get("tool") == "fio" else f" ({p.get('fio_error')})")
+        rows.append([run_label(run), m.get("hostname"), str(m.get("cpu")), str(m.get("cores")),
+                     _bytes(m.get("ram_bytes")), storage_label(run.index), tool,
                      (run.index["git"].get("commit") or "unknown")[:12]])
     return Table(["run", "host", "CPU", "cores", "RAM", "storage", "probe tool", "commit"], rows)
 

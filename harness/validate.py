@@ -224,7 +224,7 @@ def validate(make_sut: Callable[[], SystemUnderTest], cases: list[Case], progres
         finally:
             sut.close()
         progress(summary(results[-1]))
-    return {"valid": all(r["valid"] for r in results), "cases": results, "pid": os.getpid()}
+    return {"valid": all(r["valid"] for r in results), "cases": results}
 
 
 def summary(result: dict) -> str:

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -232,7 +233,8 @@ class FlashLayout:
             raise LayoutError(f"{meta_path}: unknown layout {geometry.layout!r} or dtype {geometry.dtype!r}")
         vectors = ("gate", "up", "down") if config.gated else ("up", "down")
         if (config.arch not in ARCHITECTURES or geometry.vectors != vectors or geometry.d_model != config.d_model
-                or geometry.d_ffn > config.d_ffn or not isinstance(resident_dtype, str) or resident_dtype not in DTYPES):
+                or geometry.d_ffn > config.d_ffn or not isinstance(resident_dtype, str)
+                or resident_dtype not in DTYPES):
             raise LayoutError(f"{meta_path}: geometry {geometry} does not fit config {config}, or resident dtype "
                               f"{resident_dtype!r} is not one of {', '.join(DTYPES)}")
         if not isinstance(source, dict) or not isinstance(files, dict) or not all(
@@ -333,6 +335,23 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     on any error nothing is left behind. `progress(done, total)` is called after each layer.
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if out_dir.exists():
+        raise ValueError(f"{out_dir}: already exists; remove it or choose another output directory")
+    config = ModelConfig.load(checkpoint_dir)
+    if config.activation != "relu":
+        raise CheckpointError(f"{checkpoint_dir / 'config.json'}: activation {config.activation!r}: sparse flash "
+                              "inference needs a ReLU FFN")
+    source = _TensorSource(checkpoint_dir, config)
+    origin = {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)}
+    return write_layout(config, source.get, origin, out_dir, layout, dtype, progress, keep, pruning)
+
+
+def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], origin: dict, out_dir: str | Path,
+                 layout: str = "bundled", dtype: str = "float16", progress=None, keep: list[np.ndarray] | None = None,
+                 pruning: dict | None = None) -> FlashLayout:
+    """A flash directory from `tensor(name)` (our names, fetched one at a time: nothing else is held in memory);
+    `origin` goes into layout.json as where the weights came from. Atomic, as `convert` says."""
+    out_dir = Path(out_dir)
     if layout not in ("bundled", "unbundled"):
         raise ValueError(f"layout must be 'bundled' or 'unbundled', got {layout!r}")
     if dtype not in DTYPES:
@@ -341,11 +360,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
         raise ValueError(f"{out_dir}: already exists; remove it or choose another output directory")
     if keep is not None:
         keep = [np.unique(np.asarray(k, dtype=np.int64)) for k in keep]
-    config = ModelConfig.load(checkpoint_dir)
-    if config.activation != "relu":
-        raise CheckpointError(f"{checkpoint_dir / 'config.json'}: activation {config.activation!r}: sparse flash "
-                              "inference needs a ReLU FFN")
-    source = _TensorSource(checkpoint_dir, config)
+    shapes = expected_shapes(config)
     vectors = ("gate", "up", "down") if config.gated else ("up", "down")
     geometry = FFNGeometry(layout, dtype, config.d_model, config.d_ffn, vectors)
     if keep is not None and (len(keep) != config.n_layers or any(
@@ -359,10 +374,10 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     except OSError as e:
         raise LayoutError(f"{out_dir}: cannot write the flash directory there ({e.strerror or e})") from e
     try:
-        resident = [n for n in source.shapes if ".ffn." not in n or n.endswith(".bias")]
-        write_safetensors_streaming(tmp / "resident.safetensors", resident, source.shapes, DTYPES[resident_dtype], source.get)
+        resident = [n for n in shapes if ".ffn." not in n or n.endswith(".bias")]
+        write_safetensors_streaming(tmp / "resident.safetensors", resident, shapes, DTYPES[resident_dtype], tensor)
         for layer in range(config.n_layers):
-            weights = {v: source.get(f"layers.{layer}.ffn.{v}.weight") for v in vectors}
+            weights = {v: tensor(f"layers.{layer}.ffn.{v}.weight") for v in vectors}
             if keep is not None:
                 ids = torch.from_numpy(keep[layer])
                 weights = {v: w[:, ids] if v == "down" else w[ids] for v, w in weights.items()}
@@ -380,7 +395,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
             "alignment": ALIGNMENT,
             "resident_dtype": resident_dtype,
             "files": files,
-            "source": {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)},
+            "source": origin,
             "kept": None if keep is None else [k.tolist() for k in keep],
             "pruning": pruning,
         }

@@ -4,8 +4,9 @@ Their weights are random, so their own activations mean nothing; which neurons e
 trace (traces.py) with a stated profile. They measure I/O, memory management and compute at the paper's scale;
 agreement is judged on the embedded models, which are real.
 
-The checkpoint is written in HF format one tensor at a time (the peers load it; the converter streams it into
-flash layouts), so a 13 GB model never sits in memory.
+Tensors are made one at a time from (name, seed), so a 13 GB model never sits in memory: written as an HF
+checkpoint (which the peers load), or straight into a flash layout, bit for bit what converting that checkpoint
+would give.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 from flashbench.reference import ModelConfig
-from flashbench.reference.checkpoint import save_checkpoint_streaming
+from flashbench.reference.checkpoint import expected_shapes, save_checkpoint_streaming
+from flashbench.reference.layout import FlashLayout, write_layout
 from flashbench.reference.tokenizer import BOS, EOS, PAD
 
 SHAPES = {
@@ -38,8 +40,6 @@ def shape_config(shape: str) -> ModelConfig:
 
 
 def weight_bytes(config: ModelConfig, element_bytes: int = 2) -> int:
-    from flashbench.reference.checkpoint import expected_shapes
-
     return sum(int(torch.Size(s).numel()) for s in expected_shapes(config).values()) * element_bytes
 
 
@@ -60,7 +60,15 @@ def write_synthetic(shape: str, out_dir: str | Path, seed: int = 0, dtype: torch
 
 def write_random_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0,
                             dtype: torch.dtype = torch.float16) -> Path:
-    from flashbench.reference.checkpoint import expected_shapes
-
     shapes = expected_shapes(config)
     return save_checkpoint_streaming(out_dir, config, lambda name: random_tensor(name, shapes[name], seed), dtype)
+
+
+def write_random_layout(config: ModelConfig, out_dir: str | Path, seed: int = 0, layout: str = "bundled",
+                        origin: dict | None = None, progress=None) -> FlashLayout:
+    """The fp16 flash layout of the seeded random model, written straight from the generator: each tensor is
+    rounded to fp16 as the checkpoint stores it, so the files equal those converted from that checkpoint."""
+    shapes = expected_shapes(config)
+    origin = (origin or {}) | {"synthetic": True, "seed": seed, "init_std": INIT_STD}
+    return write_layout(config, lambda name: random_tensor(name, shapes[name], seed).to(torch.float16), origin,
+                        out_dir, layout, "float16", progress)

@@ -65,3 +65,24 @@ def test_engine_replaying_a_trace_reads_exactly_each_tokens_new_neurons(tmp_path
         engine.step(t)
     engine.close()
     assert [s.io.records for s in engine.history] == [sum(len(s) for s in per) for per in trace.sets[:11]]
+
+
+@pytest.mark.parametrize("arch, layout", [("opt", "bundled"), ("llama", "unbundled")])
+def test_a_layout_written_straight_from_the_generator_equals_the_converted_checkpoint(tmp_path, arch, layout):
+    config = tiny_config(arch)
+    converted = convert(synthetic.write_random_checkpoint(config, tmp_path / "ck", seed=5), tmp_path / "c",
+                        layout=layout)
+    straight = synthetic.write_random_layout(config, tmp_path / "s", seed=5, layout=layout)
+    assert straight.files == converted.files  # every file's size and sha256
+    assert straight.source["synthetic"] and straight.source["seed"] == 5
+
+
+def test_synth_cli_writes_layouts_without_a_checkpoint_unless_asked(tmp_path, monkeypatch, capsys):
+    from flashbench.harness.cli import main
+
+    monkeypatch.setitem(synthetic.SHAPES, "opt-1.3b", tiny_config("opt"))  # the CLI's shape, at a test's size
+    assert main(["model", "synth", str(tmp_path / "m"), "--shape", "opt-1.3b", "--layout", "bundled",
+                 "--trace-tokens", "8"]) == 0
+    assert (tmp_path / "m" / "flash-bundled" / "layout.json").is_file() and not (tmp_path / "m" / "checkpoint").exists()
+    assert main(["model", "synth", str(tmp_path / "n"), "--shape", "opt-1.3b"]) == 2
+    assert "nothing to write" in capsys.readouterr().err
