@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=str(CONFORMANCE_CASES), help="the conformance cases (TOML)")
     p.add_argument("--case", action="append", help="run only this case (repeatable)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a SUT process may take per request "
-                   "(load: 600) before it is taken as hung (default 60)")
+                   "(hello and load: 600) before it is taken as hung (default 60)")
     p.add_argument("--json", help="also write the verdicts and every sub-check as JSON here")
     p.set_defaults(func=cmd_validate)
 

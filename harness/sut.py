@@ -128,8 +128,8 @@ def parse_answer(line: str, expected_id: int, op: str) -> dict:
 
 class ProcessSUT(SystemUnderTest):
     """A SUT in its own process, spoken to in JSON lines (one request, one answer). A crash, a request left
-    unanswered for `timeout_s` (load: `load_timeout_s`), or a line that is not a JSON answer is a `SUTError` that
-    says what happened and ends with the SUT's last stderr lines."""
+    unanswered for `timeout_s` (hello and load: `load_timeout_s`), or a line that is not a JSON answer is a
+    `SUTError` that says what happened and ends with the SUT's last stderr lines."""
 
     def __init__(self, command: str, timeout_s: float = 60.0, load_timeout_s: float = 600.0):
         self.command, self.timeout_s, self.load_timeout_s = command, timeout_s, load_timeout_s
@@ -182,7 +182,7 @@ class ProcessSUT(SystemUnderTest):
             raise self._fail(str(e)) from None
 
     def hello(self) -> dict:
-        answer = self.call("hello", protocol=PROTOCOL_VERSION)
+        answer = self.call("hello", self.load_timeout_s, protocol=PROTOCOL_VERSION)  # start-up may import a lot
         if not isinstance(answer.get("name"), str) or not isinstance(answer.get("flash"), bool):
             raise self._fail("answered 'hello' without a name (string) and flash (true/false)")
         return {"name": answer["name"], "flash": answer["flash"]}
@@ -221,6 +221,49 @@ class ProcessSUT(SystemUnderTest):
 
 
 # ---- measuring a process from the outside ------------------------------------------------------------------------
+
+
+class MemoryCap:
+    """A SUT process in a cgroup-v1 memory group of its own. Pages are charged to the group from when the process
+    joins, and `cap(extra)` limits the group to its charge then plus `extra`: a SUT that holds more is killed by
+    the kernel (page cache beyond it is evicted instead). Root only; elsewhere `group` is None and `reason` says
+    why."""
+
+    def __init__(self, pid: int):
+        from .peers import CGROUP_ROOT, remove_stale_groups
+
+        self.group: Path | None = None
+        self.reason, self.limit = "", 0
+        if not CGROUP_ROOT.is_dir():
+            self.reason = f"no cgroup v1 memory controller at {CGROUP_ROOT}"
+            return
+        remove_stale_groups()
+        group = CGROUP_ROOT / f"flashbench-sut-{pid}"
+        try:
+            group.mkdir(exist_ok=True)
+            (group / "cgroup.procs").write_text(str(pid))  # charged from here on: what it allocates after hello
+        except OSError as e:
+            self.reason = f"cannot create or join {group} ({e.strerror}; needs root)"
+            return
+        self.group = group
+
+    def cap(self, extra: int) -> None:
+        if self.group is not None:
+            self.limit = int((self.group / "memory.usage_in_bytes").read_text()) + extra
+            (self.group / "memory.limit_in_bytes").write_text(str(self.limit))
+
+    def oom_kills(self) -> int:
+        if self.group is None:
+            return 0
+        control = dict(line.split() for line in (self.group / "memory.oom_control").read_text().splitlines())
+        return int(control.get("oom_kill", 0))
+
+    def remove(self) -> None:
+        if self.group is not None:
+            try:
+                self.group.rmdir()
+            except OSError:
+                pass  # a process still in it: remove_stale_groups takes it next time
 
 
 @dataclass(frozen=True)

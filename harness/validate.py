@@ -30,7 +30,7 @@ from flashbench.reference.tokenizer import BOS, encode
 
 from .agreement import APPROXIMATE, EXACT, agreement, checks, greedy_tokens, matched_prefix, teacher_forced
 from .peers import drop_page_cache
-from .sut import ProcessWatch, SUTError, SystemUnderTest
+from .sut import MemoryCap, ProcessWatch, SUTError, SystemUnderTest
 
 CASES = suite.SUITE_DIR / "conformance" / "cases.toml"  # the default conformance suite
 DETERMINISM_TOLERANCE = 1e-6  # max |logit difference| between two runs of the same input
@@ -113,10 +113,28 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def run_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: bool) -> dict:
+def run_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: bool,
+             cap: MemoryCap | None = None) -> dict:
     budget = int(case.dram_budget * sum(f.stat().st_size for f in weight_files(case.checkpoint)))
-    tol = EXACT if case.tolerance == "exact" else APPROXIMATE
     hello = sut.hello()
+    if cap is not None:
+        cap.cap(budget + MEMORY_ALLOWANCE)
+    try:
+        return _measure_case(sut, case, dense, cache_dropped, budget, hello, cap)
+    except SUTError as e:
+        if cap is None or not cap.oom_kills():
+            raise
+        memory = SubCheck("audit.memory", False, f"killed by the kernel for holding more than its memory at hello "
+                          f"+ DRAM budget {_mib(budget)} + allowance {_mib(MEMORY_ALLOWANCE)} (memory cgroup "
+                          f"{cap.group}, limit {_mib(cap.limit)}): {e}")
+        return {"case": asdict(case), "sut": hello, "dram_budget_bytes": budget, "tolerance": case.tolerance,
+                "valid": False, "subchecks": [asdict(memory)], "accuracy": None, "performance": None,
+                "process": {"memory_cap": str(cap.group), "limit": cap.limit}}
+
+
+def _measure_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: bool, budget: int, hello: dict,
+                  cap: MemoryCap | None) -> dict:
+    tol = EXACT if case.tolerance == "exact" else APPROXIMATE
     watch = ProcessWatch(sut.pid)
     before = watch.usage()
     peak_reset = watch.reset_peak()
@@ -155,7 +173,7 @@ def run_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: b
     claimed = (claims["bytes_read"] - (claimed_at_load or 0)) if isinstance(claims.get("bytes_read"), (int, float)) \
         else None
     storage_read = after.read_bytes - read_at_load
-    subchecks.append(_memory_check(before, samples, budget, peak_reset))
+    subchecks.append(_memory_check(before, samples, budget, peak_reset, cap))
     subchecks.append(_storage_check(hello, claimed, storage_read, cache_dropped))
 
     ms = sorted(s * 1e3 for s in seconds)
@@ -174,16 +192,19 @@ def run_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: b
     }
 
 
-def _memory_check(before, samples, budget: int, peak_reset: bool) -> SubCheck:
+def _memory_check(before, samples, budget: int, peak_reset: bool, cap: MemoryCap | None) -> SubCheck:
     """Judged on the data the process holds (anonymous memory and mapped data files, so mmapped weights count),
-    sampled after load and after each phase; the RSS peak, code pages included, is given beside it."""
+    sampled after load and after each phase; the RSS peak, code pages included, is given beside it. A SUT
+    process also runs capped by a memory cgroup where the platform allows: over the cap, the kernel kills it."""
     growth = max(u.held for u in samples) - before.held
     rss = samples[-1].peak_rss - before.rss
     how = "" if peak_reset else ", the process's lifetime peak: the kernel would not reset it"
+    capped = ("in-process: not capped" if cap is None else f"capped by {cap.group}" if cap.group
+              else f"not capped: {cap.reason}")
     return SubCheck("audit.memory", growth <= budget + MEMORY_ALLOWANCE,
                     f"data held from load on, sampled after each phase: {_mib(growth)} <= DRAM budget {_mib(budget)}"
                     f" + allowance {_mib(MEMORY_ALLOWANCE)} (KV cache, activations, runtime); peak RSS growth, "
-                    f"code included: {_mib(rss)}{how}")
+                    f"code included: {_mib(rss)}{how}; {capped}")
 
 
 def _storage_check(hello: dict, claimed: float | None, storage_read: int, cache_dropped: bool) -> SubCheck:
@@ -212,17 +233,19 @@ def validate(make_sut: Callable[[], SystemUnderTest], cases: list[Case], progres
         # in-process SUT shares the harness's mapped code, which a drop would make it page in again as its own.
         cache_dropped = drop_page_cache()
         sut = make_sut()
-        if sut.pid == os.getpid():
-            cache_dropped = False
+        in_process = sut.pid == os.getpid()
+        cap = None if in_process else MemoryCap(sut.pid)
         try:
             progress(f"case {case.name}: accuracy, audits and performance of the SUT")
-            results.append(run_case(sut, case, dense, cache_dropped))
+            results.append(run_case(sut, case, dense, cache_dropped and not in_process, cap))
         except SUTError:
             raise
         except Exception as e:  # an in-process SUT's own failure: it could not be run
             raise SUTError(f"the SUT raised {type(e).__name__}: {e}") from e
         finally:
             sut.close()
+            if cap is not None:
+                cap.remove()
         progress(summary(results[-1]))
     return {"valid": all(r["valid"] for r in results), "cases": results}
 
@@ -232,6 +255,8 @@ def summary(result: dict) -> str:
     lines = [f"case {case['name']} ({case['model']}, {case['tolerance']} tolerance, DRAM budget "
              f"{_mib(result['dram_budget_bytes'])}): {'VALID' if result['valid'] else 'INVALID'}"]
     lines += [f"  {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in result["subchecks"]]
+    if perf is None:
+        return "\n".join(lines + ["  performance: not measured (the SUT was killed)"])
     own = perf["sut_reported"].get("ms_per_token")
     lines.append(f"  performance: {perf['tokens_per_s']:.3g} tokens/s over {perf['tokens']} decode steps "
                  f"(ms per token p50 {perf['ms_per_token']['p50']:.2f}, p90 {perf['ms_per_token']['p90']:.2f})"

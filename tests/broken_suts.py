@@ -1,15 +1,13 @@
-"""Deliberately broken SUTs, each wrong in one way that one check of `flashbench validate` must catch. The
-in-process ones are served over the protocol by `python -m flashbench.harness.serve tests.broken_suts:CLASS`;
-run as a script (`python tests/broken_suts.py MODE`), it breaks the protocol itself."""
+"""Deliberately broken SUTs, each wrong in one way that one check of `flashbench validate` must catch, served over
+the protocol by `python -m flashbench.harness.serve tests.broken_suts:CLASS`. Those that break the protocol
+itself are in tests/broken_protocol.py."""
 
-import json
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from flashbench.harness.adapters import ReferenceSUT, TransformersSUT
 from flashbench.reference.flash import FlashEngine, Techniques
@@ -23,6 +21,15 @@ class DropsNeurons(ReferenceSUT):
         source = self.engine.shared.source
         sets = source.sets
         source.sets = lambda layer, x: [s[np.arange(len(s)) % 3 != 0] for s in sets(layer, x)]
+        return vocab
+
+
+class IgnoresBudget(ReferenceSUT):
+    """Keeps a 'prefetch buffer' of 256 MiB beyond its DRAM budget."""
+
+    def load(self, checkpoint, dram_budget, tolerance):
+        vocab = super().load(checkpoint, dram_budget, tolerance)
+        self.prefetch = torch.ones((dram_budget + (256 << 20)) // 4)  # every page touched
         return vocab
 
 
@@ -58,35 +65,3 @@ class DenseClaimingFlash(TransformersSUT):
 
     def hello(self):
         return super().hello() | {"flash": True}
-
-
-def broken_protocol(mode: str) -> None:
-    """Answers hello and load properly (without loading anything), then breaks on the first prefill."""
-    for line in sys.stdin:
-        request = json.loads(line)
-        answer = {"id": request["id"], "ok": True}
-        if request["op"] == "hello":
-            answer |= {"name": f"broken: {mode}", "flash": False}
-        elif request["op"] == "load":
-            answer["vocab_size"] = 259
-        elif request["op"] == "prefill":
-            if mode == "crash":
-                print("simulated fatal error in the SUT", file=sys.stderr, flush=True)
-                os._exit(3)
-            if mode == "hang":
-                time.sleep(3600)
-            if mode == "malformed":
-                print("{'logits': [0.1, 0.2", flush=True)
-                continue
-            n = len(request["tokens"])
-            if mode == "wrong-shape":
-                answer["logits"] = {"shape": [n, 100], "values": [[0.0] * 100] * n}
-            elif mode == "nan":
-                answer["logits"] = {"shape": [n, 259], "values": [[float("nan")] * 259] * n}
-        print(json.dumps(answer), flush=True)
-        if request["op"] == "close":
-            return
-
-
-if __name__ == "__main__":
-    broken_protocol(sys.argv[1])

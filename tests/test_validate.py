@@ -1,5 +1,5 @@
 """`flashbench validate`: the shipped SUTs come out VALID, each deliberately broken SUT is caught by the check
-meant for it (tests/broken_suts.py), and a SUT that cannot be run is exit 2 with a message naming what it did."""
+meant for it (tests/broken_suts.py, tests/broken_protocol.py), and a SUT that cannot be run is exit 2 with a message naming what it did."""
 
 import json
 import sys
@@ -75,6 +75,12 @@ def test_a_sut_returning_stale_logits_fails_accuracy(capsys):
     assert {"accuracy.top1_agreement", "accuracy.greedy_match"} <= set(failing(out))
 
 
+def test_a_sut_ignoring_its_dram_budget_fails_the_memory_audit(capsys):
+    code, out, _ = validate(capsys, "--sut-cmd", f"{SERVE} tests.broken_suts:IgnoresBudget")
+    assert code == 1 and failing(out) == ["audit.memory"]
+    assert "killed by the kernel for holding more than" in out or "not capped" in out  # the cgroup needs root
+
+
 def test_a_sut_serving_weights_from_a_page_cached_copy_fails_the_storage_audit(capsys):
     code, out, _ = validate(capsys, "--sut-cmd", f"{SERVE} tests.broken_suts:PageCachedCopy")
     assert code == 1
@@ -96,7 +102,7 @@ def test_a_dense_sut_claiming_flash_fails_the_storage_audit(capsys):
     ("nan", "'prefill': logits contain NaN or Inf"),
 ])
 def test_a_sut_that_cannot_be_run_is_exit_2_with_what_it_did(capsys, tmp_path, mode, message):
-    code, out, err = validate(capsys, "--sut-cmd", f"{sys.executable} tests/broken_suts.py {mode}",
+    code, out, err = validate(capsys, "--sut-cmd", f"{sys.executable} tests/broken_protocol.py {mode}",
                               "--timeout", "3", "--json", str(tmp_path / "v.json"))
     assert code == 2
     assert "SUT COULD NOT BE RUN" in err and message in err
