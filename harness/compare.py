@@ -279,6 +279,11 @@ def compare(base: RunRecords, cand: RunRecords, rules: list[Rule]) -> Comparison
             if message:
                 out.regressions.append(Regression(model, name, rule.metric, message))
     _model_means(out, rules)
+    for run in (base, cand):
+        if run.probe and run.probe.get("cached_from"):
+            out.notes.append(f"{run.label}: its probe was cached from {run.probe['measured_at']}, so its fraction "
+                             "of fio sets this run's reader beside an earlier fio: not a same-run ratio (a "
+                             "scenario's [probe] fresh = true measures it in every run)")
     extra = sorted(set(cand.configurations) - set(base.configurations))
     if extra:
         out.notes.append("in the candidate only (not compared): " + ", ".join(f"{m}/{n}" for m, n in extra))

@@ -38,9 +38,10 @@ def frame(runs: list[RunRecords]) -> pd.DataFrame:
     """One row per (run, model, configuration) measured in every run."""
     common = set.intersection(*({k for k, r in run.configurations.items() if r["status"] == "measured"}
                                 for run in runs))
+    keys = [k for k in runs[0].configurations if k in common]  # the matrix's order
     rows = []
     for run in runs:
-        for model, name in sorted(common):
+        for model, name in keys:
             rec = run.configurations[(model, name)]
             row = {"run": run_label(run), "model": model, "configuration": name,
                    "ms_per_token": rec["metrics"]["ms"]["total"]["mean"],

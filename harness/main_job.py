@@ -137,7 +137,9 @@ def model_name(spec: ModelSpec) -> str:
 
 def whole_records(records_dir: Path, scenario: Scenario) -> dict[str, dict]:
     """The records an interrupted run left, by relative path. Records are written atomically, so each file is
-    whole; a temp file a killed write left behind is removed. Records of another scenario are an error."""
+    whole; a temp file a killed write left behind is removed. Records of another scenario, schema or commit are an
+    error: one run's records come from one version of the code."""
+    commit = git_commit()["commit"]
     kept = {}
     for path in sorted(records_dir.rglob("*")):
         if path.name.startswith(".") and path.name.endswith(".tmp"):
@@ -150,6 +152,10 @@ def whole_records(records_dir: Path, scenario: Scenario) -> dict[str, dict]:
             if rec.get("schema") != SCHEMA or rec.get("scenario", {}).get("raw") != scenario.raw:
                 raise ValueError(f"{path}: a record of another scenario or schema: resume with the scenario the "
                                  f"run started with ({rec.get('scenario', {}).get('path')})")
+            if rec.get("git", {}).get("commit") != commit:
+                raise ValueError(f"{path}: measured at commit {rec.get('git', {}).get('commit')}, this checkout is "
+                                 f"at {commit}: resuming would mix two versions of the code in one run; start a "
+                                 "new run instead")
             kept[str(path.relative_to(records_dir))] = rec
     return kept
 
@@ -217,7 +223,7 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
     else:
         progress(f"[probe] fio over {len(scenario.probe.chunk_bytes)} chunk sizes x {len(scenario.probe.threads)} "
                  f"parallelisms x {len(scenario.probe.ioengines)} engines in {work}")
-        storage_probe = probe(work, scenario.probe, fresh=fresh_probe, progress=progress)
+        storage_probe = probe(work, scenario.probe, fresh=fresh_probe or scenario.fresh_probe, progress=progress)
         progress(table(storage_probe))
         write("probe.json", {"kind": "probe", "probe": storage_probe.as_dict()})
 

@@ -15,6 +15,7 @@
     ioengines = ["psync", "io_uring"]
     seconds = 1.0
     file_mib = 1024
+    fresh = false         # true: measure in every run instead of using the cached curve
     [[models]]
     name = "shakespeare-opt"  # an embedded model, a checkpoint path, or "synthetic:SHAPE"
     tokens = 256              # held-out tokens, teacher-forced
@@ -73,6 +74,7 @@ class Scenario:
     probe: ProbeGrid
     models: tuple[ModelSpec, ...]
     raw: dict = field(default_factory=dict)  # the file as read, for the records
+    fresh_probe: bool = False  # measure the probe in every run: fio fractions become same-run ratios
 
 
 def scenario_path(name_or_path: str) -> Path:
@@ -108,6 +110,9 @@ def load(name_or_path: str) -> Scenario:
         raise ScenarioError(f"{path}: unknown key(s) {sorted(extra)}")
     settings = _build(Settings, raw.get("engine", {}), f"{path} [engine]")
     probe_table = dict(raw.get("probe", {}))
+    fresh_probe = probe_table.pop("fresh", False)
+    if not isinstance(fresh_probe, bool):
+        raise ScenarioError(f"{path} [probe]: fresh must be true or false, got {fresh_probe!r}")
     if "chunk_kib" in probe_table:
         probe_table["chunk_bytes"] = [int(k * KIB) for k in probe_table.pop("chunk_kib")]
     probe = _build(ProbeGrid, probe_table, f"{path} [probe]", chunk_bytes=tuple, threads=tuple, ioengines=tuple)
@@ -125,4 +130,5 @@ def load(name_or_path: str) -> Scenario:
                                 "then at least one timed decode step)")
         if set(m.peers) - set(PEERS):
             raise ScenarioError(f"{path}: model {m.name!r}: unknown peers {sorted(set(m.peers) - set(PEERS))}")
-    return Scenario(raw.get("name", path.stem), raw.get("description", ""), str(path), settings, probe, models, raw)
+    return Scenario(raw.get("name", path.stem), raw.get("description", ""), str(path), settings, probe, models, raw,
+                    fresh_probe)

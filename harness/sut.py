@@ -137,7 +137,8 @@ class ProcessSUT(SystemUnderTest):
         self._stderr = tempfile.TemporaryFile(mode="w+")
         try:
             self.proc = subprocess.Popen(shlex.split(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=self._stderr, text=True, bufsize=1)
+                                         stderr=self._stderr, text=True, bufsize=1, encoding="utf-8",
+                                         errors="replace")  # a stray byte is a bad line, not a dead reader
         except OSError as e:
             raise SUTError(f"--sut-cmd {command!r}: cannot start it ({e})") from e
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -190,8 +191,8 @@ class ProcessSUT(SystemUnderTest):
     def load(self, checkpoint: Path, dram_budget: int, tolerance: str) -> int:
         answer = self.call("load", self.load_timeout_s, checkpoint=str(checkpoint), dram_budget=dram_budget,
                            tolerance=tolerance)
-        if not isinstance(answer.get("vocab_size"), int):
-            raise self._fail("answered 'load' without vocab_size (an integer)")
+        if type(answer.get("vocab_size")) is not int or answer["vocab_size"] <= 0:
+            raise self._fail("answered 'load' without vocab_size (a positive integer)")
         self.vocab_size = answer["vocab_size"]
         return self.vocab_size
 

@@ -24,7 +24,7 @@ from flashbench.reference.storage import storage_of
 
 from .tiny import scenario
 
-SCENARIO = scenario("compare-tiny", tokens=32, model='techniques = ["predictor", "windowing"]\npeers = []')
+SCENARIO = scenario("compare-tiny", tokens=24, model='techniques = ["predictor", "windowing"]\npeers = []')
 EASY = "counters,verdicts,speedup_over_naive:50%"  # run-to-run noise on a tiny model stays well inside 50%
 
 

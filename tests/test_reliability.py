@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -93,22 +94,26 @@ def test_two_runs_into_one_reports_folder_at_once_both_finish_whole(place):
         assert all(json.loads((run_dir / "records" / rel).read_text())["run_id"] == run_id for rel in index["records"])
 
 
-def test_resume_refuses_a_finished_run_and_records_of_another_scenario(place):
-    root = place["root"]
-    reports = root / "reports"
+def test_resume_refuses_a_finished_run_and_records_of_another_scenario_or_commit(place):
+    reports = place["root"] / "reports"
+
+    def resume(run_id: str, record: dict | None) -> subprocess.CompletedProcess:
+        if record is not None:
+            (reports / run_id / "records").mkdir(parents=True, exist_ok=True)
+            (reports / run_id / "records" / "probe.json").write_text(json.dumps(record))
+        proc = flashbench_run(place, run_id, "--resume")
+        out, err = proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
     (reports / "done").mkdir(parents=True)
     (reports / "done" / "run.json").write_text("{}")
-    out = subprocess.run([sys.executable, "-m", "flashbench.harness.cli", "run", "--scenario", str(root / "s.toml"),
-                          "--reports", str(reports), "--run-id", "done", "--resume"], env=place["env"],
-                         capture_output=True, text=True)
+    out = resume("done", None)
     assert out.returncode == 2 and "a finished run (it has run.json): nothing to resume" in out.stderr
-    other = reports / "other" / "records"
-    other.mkdir(parents=True)
-    (other / "probe.json").write_text(json.dumps({"schema": 1, "scenario": {"raw": {"name": "else"}, "path": "x"}}))
-    out = subprocess.run([sys.executable, "-m", "flashbench.harness.cli", "run", "--scenario", str(root / "s.toml"),
-                          "--reports", str(reports), "--run-id", "other", "--resume", "--work", str(root / "work")],
-                         env=place["env"], capture_output=True, text=True)
-    assert out.returncode == 2 and f"{other / 'probe.json'}: a record of another scenario" in out.stderr
+    out = resume("other", {"schema": 1, "scenario": {"raw": {"name": "else"}, "path": "x"}})
+    assert out.returncode == 2 and "probe.json: a record of another scenario" in out.stderr
+    out = resume("old", {"schema": 1, "scenario": {"raw": tomllib.loads(SCENARIO), "path": "x"},
+                         "git": {"commit": "0" * 40}})
+    assert out.returncode == 2 and f"measured at commit {'0' * 40}, this checkout is at" in out.stderr
 
 
 # ---- fuzzing the parsers of untrusted input ------------------------------------------------------------------
