@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated METRIC[:TOLERANCE]: counters, bytes_per_token, reads_per_token, "
                         "neurons_per_token (default tolerance 0), verdicts, speedup_over_naive, fio_fraction, "
                         "tokens_per_s (same machine only; default 10%%), or none "
-                        "(default: counters,verdicts,speedup_over_naive:30%%,fio_fraction:30%%); timed metrics are "
+                        "(default: counters,verdicts,speedup_over_naive:30%%); timed metrics are "
                         "gated on each model's geometric mean over its configurations")
     p.add_argument("--json", help="also write the comparison as JSON here")
     p.set_defaults(func=cmd_compare)

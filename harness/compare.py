@@ -7,7 +7,7 @@ Figures are gated by what they can honestly be compared on:
 - raw times (tokens/s) are shown, but a rule on them is refused unless both runs come from the same machine.
 Timed figures are gated on each model's geometric mean over its configurations: one configuration's timing in one
 run is too noisy to gate alone (smoke runs of one commit here differ by up to 60% in single configurations, by up
-to 18% in the per-model mean, hence the default tolerances of 30%). Every ratio column is candidate against
+to 18% in the per-model mean, hence the default tolerance of 30%). Every ratio column is candidate against
 baseline, oriented so that > 1 is better.
 """
 
@@ -58,7 +58,9 @@ METRICS = {m.name: m for m in (
     Metric("tokens_per_s", TIME, True, "tokens/s", lambda rec, naive: rec["metrics"]["tokens_per_s"]),
 )}
 VERDICTS = "verdicts"
-DEFAULT_RULES = "counters,verdicts,speedup_over_naive:30%,fio_fraction:30%"
+# fio_fraction is left to ask for: on a virtual disk whose host caches files, fio itself swings 3x between runs
+# (two fresh smoke probes here: 200 and 633 MiB/s at 64 KiB x 16), so the fraction is no gate there.
+DEFAULT_RULES = "counters,verdicts,speedup_over_naive:30%"
 
 
 @dataclass(frozen=True)
