@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
-def teacher_forced(engine, tokens: list[int], prompt: int = 1) -> torch.Tensor:
+def teacher_forced(engine, tokens: list[int], prompt: int = 1, step_seconds: list[float] | None = None) -> torch.Tensor:
     """Logits [len(tokens) - 1, vocab] predicting tokens[1:]: prefill the first `prompt` tokens, then step
-    through the rest one at a time, as decoding does."""
+    through the rest one at a time, as decoding does. `step_seconds` collects each step's wall time."""
     logits = [engine.prefill(tokens[:prompt])]
-    logits += [engine.step(t)[None] for t in tokens[prompt:-1]]
+    for t in tokens[prompt:-1]:
+        t0 = time.perf_counter()
+        logits.append(engine.step(t)[None])
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - t0)
     return torch.cat(logits)
 
 

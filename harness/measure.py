@@ -126,16 +126,6 @@ def token_metrics(steps: list[TokenStats]) -> dict:
     }
 
 
-def _cache_peak_used(engine: FlashEngine) -> int:
-    """Bytes of the neuron caches' rows ever occupied at once, summed over layers: the cache DRAM the run needed
-    (the `cache` figure is what was reserved, which the budget would cap)."""
-    if engine.techniques.reads_whole_layers:
-        return 0
-    g = engine.layout.geometry
-    row_bytes = (len(g.vectors) * g.d_model + (1 if engine.layout.config.bias else 0)) * 4
-    return sum(block.ffn.peak_rows for block in engine.model.layers) * row_bytes
-
-
 def fio_reference(metrics: dict, threads: int, probe: Probe | None) -> dict | None:
     """The probe's bandwidth at our mean read size and thread count, and our effective bandwidth's ratio to it."""
     if probe is None or not metrics["mean_read_bytes"]:
@@ -176,7 +166,7 @@ def measure(model: ModelUnderTest, config: Configuration, settings: Settings, pr
         logits = teacher_forced(engine, tokens)
         metrics = token_metrics(engine.history[1:])
         dram = vars(engine.dram) | {"weights_total": engine.dram.weights_total,
-                                    "cache_peak_used": _cache_peak_used(engine)}
+                                    "cache_peak_used": engine.cache_peak_used()}
         ref = model.reference
         verdict = None
         if ref is not None:

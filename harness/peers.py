@@ -47,14 +47,14 @@ class PeerResult:
 # ---- the memory cap ----------------------------------------------------------------------------------------------
 
 
-def enter_cgroup(name: str) -> tuple[Path | None, str]:
-    """Move this process into a fresh cgroup-v1 memory group; (its path, or None and why not)."""
+def enter_cgroup(name: str, pid: int | None = None) -> tuple[Path | None, str]:
+    """Move a process (default: this one) into a fresh cgroup-v1 memory group; (its path, or None and why not)."""
     if not CGROUP_ROOT.is_dir():
         return None, f"no cgroup v1 memory controller at {CGROUP_ROOT}"
     group = CGROUP_ROOT / name
     try:
         group.mkdir(exist_ok=True)
-        (group / "cgroup.procs").write_text(str(os.getpid()))
+        (group / "cgroup.procs").write_text(str(pid or os.getpid()))
     except OSError as e:
         return None, f"cannot create or join {group} ({e.strerror}; needs root)"
     return group, str(group)

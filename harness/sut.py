@@ -231,22 +231,12 @@ class MemoryCap:
     why."""
 
     def __init__(self, pid: int):
-        from .peers import CGROUP_ROOT, remove_stale_groups
+        from .peers import enter_cgroup, remove_stale_groups
 
-        self.group: Path | None = None
-        self.reason, self.limit = "", 0
-        if not CGROUP_ROOT.is_dir():
-            self.reason = f"no cgroup v1 memory controller at {CGROUP_ROOT}"
-            return
         remove_stale_groups()
-        group = CGROUP_ROOT / f"flashbench-sut-{pid}"
-        try:
-            group.mkdir(exist_ok=True)
-            (group / "cgroup.procs").write_text(str(pid))  # charged from here on: what it allocates after hello
-        except OSError as e:
-            self.reason = f"cannot create or join {group} ({e.strerror}; needs root)"
-            return
-        self.group = group
+        self.group, where = enter_cgroup(f"flashbench-sut-{pid}", pid)  # charged from here on
+        self.reason = "" if self.group else where
+        self.limit = 0
 
     def cap(self, extra: int) -> None:
         if self.group is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -99,16 +98,6 @@ def dense_run(case: Case) -> DenseRun:
     return DenseRun(tokens, teacher_forced(engine, tokens), prompt, greedy_tokens(engine, prompt, case.greedy_tokens))
 
 
-def _timed_pass(sut: SystemUnderTest, tokens: list[int]) -> tuple[torch.Tensor, list[float]]:
-    """teacher_forced, with the harness's clock around every decode step."""
-    logits, seconds = [sut.prefill(tokens[:1])], []
-    for t in tokens[1:-1]:
-        t0 = time.perf_counter()
-        logits.append(sut.step(t)[None])
-        seconds.append(time.perf_counter() - t0)
-    return torch.cat(logits), seconds
-
-
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -161,7 +150,8 @@ def _measure_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropp
                               f"the same {len(prompt)}-token prompt twice: max |logit difference| {diff:.3g} "
                               f"(<= {DETERMINISM_TOLERANCE:g})"))
     samples.append(watch.usage())
-    timed_logits, seconds = _timed_pass(sut, dense.tokens)
+    seconds: list[float] = []  # the harness's clock around every decode step
+    timed_logits = teacher_forced(sut, dense.tokens, step_seconds=seconds)
     diff = float((timed_logits - logits).abs().max())
     subchecks.append(SubCheck("audit.performance_matches_accuracy", diff <= DETERMINISM_TOLERANCE,
                               f"every position of the performance run against the accuracy run: max |logit "

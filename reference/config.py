@@ -59,6 +59,12 @@ class ModelConfig:
     def bias(self) -> bool:
         return self.arch == "opt"
 
+    def require_relu(self, where: str) -> None:
+        """The suite is about ReLU FFNs: theirs are the sparse activations flash inference relies on."""
+        if self.activation != "relu":
+            raise CheckpointError(f"{where}: activation {self.activation!r} is not supported: the suite is about "
+                                  "ReLU FFNs, whose activations are sparse")
+
     # ---- Hugging Face config.json ------------------------------------------------------------
 
     @classmethod

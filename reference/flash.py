@@ -272,7 +272,7 @@ class FlashEngine(Engine):
 
         resident_bytes = sum(t.nbytes for t in resident.values()) + sum(
             b.nbytes for pair in biases.values() for b in pair if b is not None)
-        row_bytes = (len(g.vectors) * g.d_model + (1 if config.bias else 0)) * 4
+        self.row_bytes = row_bytes = (len(g.vectors) * g.d_model + (1 if config.bias else 0)) * 4  # a cache row
         capacity = 0 if techniques.reads_whole_layers else g.d_ffn
         if dram_budget is not None and not techniques.reads_whole_layers:
             fixed = resident_bytes + source.nbytes
@@ -302,6 +302,11 @@ class FlashEngine(Engine):
                             source.nbytes, self.cache.nbytes)
         if dram_budget is not None and self.dram.weights_total > dram_budget:
             raise BudgetError(f"DRAM budget {dram_budget:,} bytes < {self.dram.weights_total:,} needed ({self.dram})")
+
+    def cache_peak_used(self) -> int:
+        """Bytes of the neuron caches' rows ever occupied at once, summed over layers: the cache DRAM the run needed
+        (`dram.cache` is what was reserved, which a budget caps)."""
+        return sum(block.ffn.peak_rows for block in self.model.layers) * self.row_bytes
 
     @staticmethod
     def _buffer_bytes(techniques: Techniques, layout: FlashLayout, capacity: int) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_state_dict
-from .config import CheckpointError, ModelConfig
+from .config import ModelConfig
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq legacy)
 
@@ -133,11 +133,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, ffn: Callable[[int], nn.Module] | None = None):
         """`ffn(layer)` makes each layer's FFN module: the dense `FFN` by default, the flash engine's otherwise."""
         super().__init__()
-        if config.activation != "relu":
-            raise CheckpointError(
-                f"activation {config.activation!r} is not supported: the suite is about ReLU FFNs, whose "
-                "activations are sparse"
-            )
+        config.require_relu("model config")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         if config.arch == "opt":
@@ -195,9 +191,7 @@ class Transformer(nn.Module):
     def from_checkpoint(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> "Transformer":
         """Load an HF checkpoint; weights in any stored float dtype are computed in fp32."""
         config = ModelConfig.load(checkpoint_dir)
-        if config.activation != "relu":
-            raise CheckpointError(f"{Path(checkpoint_dir) / 'config.json'}: activation {config.activation!r} is not "
-                                  "supported: the suite is about ReLU FFNs, whose activations are sparse")
+        config.require_relu(str(Path(checkpoint_dir) / "config.json"))  # before reading any weights
         state = load_state_dict(checkpoint_dir, config)
         model = cls(config)
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
