@@ -88,6 +88,7 @@ class DenseRun:
     logits: torch.Tensor
     prompt: list[int]
     continuation: list[int]
+    tokens_per_s: float  # dense inference in this process, timed as the SUT's performance run is: the reference
 
 
 def dense_run(case: Case) -> DenseRun:
@@ -95,7 +96,10 @@ def dense_run(case: Case) -> DenseRun:
     tokens = [BOS] + ids[: case.tokens - 1]
     prompt = [BOS] + ids[case.tokens : case.tokens + case.greedy_prompt - 1]
     engine = Engine(Transformer.from_checkpoint(case.checkpoint))
-    return DenseRun(tokens, teacher_forced(engine, tokens), prompt, greedy_tokens(engine, prompt, case.greedy_tokens))
+    seconds: list[float] = []
+    logits = teacher_forced(engine, tokens, step_seconds=seconds)
+    return DenseRun(tokens, logits, prompt, greedy_tokens(engine, prompt, case.greedy_tokens),
+                    len(seconds) / sum(seconds))
 
 
 def _mib(n: float) -> str:
@@ -174,7 +178,7 @@ def _measure_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropp
         "performance": {"tokens": len(seconds), "tokens_per_s": len(seconds) / sum(seconds),
                         "ms_per_token": {"mean": statistics.fmean(ms), "p50": ms[len(ms) // 2],
                                          "p90": ms[int(0.9 * (len(ms) - 1))]},
-                        "sut_reported": claims},
+                        "sut_reported": claims, "dense_reference_tokens_per_s": dense.tokens_per_s},
         "process": {"held_before_load": before.held, "held_peak_sampled": max(u.held for u in samples),
                     "rss_before_load": before.rss, "peak_rss": after.peak_rss, "peak_reset": peak_reset,
                     "storage_read_bytes_decoding": storage_read, "claimed_bytes_read_decoding": claimed,
@@ -249,6 +253,7 @@ def summary(result: dict) -> str:
         return "\n".join(lines + ["  performance: not measured (the SUT was killed)"])
     own = perf["sut_reported"].get("ms_per_token")
     lines.append(f"  performance: {perf['tokens_per_s']:.3g} tokens/s over {perf['tokens']} decode steps "
-                 f"(ms per token p50 {perf['ms_per_token']['p50']:.2f}, p90 {perf['ms_per_token']['p90']:.2f})"
+                 f"(ms per token p50 {perf['ms_per_token']['p50']:.2f}, p90 {perf['ms_per_token']['p90']:.2f}); "
+                 f"dense inference in the harness, same tokens: {perf['dense_reference_tokens_per_s']:.3g} tokens/s"
                  + (f"; the SUT's breakdown: " + ", ".join(f"{k} {v:.2f}" for k, v in own.items()) if own else ""))
     return "\n".join(lines)
