@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
@@ -39,19 +40,22 @@ from .records import SCHEMA, git_commit, machine_info, versions, write_json_atom
 from .scenario import ModelSpec, Scenario
 
 
-def embedded_model(spec: ModelSpec, work: Path, progress=print) -> tuple[ModelUnderTest, dict]:
-    """An embedded (or any HF ReLU) checkpoint with its trained predictor: dense reference, hot and dead neurons."""
+def embedded_model(spec: ModelSpec, work: Path, progress=print,
+                   dtype: torch.dtype = torch.float32) -> tuple[ModelUnderTest, dict]:
+    """An embedded (or any HF ReLU) checkpoint with its trained predictor: dense reference (computing in `dtype`, as
+    the engine does), hot and dead neurons."""
     path = suite.model_path(spec.name)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: no such checkpoint (embedded models: {', '.join(suite.EMBEDDED_MODELS)})")
     predictor_path = path / "predictor"
     predictor = Predictor.load(predictor_path)
-    model = Transformer.from_checkpoint(path)
+    model = Transformer.from_checkpoint(path, dtype=dtype)
     ids = encode(suite.heldout_text(), bos=False)
     tokens = [BOS] + ids[: spec.tokens - 1]
     prompt = [BOS] + ids[spec.tokens : spec.tokens + spec.greedy_prompt - 1]
 
-    progress(f"  dense reference: {len(tokens)} held-out tokens teacher-forced, greedy {spec.greedy_tokens} tokens")
+    progress(f"  dense reference ({str(dtype).removeprefix('torch.')}): {len(tokens)} held-out tokens "
+             f"teacher-forced, greedy {spec.greedy_tokens} tokens")
     dense = Engine(model, max_len=max(len(tokens), len(prompt) + spec.greedy_tokens))
     t0 = time.perf_counter()
     logits = teacher_forced(dense, tokens)
@@ -79,13 +83,16 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print) -> tuple[ModelUn
             "counts": {"text": where, "tokens": len(train)}, "pruning": pruning,
             "dense": {"tokens_per_s": reference.tokens_per_s, "teacher_forced_tokens": len(tokens),
                       "greedy_prompt_tokens": len(prompt), "greedy_tokens": len(continuation),
-                      "weights_bytes": sum(p.numel() * 4 for p in model.parameters())}}
+                      "dtype": str(dtype).removeprefix("torch."),
+                      "weights_bytes": sum(p.nbytes for p in model.parameters())}}
     return mut, info
 
 
-def synthetic_model(spec: ModelSpec, work: Path, progress=print) -> tuple[ModelUnderTest, dict]:
+def synthetic_model(spec: ModelSpec, work: Path, progress=print,
+                    dtype: torch.dtype = torch.float32) -> tuple[ModelUnderTest, dict]:
     """A paper-scale random-weight model (written once per shape and seed, then reused) replaying a trace; the
-    trace's first `tokens` sets are replayed, the next `counts_tokens` choose hot and dead neurons."""
+    trace's first `tokens` sets are replayed, the next `counts_tokens` choose hot and dead neurons. It has no dense
+    reference, so `dtype` plays no part here."""
     from flashbench.reference.sources import Trace as TraceSource
     from flashbench.suite import traces
     from flashbench.suite.synthetic import shape_config, weight_bytes, write_synthetic
@@ -238,7 +245,12 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
             continue
         progress(f"[model {i}/{len(scenario.models)}] {spec.name}")
         prepare = synthetic_model if spec.name.startswith("synthetic:") else embedded_model
-        model, info = prepare(spec, work, progress)
+        model, info = prepare(spec, work, progress, scenario.settings.dtype_of_compute)
+        budget = int(spec.dram_budget * sum(f.stat().st_size for f in weight_files(model.checkpoint)))
+        engine_budget = budget if spec.engine_within_budget else None
+        if engine_budget:
+            progress(f"  our engine within the DRAM budget: {budget:,} bytes ({spec.dram_budget:.0%} of the "
+                     f"checkpoint)")
         if not keep(f"{name}/model.json"):
             write(f"{name}/model.json", {"kind": "model", "model": name, "spec": asdict(spec)} | info)
         for j, config in enumerate(configs, 1):
@@ -246,14 +258,13 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
             if rec := keep(rel):
                 progress(f"  [{j:2d}/{len(configs)}] {config.name}: kept")
             else:
-                rec = measure(model, config, scenario.settings, storage_probe, progress)
+                rec = measure(model, config, scenario.settings, storage_probe, progress, engine_budget)
                 rec = {"kind": "configuration", "spec": asdict(spec), "settings": asdict(scenario.settings),
                        "seeds": {"model": spec.seed}} | rec
                 write(rel, rec)
                 progress(f"  [{j:2d}/{len(configs)}] {_summary(rec)}")
             check_exact(rel, rec)
         model.release()
-        budget = int(spec.dram_budget * sum(f.stat().st_size for f in weight_files(model.checkpoint)))
         for peer in spec.peers:
             if keep(f"{name}/peer-{peer}.json"):
                 progress(f"  peer {peer}: kept")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flashbench.reference.flash import Techniques
+import torch
+
+from flashbench.reference.flash import COMPUTE_DTYPES, Techniques
 
 from .agreement import APPROXIMATE, Tolerance
 
@@ -29,11 +31,21 @@ class Settings:
     hybrid: float = 0.25  # fraction of each layer's neurons kept resident, with the hybrid
     threads: int = 16  # reader threads
     dtype: str = "float16"  # FFN storage dtype without quantization (int8 with it)
+    # The precision the engine (and the dense reference it is judged against) holds weights and computes in.
+    compute_dtype: str = "float32"
     gap_bytes: int = 0  # the reader merges reads this close, reading the bytes between (sparse configurations)
     # Configurations that need every neuron not kept resident (the hybrid alone): one long read past a hot neuron's
     # bytes costs less than two reads, so these merge reads up to this far apart.
     whole_gap_bytes: int = 1 << 20
     approximate: Tolerance = APPROXIMATE
+
+    @property
+    def dtype_of_compute(self) -> torch.dtype:
+        return COMPUTE_DTYPES[self.compute_dtype]
+
+    def __post_init__(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class Configuration:
             memory="preallocated" if "memory" in self.on else "regather",
             threads=settings.threads,
             gap_bytes=settings.gap_bytes if sparse else settings.whole_gap_bytes,
+            compute_dtype=settings.compute_dtype,
         )
 
     def layout(self, dtype: str = "float16") -> "LayoutSpec":

@@ -20,7 +20,7 @@ from flashbench.reference.flash import BudgetError, FlashEngine, TokenStats
 from flashbench.reference.layout import FlashLayout, checkpoint_hash, convert
 from flashbench.reference.sources import ActivationSource
 
-from .agreement import EXACT, agreement, checks, greedy_tokens, matched_prefix, teacher_forced
+from .agreement import agreement, exact_at, checks, greedy_tokens, matched_prefix, teacher_forced
 from .matrix import Configuration, LayoutSpec, Settings
 from .probe import Probe
 
@@ -61,10 +61,10 @@ class ModelUnderTest:
         """Forget the shared resident tensors (gigabytes at paper scale), e.g. before the peers run."""
         self._resident.clear()
 
-    def resident(self, layout: FlashLayout) -> dict:
-        key = layout.files["resident.safetensors"]["sha256"]
+    def resident(self, layout: FlashLayout, dtype: torch.dtype) -> dict:
+        key = (layout.files["resident.safetensors"]["sha256"], dtype)
         if key not in self._resident:
-            self._resident = {key: layout.resident_state()}  # one at a time: a paper-scale one is gigabytes
+            self._resident = {key: layout.resident_state(dtype)}  # one at a time: a paper-scale one is gigabytes
         return self._resident[key]
 
     @property
@@ -139,8 +139,9 @@ def fio_reference(metrics: dict, threads: int, probe: Probe | None) -> dict | No
 
 
 def measure(model: ModelUnderTest, config: Configuration, settings: Settings, probe: Probe | None,
-            progress=print) -> dict:
-    """One configuration on one model: the record's parameters, metrics and verdicts."""
+            progress=print, dram_budget: int | None = None) -> dict:
+    """One configuration on one model: the record's parameters, metrics and verdicts. With `dram_budget` the engine
+    must fit it (else the record says it does not)."""
     techniques = config.engine_settings(settings, model.source)
     spec = config.layout(settings.dtype)
     layout = model.layout(spec, progress)
@@ -156,10 +157,11 @@ def measure(model: ModelUnderTest, config: Configuration, settings: Settings, pr
     if techniques.source == "all" and model.whole_read_tokens:
         tokens = tokens[: model.whole_read_tokens]
     record["teacher_forced_tokens"] = len(tokens)
+    record["dram_budget"] = dram_budget
     try:
         engine = FlashEngine(layout, techniques, source=model.new_source() if "predictor" in config.on else None,
-                             neuron_counts=model.neuron_counts, max_len=model.max_len,
-                             resident=model.resident(layout))
+                             neuron_counts=model.neuron_counts, max_len=model.max_len, dram_budget=dram_budget,
+                             resident=model.resident(layout, techniques.dtype))
     except BudgetError as e:
         return record | {"status": "does-not-fit", "error": str(e)}
     try:
@@ -173,13 +175,16 @@ def measure(model: ModelUnderTest, config: Configuration, settings: Settings, pr
             a = agreement(ref.logits[: len(tokens) - 1], logits, tokens[1:])
             got = greedy_tokens(engine, ref.prompt, len(ref.continuation))
             matched = matched_prefix(ref.continuation, got)
-            tolerance = EXACT if config.exact else settings.approximate
+            tolerance = exact_at(techniques.dtype) if config.exact else settings.approximate
             results = checks(a, matched, len(ref.continuation), tolerance)
-            verdict = {"tolerance": "exact" if tolerance.exact else "approximate",
+            label = "exact" if techniques.compute_dtype == "float32" else f"exact at {techniques.compute_dtype}"
+            verdict = {"tolerance": label if tolerance.exact else "approximate",
                        "passed": all(c.passed for c in results),
                        "checks": [vars(c) | {"passed": c.passed} for c in results],
                        "perplexity": a.perplexity, "dense_perplexity": a.dense_perplexity,
                        "greedy_matched_tokens": matched, "greedy_tokens": len(ref.continuation)}
+    except BudgetError as e:  # a pass needed more neurons than the budget's cache or buffer holds
+        return record | {"status": "does-not-fit", "error": str(e)}
     finally:
         engine.close()
     return record | {

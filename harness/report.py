@@ -309,7 +309,9 @@ def _agreement_table(recs: list[dict]) -> list:
                  f"predictor, int8, pruning): KL <= {APPROXIMATE.max_mean_kl:g}, top-1 >= "
                  f"{APPROXIMATE.min_top1_agreement:.0%}, perplexity ratio <= {APPROXIMATE.max_perplexity_ratio:g}, "
                  f"greedy match >= {APPROXIMATE.min_greedy_match:.0%} of the continuation, max |logit diff| <= "
-                 f"{APPROXIMATE.max_abs_logit_diff:g}."),
+                 f"{APPROXIMATE.max_abs_logit_diff:g}. 'exact at float16' (or bfloat16): engine and dense reference "
+                 f"both compute in that precision, and the exact limits scale with its rounding unit (each check's "
+                 f"limit is in the record)."),
             Table(["configuration", "tolerance", "max |logit diff|", "mean KL", "top-1", "perplexity ratio",
                    "greedy match", "verdict"], rows)]
 
@@ -424,14 +426,15 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
                         f"Settings: {json.dumps(recs[0]['settings'])}. "
                         + (f"Dense inference (all weights in DRAM) on the same tokens: "
                            f"{d['dense']['tokens_per_s']:.3g} tokens/s. " if d.get("dense") else "")
-                        + _budget(peers.get(model, [])) + _prerequisites(recs))]
+                        + _budget(recs, peers.get(model, [])) + _prerequisites(recs))]
         blocks += _table2(model, by) + _table3(model, by, _all_name(recs))
         blocks += [Heading(3, "Technique matrix"),
                    Para("Per decode step: tokens/s and its ratio to the naive run of this invocation; latency parts, "
                         "mean (p90), in ms; bytes and read operations per token (exact counters); effective read "
                         "bandwidth and its ratio to the probe's at the nearest chunk size and thread count; DRAM held "
-                        "for weights (resident, held as fp32 for compute, + the neuron cache rows in use at the peak "
-                        "+ read buffers + predictor; KV cache apart)."),
+                        f"for weights (resident, held in the compute dtype "
+                        f"({recs[0]['engine'].get('compute_dtype', 'float32')}), + the neuron cache rows in use at the "
+                        f"peak + read buffers + predictor; KV cache apart)."),
                    _matrix_table(recs)]
         blocks += _agreement_table(recs) + _all_but_one(recs) + _peers_section(recs, peers.get(model, []))
         for key, caption in ((f"latency-{model}", "per-token latency by part, per configuration"),
@@ -443,7 +446,11 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
     return blocks, frame[keep] if len(frame) else frame, f"flashbench report {index['run_id']}"
 
 
-def _budget(peers: list[dict]) -> str:
+def _budget(recs: list[dict], peers: list[dict]) -> str:
+    ours = {r["dram_budget"] for r in recs if r.get("dram_budget")}
+    if len(ours) == 1:
+        return (f"DRAM budget for weights, held by our engine (a configuration that cannot fit says so) and by the "
+                f"peers: {_bytes(ours.pop())}. ")
     budgets = {p["dram_budget_bytes"] for p in peers if p.get("dram_budget_bytes")}
     return (f"DRAM budget (the peers' cap; our engine's use is in the DRAM column): {_bytes(budgets.pop())}. "
             if len(budgets) == 1 else "")

@@ -16,12 +16,13 @@ VECTORS_PLAIN = ("up", "down")
 
 
 class NeuronCache:
-    def __init__(self, capacity: int, d_model: int, d_ffn: int, gated: bool, bias: bool):
+    def __init__(self, capacity: int, d_model: int, d_ffn: int, gated: bool, bias: bool,
+                 dtype: torch.dtype = torch.float32):
         self.capacity = capacity
         self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
         # Uninitialised: rows are written before they are used, and untouched pages cost no DRAM until then.
-        self.rows = {v: torch.empty(capacity, d_model) for v in self.vectors}
-        self.up_bias = torch.empty(capacity) if bias else None
+        self.rows = {v: torch.empty(capacity, d_model, dtype=dtype) for v in self.vectors}
+        self.up_bias = torch.empty(capacity, dtype=dtype) if bias else None
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.slot_of = np.full(d_ffn, -1, dtype=np.int64)
         self.n = 0
@@ -87,12 +88,12 @@ class RegatherCache:
     """What a plain implementation does (the `memory=regather` ablation): the matrices kept sorted by neuron id,
     and every insertion or deletion builds them anew (allocate, gather, copy) instead of editing them in place."""
 
-    def __init__(self, capacity: int, d_model: int, gated: bool, bias: bool):
+    def __init__(self, capacity: int, d_model: int, gated: bool, bias: bool, dtype: torch.dtype = torch.float32):
         self.capacity = capacity
         self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
         self.ids = np.zeros(0, dtype=np.int64)
-        self.rows = {v: torch.zeros(0, d_model) for v in self.vectors}
-        self.up_bias = torch.zeros(0) if bias else None
+        self.rows = {v: torch.zeros(0, d_model, dtype=dtype) for v in self.vectors}
+        self.up_bias = torch.zeros(0, dtype=dtype) if bias else None
         self.pinned_ids = np.zeros(0, dtype=np.int64)
 
     @property

@@ -8,7 +8,12 @@ Every technique is a switch of `Techniques` on this one engine:
 - `memory`: `preallocated` (the neuron cache's fixed matrix) or `regather` (matrices rebuilt per token);
 - the flash directory's layout (bundled or unbundled), storage dtype (int8 included) and dead-neuron pruning
   (neurons left out of the layout are dropped from every set) are the directory's;
-- `threads`, `direct`, `gap_bytes`: the reader's settings.
+- `threads`, `direct`, `gap_bytes`: the reader's settings;
+- `compute_dtype`: the precision weights are held and multiplied in. float32 is exact against the float32 dense
+  engine; float16 or bfloat16 (the paper's 16-bit setting) halves the DRAM resident weights and the neuron cache
+  need, and is compared with a dense engine of the same precision.
+With no window, nothing is reused, so the delta is multiplied straight from the read buffer and only the hot
+neurons live in the neuron cache.
 Per token it reports I/O, memory management, predictor and compute seconds, and the reader's exact counters.
 """
 
@@ -34,6 +39,7 @@ from .sources import ActivationSource, AllNeurons, Oracle
 SOURCES = ("predictor", "oracle", "trace", "all")
 PINNED = np.iinfo(np.int64).max  # the "last needed" position of hot neurons: never evicted
 MEMORY = ("preallocated", "regather")
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class BudgetError(ValueError):
@@ -49,8 +55,11 @@ class Techniques:
     threads: int = 16
     direct: bool = True
     gap_bytes: int = 0
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.memory not in MEMORY:
@@ -59,6 +68,10 @@ class Techniques:
             raise ValueError(f"window must be >= 0 and hybrid in [0, 1], got {self.window}, {self.hybrid}")
         if self.source == "all" and self.window:
             raise ValueError("source 'all' needs every neuron every token: a window saves nothing")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return COMPUTE_DTYPES[self.compute_dtype]
 
     @property
     def reads_whole_layers(self) -> bool:
@@ -95,10 +108,10 @@ class _Shared:
     layout: FlashLayout
     reader: FlashReader
     source: ActivationSource
-    capacity: int
+    capacity: int  # neuron cache rows per layer
     stats: TokenStats = field(default_factory=TokenStats)
     file_buffer: np.ndarray | None = None  # naive mode: one whole layer file
-    record_buffer: np.ndarray | None = None  # the delta's records
+    record_buffer: np.ndarray | None = None  # the delta's records: at most this many neurons read per pass
 
 
 class FlashFFN(nn.Module):
@@ -116,10 +129,11 @@ class FlashFFN(nn.Module):
         self.record_of = np.full(d_ffn, -1, dtype=np.int64)
         self.record_of[self.stored] = np.arange(len(self.stored))
         self.gated = "gate" in g.vectors
+        dtype = shared.techniques.dtype
         if shared.techniques.memory == "regather":
-            self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None)
+            self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None, dtype)
         else:
-            self.cache = NeuronCache(shared.capacity, g.d_model, d_ffn, self.gated, up_bias is not None)
+            self.cache = NeuronCache(shared.capacity, g.d_model, d_ffn, self.gated, up_bias is not None, dtype)
         self.hot = self._stored_only(np.sort(hot).astype(np.int64))
         # The window: the position of the last token that needed each neuron (hot ones: never evicted).
         self.last_needed = np.full(d_ffn, -1, dtype=np.int64)
@@ -130,8 +144,12 @@ class FlashFFN(nn.Module):
 
     def load_hot(self) -> None:
         """Read the hybrid's hot neurons once and pin them (not counted as per-token I/O)."""
-        if len(self.hot):
-            self.cache.insert(self.hot, self._read(self.hot, count=False), self._bias(self.hot), pin=True)
+        if not len(self.hot):
+            return
+        step = len(self.shared.record_buffer)
+        for i in range(0, len(self.hot), step):  # as many at a time as the read buffer holds
+            ids = self.hot[i : i + step]
+            self.cache.insert(ids, self._read(ids, count=False), self._bias(ids), pin=True)
 
     def reset(self) -> None:
         self.cache.delete(np.setdiff1d(self.cache.cached_ids(), self.hot))
@@ -152,7 +170,7 @@ class FlashFFN(nn.Module):
         if count:
             sh.stats.io += stats
         t0 = time.perf_counter()
-        rows = decode_records(out, self.geometry)
+        rows = decode_records(out, self.geometry, sh.techniques.dtype)
         sh.stats.memory_s += time.perf_counter() - t0
         return rows
 
@@ -168,23 +186,41 @@ class FlashFFN(nn.Module):
 
         start, end = self.position, self.position + len(sets)
         self.position = end
+        needed = self._stored_only(np.union1d(self.hot, np.concatenate(sets)))
+        self.max_needed = max(self.max_needed, len(needed))
+        if not sh.techniques.window:
+            return self._uncached(xs, needed)[None]
         for j, ids in enumerate(sets):
             self.last_needed[ids] = np.maximum(self.last_needed[ids], start + j)
-        needed = self._stored_only(np.union1d(self.hot, np.concatenate(sets)))
         delta = self._make_room(needed, start, self.cache.missing(needed))
         rows = self._read(delta)
         t0 = time.perf_counter()
         self.cache.insert(delta, rows, self._bias(delta))
-        self.peak_rows, self.max_needed = max(self.peak_rows, self.cache.n), max(self.max_needed, len(needed))
-        weights, bias = self.cache.matrices()
+        self.peak_rows = max(self.peak_rows, self.cache.n)
+        cached = self.cache.matrices()
         sh.stats.memory_s += time.perf_counter() - t0
 
-        out = self._ffn(xs, weights, bias)
+        out = self._ffn(xs, [cached])
         t0 = time.perf_counter()
         self._evict_before(end - sh.techniques.window)  # keep what the last k tokens needed
         sh.stats.memory_s += time.perf_counter() - t0
         sh.stats.cached += self.cache.n
         return out[None]
+
+    def _uncached(self, xs: torch.Tensor, needed: np.ndarray) -> torch.Tensor:
+        """No window, so no reuse: the delta (every needed neuron not hot) is multiplied straight from the read
+        buffer, beside the hot neurons in the cache; nothing is inserted or evicted."""
+        delta = self.cache.missing(needed)
+        room = len(self.shared.record_buffer)
+        if len(delta) > room:
+            raise BudgetError(f"layer {self.layer}: a pass needs {len(delta)} neurons read, the read buffer holds "
+                              f"{room}: raise the DRAM budget")
+        parts = [(self._read(delta), self._bias(delta))]
+        if self.cache.n:
+            parts.append(self.cache.matrices())
+        self.peak_rows = max(self.peak_rows, self.cache.n)
+        self.shared.stats.cached += self.cache.n
+        return self._ffn(xs, parts)
 
     def _evict_before(self, position: int) -> None:
         """Delete the cached neurons last needed before `position` (hot ones never are)."""
@@ -210,20 +246,33 @@ class FlashFFN(nn.Module):
         buffer = sh.file_buffer[: self.geometry.file_bytes]
         sh.stats.io += sh.reader.read_layer(self.layer, buffer)
         t0 = time.perf_counter()
-        weights = decode_layer_file(buffer, self.geometry)
+        weights = decode_layer_file(buffer, self.geometry, sh.techniques.dtype)
         sh.stats.memory_s += time.perf_counter() - t0
-        return self._ffn(xs, weights, self._bias(self.stored))
+        return self._ffn(xs, [(weights, self._bias(self.stored))])
 
-    def _ffn(self, xs: torch.Tensor, weights: dict[str, torch.Tensor], up_bias: torch.Tensor | None) -> torch.Tensor:
-        """The FFN over the given neurons' rows: down(relu(up x + b)), or down(relu(gate x) * up x) if gated."""
-        h = xs @ weights["gate" if self.gated else "up"].t()
-        if up_bias is not None:
-            h = h + up_bias
-        h = F.relu(h)
-        if self.gated:
-            h = h * (xs @ weights["up"].t())
-        out = h @ weights["down"]
+    def _ffn(self, xs: torch.Tensor, parts: list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]) -> torch.Tensor:
+        """The FFN summed over groups of neurons' rows (weights, up bias): down(relu(up x + b)), or
+        down(relu(gate x) * up x) if gated. The sum over neurons may be split anywhere: ReLU acts per neuron."""
+        out = None
+        for weights, up_bias in parts:
+            h = xs @ weights["gate" if self.gated else "up"].t()
+            if up_bias is not None:
+                h = h + up_bias
+            h = F.relu(h)
+            if self.gated:
+                h = h * (xs @ weights["up"].t())
+            part = _down(h, weights["down"])
+            out = part if out is None else out + part
         return out + self.down_bias if self.down_bias is not None else out
+
+
+def _down(h: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """h [T, n] @ down [n, d]. In 16 bits on the CPU, torch's matmul in this orientation (the sum runs down the rows)
+    is ~40x slower than matrix-vector products (measured: 110 ms against 7.5 ms for n = 3500, d = 4096, float16), so
+    there each position is one."""
+    if h.dtype == torch.float32 or h.device.type != "cpu":
+        return h @ down
+    return torch.stack([torch.mv(down.t(), row) for row in h])
 
 
 @dataclass(frozen=True)
@@ -255,7 +304,9 @@ class FlashEngine(Engine):
         layout = flash_dir if isinstance(flash_dir, FlashLayout) else FlashLayout.open(flash_dir)
         config, g = layout.config, layout.geometry
         self.layout, self.techniques = layout, techniques
-        resident = dict(resident) if resident is not None else layout.resident_state()
+        dtype = techniques.dtype
+        resident = ({k: v.to(dtype) for k, v in resident.items()} if resident is not None
+                    else layout.resident_state(dtype))
         biases = {i: (resident.pop(f"layers.{i}.ffn.up.bias", None), resident.pop(f"layers.{i}.ffn.down.bias", None))
                   for i in range(config.n_layers)}
         reader = FlashReader.for_layout(layout, threads=techniques.threads, direct=techniques.direct,
@@ -272,23 +323,15 @@ class FlashEngine(Engine):
 
         resident_bytes = sum(t.nbytes for t in resident.values()) + sum(
             b.nbytes for pair in biases.values() for b in pair if b is not None)
-        self.row_bytes = row_bytes = (len(g.vectors) * g.d_model + (1 if config.bias else 0)) * 4  # a cache row
-        capacity = 0 if techniques.reads_whole_layers else g.d_ffn
-        if dram_budget is not None and not techniques.reads_whole_layers:
-            fixed = resident_bytes + source.nbytes
-            per_neuron = row_bytes * config.n_layers + g.record_bytes  # a cache row in every layer + a buffer row
-            capacity = min(g.d_ffn, max(0, (dram_budget - fixed) // per_neuron))
-            if capacity <= n_hot:
-                raise BudgetError(
-                    f"DRAM budget {dram_budget:,} bytes cannot hold the resident weights ({resident_bytes:,}), the "
-                    f"activation source ({source.nbytes:,}), buffers and {n_hot} hot neurons plus any cache: "
-                    f"it would leave room for {capacity} neurons per layer"
-                )
+        # A neuron cache row: its vectors and up bias, in the compute dtype.
+        self.row_bytes = row_bytes = (len(g.vectors) * g.d_model + (1 if config.bias else 0)) * dtype.itemsize
+        capacity, buffer_rows = self._sizes(techniques, layout, resident_bytes + source.nbytes, n_hot, dram_budget,
+                                            max_delta=g.d_ffn - min(len(h) for h in hot))
         shared = _Shared(techniques, layout, reader, source, capacity)
         if techniques.reads_whole_layers:
             shared.file_buffer = aligned_buffer(g.file_bytes)
         else:
-            shared.record_buffer = aligned_buffer(capacity * g.record_bytes).reshape(capacity, g.record_bytes)
+            shared.record_buffer = aligned_buffer(buffer_rows * g.record_bytes).reshape(buffer_rows, g.record_bytes)
         self.shared = shared
         model = Transformer.for_assignment(config, ffn=lambda i: FlashFFN(i, shared, *biases[i], hot[i]))
         model.load_state_dict(resident, strict=True, assign=True)
@@ -298,8 +341,8 @@ class FlashEngine(Engine):
         super().__init__(model, max_len)
         self.history: list[TokenStats] = []
         cache_bytes = capacity * config.n_layers * row_bytes
-        self.dram = DramUse(resident_bytes, cache_bytes, self._buffer_bytes(techniques, layout, capacity),
-                            source.nbytes, self.cache.nbytes)
+        buffer_bytes = g.file_bytes if techniques.reads_whole_layers else buffer_rows * g.record_bytes
+        self.dram = DramUse(resident_bytes, cache_bytes, buffer_bytes, source.nbytes, self.cache.nbytes)
         if dram_budget is not None and self.dram.weights_total > dram_budget:
             raise BudgetError(f"DRAM budget {dram_budget:,} bytes < {self.dram.weights_total:,} needed ({self.dram})")
 
@@ -308,17 +351,40 @@ class FlashEngine(Engine):
         (`dram.cache` is what was reserved, which a budget caps)."""
         return sum(block.ffn.peak_rows for block in self.model.layers) * self.row_bytes
 
-    @staticmethod
-    def _buffer_bytes(techniques: Techniques, layout: FlashLayout, capacity: int) -> int:
-        g = layout.geometry
-        return g.file_bytes if techniques.reads_whole_layers else capacity * g.record_bytes
+    def _sizes(self, techniques: Techniques, layout: FlashLayout, fixed: int, n_hot: int, dram_budget: int | None,
+               max_delta: int) -> tuple[int, int]:
+        """Neuron cache rows per layer and read buffer rows (records), within `dram_budget` where one is given.
+        With a window, every layer's cache holds its window and the buffer one pass's delta; without one, the caches
+        hold the hot neurons only and the buffer, shared by all layers, as much of a pass as the budget leaves."""
+        g, n_layers = layout.geometry, layout.config.n_layers
+        if techniques.reads_whole_layers:
+            return 0, 0
+        if not techniques.window:
+            rows = max_delta
+            if dram_budget is not None:
+                rows = min(rows, max(0, (dram_budget - fixed - n_hot * n_layers * self.row_bytes) // g.record_bytes))
+                if rows == 0:
+                    raise BudgetError(
+                        f"DRAM budget {dram_budget:,} bytes cannot hold the resident weights and activation source "
+                        f"({fixed:,}), {n_hot} hot neurons per layer and a read buffer")
+            return n_hot, rows
+        if dram_budget is None:
+            return g.d_ffn, g.d_ffn
+        per_neuron = self.row_bytes * n_layers + g.record_bytes  # a cache row in every layer + a buffer row
+        capacity = min(g.d_ffn, max(0, (dram_budget - fixed) // per_neuron))
+        if capacity <= n_hot:
+            raise BudgetError(
+                f"DRAM budget {dram_budget:,} bytes cannot hold the resident weights and activation source "
+                f"({fixed:,}), buffers and {n_hot} hot neurons plus any cache: it would leave room for {capacity} "
+                f"neurons per layer")
+        return capacity, capacity
 
     @staticmethod
     def _default_source(techniques: Techniques, layout: FlashLayout, reader: FlashReader, biases) -> ActivationSource:
         if techniques.source == "all":
             return AllNeurons(layout.geometry.d_ffn)
         if techniques.source == "oracle":
-            return oracle_from_flash(layout, reader, biases)
+            return oracle_from_flash(layout, reader, biases, techniques.dtype)
         raise ValueError(f"source {techniques.source!r} must be passed in (a trained predictor or a trace)")
 
     def _timed(self, run, tokens: int) -> torch.Tensor:
@@ -346,7 +412,7 @@ class FlashEngine(Engine):
         self.shared.reader.close()
 
 
-def oracle_from_flash(layout: FlashLayout, reader: FlashReader, biases) -> Oracle:
+def oracle_from_flash(layout: FlashLayout, reader: FlashReader, biases, dtype: torch.dtype = torch.float32) -> Oracle:
     """The oracle's weights (up, or gate for gated FFNs) read once from flash and held in DRAM."""
     name = "gate" if "gate" in layout.geometry.vectors else "up"
     buffer = aligned_buffer(layout.geometry.file_bytes)
@@ -354,7 +420,7 @@ def oracle_from_flash(layout: FlashLayout, reader: FlashReader, biases) -> Oracl
     for layer in range(layout.config.n_layers):
         g = layout.geometry_of(layer)
         reader.read_layer(layer, buffer[: g.file_bytes])
-        weights.append(decode_layer_file(buffer[: g.file_bytes], g)[name].clone())
+        weights.append(decode_layer_file(buffer[: g.file_bytes], g, dtype)[name].clone())
         stored = layout.stored_ids(layer)
         bias = biases[layer][0] if name == "up" else None
         layer_biases.append(bias[torch.from_numpy(stored)] if bias is not None else None)

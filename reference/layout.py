@@ -144,39 +144,42 @@ def encode_vectors(matrix: torch.Tensor, dtype: str) -> np.ndarray:
     return np.concatenate([scale_bytes, q.view(torch.uint8).numpy()], axis=1)
 
 
-def decode_vectors(raw: np.ndarray, dtype: str, d_model: int) -> torch.Tensor:
-    """[n, vector_bytes] uint8 -> [n, d] float32 (int8 dequantized)."""
+def decode_vectors(raw: np.ndarray, dtype: str, d_model: int, out: torch.dtype = torch.float32) -> torch.Tensor:
+    """[n, vector_bytes] uint8 -> [n, d] in `out` (int8 dequantized); a view where `out` is the stored dtype."""
     raw = np.ascontiguousarray(raw)
     if raw.shape[0] == 0:
-        return torch.empty(0, d_model)
+        return torch.empty(0, d_model, dtype=out)
     if dtype != "int8":
-        return torch.from_numpy(raw).view(DTYPES[dtype]).reshape(raw.shape[0], d_model).float()
+        return torch.from_numpy(raw).view(DTYPES[dtype]).reshape(raw.shape[0], d_model).to(out)
     scale = torch.from_numpy(np.ascontiguousarray(raw[:, :SCALE_BYTES])).view(torch.float32).reshape(-1, 1)
     values = torch.from_numpy(np.ascontiguousarray(raw[:, SCALE_BYTES:])).view(torch.int8).float()
-    return values * scale
+    return (values * scale).to(out)
 
 
-def decode_records(records: np.ndarray, geometry: FFNGeometry) -> dict[str, torch.Tensor]:
-    """Reader output rows [n, record_bytes] -> {"up": [n, d], "down": [n, d], ("gate": [n, d])} in float32."""
+def decode_records(records: np.ndarray, geometry: FFNGeometry,
+                   out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Reader output rows [n, record_bytes] -> {"up": [n, d], "down": [n, d], ("gate": [n, d])} in `out`: views of
+    `records`, no copy, where `out` is the stored dtype."""
     if geometry.dtype != "int8" and records.flags.c_contiguous and len(records):  # one conversion for all vectors
         n, v = len(records), len(geometry.vectors)
-        values = torch.from_numpy(records).view(DTYPES[geometry.dtype]).reshape(n, v, geometry.d_model).float()
+        values = torch.from_numpy(records).view(DTYPES[geometry.dtype]).reshape(n, v, geometry.d_model).to(out)
         return {name: values[:, j] for j, name in enumerate(geometry.vectors)}
     vb = geometry.vector_bytes
     return {
-        name: decode_vectors(records[:, j * vb : (j + 1) * vb], geometry.dtype, geometry.d_model)
+        name: decode_vectors(records[:, j * vb : (j + 1) * vb], geometry.dtype, geometry.d_model, out)
         for j, name in enumerate(geometry.vectors)
     }
 
 
-def decode_layer_file(data: np.ndarray, geometry: FFNGeometry) -> dict[str, torch.Tensor]:
-    """A whole FFN file's bytes (naive mode) -> every neuron's vectors, {"up": [d_ffn, d], ...} in float32."""
+def decode_layer_file(data: np.ndarray, geometry: FFNGeometry,
+                      out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A whole FFN file's bytes (naive mode) -> every neuron's vectors, {"up": [d_ffn, d], ...} in `out`."""
     n, vb = geometry.d_ffn, geometry.vector_bytes
     if geometry.layout == "bundled":
-        return decode_records(data[: n * geometry.record_bytes].reshape(n, geometry.record_bytes), geometry)
+        return decode_records(data[: n * geometry.record_bytes].reshape(n, geometry.record_bytes), geometry, out)
     return {
         name: decode_vectors(data[j * geometry.region_bytes : j * geometry.region_bytes + n * vb].reshape(n, vb),
-                             geometry.dtype, geometry.d_model)
+                             geometry.dtype, geometry.d_model, out)
         for j, name in enumerate(geometry.vectors)
     }
 
@@ -264,11 +267,11 @@ class FlashLayout:
             raise LayoutError(f"{meta_path}: 'kept' must list, per layer, increasing neuron ids below {config.d_ffn}")
         return cls(path, config, geometry, resident_dtype, source, files, kept)
 
-    def resident_state(self) -> dict[str, torch.Tensor]:
-        """The resident tensors under our names, as float32."""
+    def resident_state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The resident tensors under our names, in the compute dtype `dtype`."""
         f = self.path / "resident.safetensors"
         with safe_open(str(f), framework="pt") as st:
-            return {name: st.get_tensor(name).float() for name in st.keys()}
+            return {name: st.get_tensor(name).to(dtype) for name in st.keys()}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -79,7 +79,7 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope:
-            cos, sin = (t[start : start + T] for t in rope)
+            cos, sin = (t[start : start + T].to(q.dtype) for t in rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache.k[layer, :, :, start : start + T] = k
@@ -188,11 +188,12 @@ class Transformer(nn.Module):
         return model
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> "Transformer":
-        """Load an HF checkpoint; weights in any stored float dtype are computed in fp32."""
+    def from_checkpoint(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "Transformer":
+        """Load an HF checkpoint; weights in any stored float dtype are held and computed in `dtype`."""
         config = ModelConfig.load(checkpoint_dir)
         config.require_relu(str(Path(checkpoint_dir) / "config.json"))  # before reading any weights
         state = load_state_dict(checkpoint_dir, config)
         model = cls(config)
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-        return model.to(device).eval()
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+        return model.to(device=device, dtype=dtype).eval()

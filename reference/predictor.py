@@ -48,7 +48,7 @@ class Predictor:
 
     @torch.inference_mode()
     def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
-        predicted = (self.module.logits(layer, x) > self.cut).numpy()
+        predicted = (self.module.logits(layer, x.float()) > self.cut).numpy()  # x may be 16-bit
         return [np.flatnonzero(row) for row in predicted]
 
     def reset(self) -> None:

@@ -166,3 +166,40 @@ def test_int8_storage_stays_close_to_dense(model, tmp_path):
     assert a.top1_agreement >= 0.95 and a.mean_kl < 0.01, a
     assert engine.history[1].io.bytes_requested == engine.history[1].io.records * (flash.config.d_model + 4) * len(
         flash.geometry.vectors)  # an int8 vector is its values and a float32 scale
+
+
+def test_without_a_window_only_the_hot_neurons_are_cached(model):
+    engine = FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", hybrid=0.1, threads=4),
+                         neuron_counts=model["counts"])
+    replay(engine, model["tokens"][:8])
+    engine.close()
+    hot = [len(b.ffn.hot) for b in engine.model.layers]
+    assert [b.ffn.cache.n for b in engine.model.layers] == hot == [b.ffn.peak_rows for b in engine.model.layers]
+    assert engine.dram.cache == max(hot) * engine.model.config.n_layers * engine.row_bytes
+
+
+def test_the_hybrid_alone_fits_a_budget_below_one_whole_layer_cached_per_layer(model):
+    """Every non-hot neuron is read each token, into one read buffer that all layers share."""
+    flash = model["flash"]["unbundled"]
+    techniques = Techniques(source="all", hybrid=0.25, threads=4)
+    roomy = FlashEngine(flash, techniques, neuron_counts=model["counts"])
+    roomy.close()
+    g, n_layers = flash.geometry, flash.config.n_layers
+    fixed = roomy.dram.resident + roomy.dram.source
+    budget = roomy.dram.weights_total
+    assert budget < fixed + g.d_ffn * (n_layers * roomy.row_bytes + g.record_bytes)  # a cache of every neuron
+    engine = FlashEngine(flash, techniques, neuron_counts=model["counts"], dram_budget=budget)
+    logits = replay(engine, model["tokens"][:8])
+    engine.close()
+    assert (logits - model["logits"][:9]).abs().max() <= 1e-4
+
+
+def test_a_pass_needing_more_reads_than_the_budgets_buffer_holds_is_a_budget_error(model):
+    flash = model["flash"]["bundled"]
+    roomy = FlashEngine(flash, Techniques(source="oracle", threads=4))
+    roomy.close()
+    budget = roomy.dram.resident + roomy.dram.source + 8 * flash.geometry.record_bytes  # 8 neurons per pass
+    engine = FlashEngine(flash, Techniques(source="oracle", threads=4), dram_budget=budget)
+    with pytest.raises(BudgetError, match=r"layer \d+: a pass needs \d+ neurons read, the read buffer holds 8"):
+        replay(engine, model["tokens"][:4])
+    engine.close()

@@ -47,3 +47,10 @@ def test_too_few_tokens_to_time_a_decode_step_are_refused(tmp_path):
     f.write_text('[[models]]\nname = "synthetic:opt-1.3b"\nwhole_read_tokens = 2\n')
     with pytest.raises(sc.ScenarioError, match="whole_read_tokens must be at least 3"):
         sc.load(str(f))
+
+
+def test_an_unknown_compute_dtype_is_named(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('[engine]\ncompute_dtype = "float8"\n[[models]]\nname = "shakespeare-opt"\n')
+    with pytest.raises(sc.ScenarioError, match=r"s.toml \[engine\]: compute_dtype must be one of float32, float16"):
+        sc.load(str(f))

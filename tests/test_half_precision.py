@@ -1,0 +1,104 @@
+"""16-bit compute: the engine holds weights, neuron cache and KV cache in float16 or bfloat16 (the paper's setting),
+and is exact against a dense engine computing in the same precision, within limits that scale with its rounding."""
+
+import pytest
+import torch
+
+from flashbench import suite
+from flashbench.harness.agreement import EXACT, agreement, checks, exact_at
+from flashbench.reference import Engine, Transformer
+from flashbench.reference.flash import FlashEngine, Techniques
+from flashbench.reference.layout import convert
+from flashbench.reference.sources import Oracle
+from flashbench.reference.tokenizer import BOS, encode
+
+TOKENS = [BOS] + encode(suite.heldout_text(), bos=False)[:48]
+
+
+def teacher_forced_logits(engine) -> torch.Tensor:
+    return torch.cat([engine.prefill(TOKENS[:1])] + [engine.step(t)[None] for t in TOKENS[1:-1]])
+
+
+@pytest.fixture(scope="module", params=suite.EMBEDDED_MODELS)
+def model(request, tmp_path_factory):
+    """A shipped model (stored in float16), its float16 flash directory and its dense runs in each precision."""
+    path = suite.model_path(request.param)
+    root = tmp_path_factory.mktemp(request.param)
+    dense = {dt: teacher_forced_logits(Engine(Transformer.from_checkpoint(path, dtype=getattr(torch, dt))))
+             for dt in ("float32", "float16", "bfloat16")}
+    return {"path": path, "flash": convert(path, root / "fp16", "bundled", "float16"), "root": root, "dense": dense}
+
+
+def verdict(dense: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype) -> list[str]:
+    """The exact tier's failed checks for `dtype` (the greedy check is the teacher-forced argmax's here)."""
+    a = agreement(dense, logits, TOKENS[1:])
+    matched = int((dense.argmax(-1) == logits.argmax(-1)).cumprod(0).sum())
+    return [c.metric for c in checks(a, matched, len(dense), exact_at(dtype)) if not c.passed]
+
+
+@pytest.mark.parametrize("techniques", [
+    Techniques(source="oracle", window=0, threads=4, compute_dtype="float16"),
+    Techniques(source="oracle", window=4, threads=4, compute_dtype="float16"),
+    Techniques.naive(threads=4, compute_dtype="float16"),
+], ids=["no-window", "window-4", "naive"])
+def test_float16_engine_is_exact_against_float16_dense_inference(model, techniques):
+    engine = FlashEngine(model["flash"], techniques)
+    logits = teacher_forced_logits(engine)
+    engine.close()
+    assert verdict(model["dense"]["float16"], logits, torch.float16) == []
+
+
+def test_bfloat16_engine_is_exact_against_bfloat16_dense_inference(model):
+    flash = convert(model["path"], model["root"] / "bf16", "bundled", "bfloat16")
+    engine = FlashEngine(flash, Techniques(source="oracle", window=4, threads=4, compute_dtype="bfloat16"))
+    logits = teacher_forced_logits(engine)
+    engine.close()
+    assert verdict(model["dense"]["bfloat16"], logits, torch.bfloat16) == []
+
+
+def test_the_16_bit_tier_still_catches_missing_neurons(model):
+    """An engine that drops a third of each active set is far outside the float16 exact tier."""
+    engine = FlashEngine(model["flash"], Techniques(source="oracle", window=0, threads=4, compute_dtype="float16"))
+    full = engine.shared.source
+    dropping = Oracle(full.weights, full.biases, full.ids)
+    dropping.sets = lambda layer, x: [ids[ids % 3 != 0] for ids in full.sets(layer, x)]
+    engine.shared.source = dropping
+    logits = teacher_forced_logits(engine)
+    engine.close()
+    assert {"max_abs_logit_diff", "mean_kl"} <= set(verdict(model["dense"]["float16"], logits, torch.float16))
+
+
+def test_16_bit_engine_holds_weights_cache_and_kv_cache_in_16_bits(model):
+    full, half = (FlashEngine(model["flash"], Techniques(source="oracle", window=4, threads=4, compute_dtype=dt))
+                  for dt in ("float32", "float16"))
+    for engine in (full, half):
+        engine.close()
+    assert half.dram.resident * 2 == full.dram.resident
+    assert half.dram.cache * 2 == full.dram.cache and half.row_bytes * 2 == full.row_bytes
+    assert half.cache.k.dtype == torch.float16 and half.dram.kv_cache * 2 == full.dram.kv_cache
+    assert all(b.ffn.cache.rows["down"].dtype == torch.float16 for b in half.model.layers)
+
+
+def test_the_exact_tier_widens_with_the_rounding_unit_only():
+    assert exact_at(torch.float32) == EXACT
+    fp16, bf16 = exact_at(torch.float16), exact_at(torch.bfloat16)
+    assert fp16.exact and bf16.exact
+    assert EXACT.max_abs_logit_diff < fp16.max_abs_logit_diff < bf16.max_abs_logit_diff
+    assert bf16.max_abs_logit_diff == 8 * fp16.max_abs_logit_diff  # bfloat16's eps (2^-7) is 8x float16's (2^-10)
+
+
+def test_the_main_job_judges_a_float16_run_against_a_float16_dense_reference(tmp_path):
+    from flashbench.harness.main_job import embedded_model
+    from flashbench.harness.matrix import Configuration, Settings
+    from flashbench.harness.measure import measure
+    from flashbench.harness.scenario import ModelSpec
+
+    spec = ModelSpec("shakespeare-opt", tokens=16, greedy_prompt=8, greedy_tokens=8, counts_tokens=2048)
+    mut, info = embedded_model(spec, tmp_path, progress=lambda _: None, dtype=torch.float16)
+    assert info["dense"]["dtype"] == "float16"
+    settings = Settings(compute_dtype="float16", threads=4)
+    rec = measure(mut, Configuration(frozenset({"hybrid"})), settings, None, progress=lambda _: None)
+    assert rec["engine"]["compute_dtype"] == "float16"
+    assert rec["agreement"]["tolerance"] == "exact at float16" and rec["agreement"]["passed"], rec["agreement"]
+    predicted = measure(mut, Configuration(frozenset({"predictor", "windowing"})), settings, None, lambda _: None)
+    assert predicted["status"] == "measured" and predicted["agreement"]["tolerance"] == "approximate"
