@@ -20,7 +20,7 @@ from flashbench.reference.flash import BudgetError, FlashEngine, TokenStats
 from flashbench.reference.layout import FlashLayout, checkpoint_hash, convert
 from flashbench.reference.sources import ActivationSource
 
-from .agreement import agreement, exact_at, checks, greedy_tokens, matched_prefix, teacher_forced
+from .agreement import agreement, checks, exact_at, greedy_tokens, matched_prefix, teacher_forced
 from .matrix import Configuration, LayoutSpec, Settings
 from .probe import Probe
 
