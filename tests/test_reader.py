@@ -132,3 +132,39 @@ def test_where_o_direct_is_refused_at_open_the_reader_falls_back_and_says_so(opt
         assert not reader.read(1, [5], out).direct
         assert "O_DIRECT refused when opening" in reader.fallback_reason
         assert out[0].tobytes() == opt_flash["bundled"].ffn_path(1).read_bytes()[5 * 256 : 6 * 256]
+
+
+@pytest.fixture
+def page_records(tmp_path):
+    """A bundled layer file whose 16 KiB records are read in place, straight into the caller's rows."""
+    from flashbench.harness.sweep import synthetic_layer
+
+    return synthetic_layer(tmp_path, 16384, 16 << 20)
+
+
+def test_where_o_direct_is_refused_at_read_the_reader_falls_back_and_says_so(page_records, monkeypatch):
+    geometry, path = page_records
+    real_preadv = os.preadv
+    with FlashReader([geometry], [path], threads=4) as reader:
+        direct_fd = reader._fds[0]
+
+        def refusing_preadv(fd, buffers, offset):
+            if fd == direct_fd:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", refusing_preadv)
+        out = aligned_buffer(8 * 16384).reshape(8, 16384)
+        with pytest.warns(UserWarning, match="falling back to buffered reads"):
+            stats = reader.read(0, [3, 4, 100, 7, 900, 901, 902, 11], out)
+    assert not stats.direct and "O_DIRECT read refused" in reader.fallback_reason
+    data = path.read_bytes()
+    assert out[2].tobytes() == data[100 * 16384 : 101 * 16384] and out[5].tobytes() == data[901 * 16384 : 902 * 16384]
+
+
+def test_a_file_truncated_under_the_reader_is_a_short_read_error(page_records):
+    geometry, path = page_records
+    with FlashReader([geometry], [path], threads=4) as reader:
+        os.truncate(path, 512 * 16384)
+        with pytest.raises(OSError, match=r"short read: 0 of 16384 bytes at offset 16384000 of .*sweep-16MiB.bin \(file truncated\?\)"):
+            reader.read(0, [10, 1000], aligned_buffer(2 * 16384).reshape(2, 16384))
