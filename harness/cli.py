@@ -318,12 +318,24 @@ def cmd_reader_sweep(args) -> int:
         raise BadInput(f"{directory}: no such directory (put it where the flash layouts live)")
     sizes = [int(k) * KIB for k in args.record_kib.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
-    print(f"reader vs fio randread (direct=1, psync) on a {args.file_mib} MiB file in {directory}; median of "
-          f"{args.repeats} alternating runs of {args.seconds:g} s each")
-    points = sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20, not args.no_fio)
+    batches = [int(b) for b in args.batch.split(",")]
+    for batch in batches:
+        too_few = [s for s in sizes if not 1 <= batch <= (args.file_mib << 20) // s]
+        if too_few:
+            raise BadInput(f"--batch {batch}: a reader call fetches 1 to (file size / record size) distinct records, "
+                           f"and a {args.file_mib} MiB file holds {(args.file_mib << 20) // max(too_few)} records of "
+                           f"{max(too_few) // KIB} KiB")
+    points = []
+    for batch in batches:
+        print(f"reader ({batch} random records per call{', beside the same calls in C' if args.c_reference else ''}) "
+              f"vs fio randread (direct=1, psync) on a {args.file_mib} MiB file in {directory}: {args.repeats} runs "
+              f"of {args.seconds:g} s each, every one between two fio runs; medians, and x/fio the median of each "
+              f"run over the fio runs around it")
+        points += sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20, not args.no_fio,
+                        batch, args.c_reference)
     if args.json:
         write_json_atomic(Path(args.json), {"machine": machine_info(), "versions": versions(), "git": git_commit(),
-                                            "points": [vars(p) | {"fraction_of_fio": p.fraction_of_fio} for p in points]})
+                                            "points": [vars(p) for p in points]})
     return EXIT_OK
 
 
@@ -508,7 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record-kib", default="16,32,64", help="record sizes in KiB (default 16,32,64)")
     p.add_argument("--threads", default="16", help="thread counts (default 16)")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement (default 2)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating reader/fio repeats (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="reader runs, each between two fio runs (default 3)")
+    p.add_argument("--batch", default="256", help="records per reader call, as one layer's delta; a list runs "
+                   "the sweep once per batch (default 256)")
+    p.add_argument("--c-reference", action="store_true", help="also make the same calls from C (pread_calls.c, "
+                   "built with cc): what the reader loses beyond it is Python's cost, not the calls'")
     p.add_argument("--file-mib", type=int, default=1024, help="size of the test file (default 1024 MiB)")
     p.add_argument("--no-fio", action="store_true", help="measure the reader only")
     p.add_argument("--json", help="also write the points as JSON to this path")

@@ -1,13 +1,19 @@
 """The reader's bandwidth sweep: our reader and fio on the same file, record size and parallelism, in one run.
 
-A synthetic one-layer FFN file of random bytes stands in for a paper-scale layer (a 32 KiB record is, e.g., one
-bundled OPT 6.7B-sized neuron at d_model 8192 in fp16). Each reader call fetches `batch` distinct random neurons,
-as one token's delta would; fio reads random blocks of the record size with the same number of threads.
+A synthetic one-layer FFN file of random bytes stands in for a paper-scale layer (a 16 KiB record is one bundled
+OPT 6.7B neuron in fp16: an up column and a down row of 4096 values). Each reader call fetches `batch` distinct
+random neurons, as one layer's delta would, and waits for all of them: every call pays for its threads' ramp-up and
+drain, which fio's free-running jobs never do. fio reads random blocks of the record size with the same number of
+threads. The C reference (pread_calls.c, built with the system's compiler where asked for) makes the reader's calls
+with POSIX threads: what it loses to fio the calls cost, and what the reader loses beyond it Python costs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +37,28 @@ class SweepPoint:
     reader_direct: bool
     fio_bytes_s: float | None
     fio_error: str | None
+    fraction_of_fio: float | None  # the median of bracketed_fractions
+    batch: int
+    c_bytes_s: float | None = None  # the C reference, making the same calls
+    c_fraction_of_fio: float | None = None
+    c_error: str | None = None
 
-    @property
-    def fraction_of_fio(self) -> float | None:
-        return self.reader_bytes_s / self.fio_bytes_s if self.fio_bytes_s else None
+
+class CReferenceError(RuntimeError):
+    pass
+
+
+C_REFERENCE = Path(__file__).with_name("pread_calls.c")
+
+
+def bracketed_fractions(ours: list[float], theirs: list[float]) -> list[float]:
+    """Each reader run's bandwidth over the mean of the fio runs just before and just after it.
+
+    The runs alternate fio, reader, fio, ..., fio: on a shared virtual disk whose speed drifts by tens of percent
+    within a minute, a reader run is judged against the device as it was around that run, not on average."""
+    if len(theirs) != len(ours) + 1:
+        raise ValueError(f"{len(ours)} reader runs need {len(ours) + 1} fio runs around them, got {len(theirs)}")
+    return [o / ((before + after) / 2) for o, before, after in zip(ours, theirs, theirs[1:])]
 
 
 def synthetic_layer(directory: Path, record_bytes: int, file_bytes: int) -> tuple[FFNGeometry, Path]:
@@ -70,26 +94,89 @@ def measure_reader(geometry: FFNGeometry, path: Path, threads: int, seconds: flo
     return total, calls
 
 
+def build_c_reference(directory: Path) -> Path:
+    """pread_calls.c compiled into `directory` (once per version of the source), with $CC or cc."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        raise CReferenceError("no C compiler (cc, or $CC) on this machine: the C reference needs one")
+    digest = hashlib.sha256(C_REFERENCE.read_bytes()).hexdigest()[:12]
+    exe = Path(directory) / f"pread_calls-{digest}"
+    if not exe.exists():
+        tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")
+        built = subprocess.run([cc, "-O2", "-pthread", "-o", str(tmp), str(C_REFERENCE)], capture_output=True,
+                               text=True)
+        if built.returncode:
+            raise CReferenceError(f"{cc} could not build {C_REFERENCE}: {built.stderr.strip()[-500:]}")
+        os.replace(tmp, exe)
+    return exe
+
+
+def measure_c_reference(exe: Path, path: Path, record_bytes: int, threads: int, seconds: float, batch: int,
+                        seed: int) -> float:
+    """Bytes per second inside the C reference's calls of `batch` random distinct records."""
+    args = [str(exe), str(path), str(record_bytes), str(threads), str(batch), f"{seconds}", str(seed)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 120)
+    if done.returncode:
+        raise CReferenceError(done.stderr.strip() or f"{exe.name} exited with {done.returncode}")
+    nbytes, inside, _ = done.stdout.split()
+    return int(nbytes) / float(inside)
+
+
 def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds: float = 2.0, repeats: int = 3,
-          file_bytes: int = 1 << 30, with_fio: bool = True, progress=print) -> list[SweepPoint]:
-    """Reader and fio alternate `repeats` times per point (so drift on a shared device hits both alike); each
-    figure is the median of its repeats."""
+          file_bytes: int = 1 << 30, with_fio: bool = True, batch: int = 256, c_reference: bool = False,
+          progress=print) -> list[SweepPoint]:
+    """Per point: a fio run, then `repeats` rounds of a reader run (and a C reference run, in alternating order)
+    and a fio run, so that every run lies between two fio runs (see bracketed_fractions). Bandwidths are the medians
+    of their runs."""
+    exe, c_error = None, None
+    if c_reference:
+        try:
+            exe = build_c_reference(directory)
+        except CReferenceError as e:
+            c_error = str(e)
     points = []
     for record in record_sizes:
         geometry, path = synthetic_layer(directory, record, file_bytes)
         for t in threads:
-            ours, theirs, fio_err, direct = [], [], None, True
-            for r in range(repeats):
-                stats, _ = measure_reader(geometry, path, t, seconds, seed=r)
-                ours.append((stats.bytes_read / stats.seconds, stats.reads / stats.seconds))
-                direct = direct and stats.direct
-                if with_fio and fio_err is None:
+            ours, reads, in_c, theirs, fio_error, direct = [], [], [], [], None, True
+
+            def run_fio() -> None:
+                nonlocal fio_error
+                if with_fio and fio_error is None:
                     try:
                         theirs.append(fio.randread(path, record, t, seconds).bandwidth_bytes_s)
                     except fio.FioError as e:
-                        fio_err = str(e)
-            bw, reads = np.median(np.array(ours), axis=0).tolist()
-            point = SweepPoint(record, t, bw, reads, direct, float(np.median(theirs)) if theirs else None, fio_err)
+                        fio_error = str(e)
+
+            def run_reader(r: int) -> None:
+                nonlocal direct
+                stats, _ = measure_reader(geometry, path, t, seconds, batch=batch, seed=r)
+                ours.append(stats.bytes_read / stats.seconds)
+                reads.append(stats.reads / stats.seconds)
+                direct = direct and stats.direct
+
+            def run_c(r: int) -> None:
+                nonlocal c_error
+                if exe is not None and c_error is None:
+                    try:
+                        in_c.append(measure_c_reference(exe, path, record, t, seconds, batch, seed=r))
+                    except CReferenceError as e:
+                        c_error = str(e)
+
+            run_fio()
+            for r in range(repeats):
+                for run in (run_c, run_reader) if r % 2 else (run_reader, run_c):
+                    run(r)
+                run_fio()
+
+            def fraction(runs: list[float]) -> float | None:
+                if fio_error is not None or not theirs or len(runs) != repeats:
+                    return None
+                return float(np.median(bracketed_fractions(runs, theirs)))
+
+            median = lambda runs: float(np.median(runs)) if runs else None  # noqa: E731
+            point = SweepPoint(record, t, median(ours), median(reads), direct, median(theirs), fio_error,
+                               fraction(ours), batch, median(in_c), fraction(in_c), c_error)
             points.append(point)
             if progress:
                 progress(format_point(point))
@@ -101,5 +188,9 @@ def format_point(p: SweepPoint) -> str:
     frac = f"{p.fraction_of_fio:6.1%}" if p.fraction_of_fio is not None else "     -"
     note = "" if p.reader_direct else "  (NOT direct: page cache / memory)"
     note += f"  fio: {p.fio_error}" if p.fio_error else ""
+    if p.c_bytes_s is not None:
+        c_frac = f"{p.c_fraction_of_fio:6.1%}" if p.c_fraction_of_fio is not None else "     -"
+        note += f"  C, same calls {mib(p.c_bytes_s)} MiB/s  C/fio {c_frac}"
+    note += f"  C reference: {p.c_error}" if p.c_error else ""
     return f"{p.record_bytes // KIB:6d} KiB {p.threads:4d} threads  reader {mib(p.reader_bytes_s)} MiB/s  " \
            f"fio {mib(p.fio_bytes_s)} MiB/s  reader/fio {frac}{note}"

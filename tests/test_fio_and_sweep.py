@@ -6,7 +6,8 @@ import pytest
 
 from flashbench.harness import fio
 from flashbench.harness.cli import main
-from flashbench.harness.sweep import KIB, sweep
+from flashbench.harness.sweep import (KIB, CReferenceError, bracketed_fractions, build_c_reference, format_point,
+                                      measure_c_reference, sweep)
 
 REPORT = '{"jobs": [{"read": {"bw_bytes": 1048576, "iops": 32.0, "runtime": 2000, "clat_ns": {"percentile": {"50.000000": 1000, "99.000000": 9000}}}}]}'
 
@@ -31,7 +32,21 @@ def test_sweep_measures_reader_and_fio_on_the_same_file(tmp_path):
     points = sweep(tmp_path, [16 * KIB], [2], seconds=0.3, repeats=1, file_bytes=8 << 20, progress=None)
     (p,) = points
     assert p.reader_direct and p.reader_bytes_s > 0 and p.fio_bytes_s > 0 and p.fio_error is None
+    assert p.fraction_of_fio > 0 and p.batch == 256
     assert (tmp_path / "sweep-8MiB.bin").stat().st_size == 8 << 20
+
+
+def test_each_reader_run_is_judged_against_the_fio_runs_around_it():
+    # fio drifts 400 -> 200 MiB/s; the reader ran at 300 then 150: both runs at 100% of the device around them
+    assert bracketed_fractions([300.0, 150.0], [400.0, 200.0, 100.0]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="2 reader runs need 3 fio runs"):
+        bracketed_fractions([300.0, 150.0], [400.0, 200.0])
+
+
+def test_reader_sweep_refuses_a_batch_larger_than_the_file(tmp_path, capsys):
+    args = ["reader-sweep", str(tmp_path), "--record-kib", "64", "--file-mib", "1", "--batch", "17", "--no-fio"]
+    assert main(args) == 2
+    assert "a 1 MiB file holds 16 records of 64 KiB" in capsys.readouterr().err
 
 
 def test_reader_sweep_cli_prints_one_line_per_point(tmp_path, capsys):
@@ -40,3 +55,26 @@ def test_reader_sweep_cli_prints_one_line_per_point(tmp_path, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out.count("KiB ") == 4
     assert (tmp_path / "s.json").is_file()
+
+
+@pytest.mark.skipif(shutil.which("fio") is None or shutil.which("cc") is None, reason="fio or cc not installed")
+def test_the_c_reference_makes_the_same_calls_between_the_same_fio_runs(tmp_path):
+    (p,) = sweep(tmp_path, [16 * KIB], [2], seconds=0.3, repeats=2, file_bytes=8 << 20, batch=64, c_reference=True,
+                 progress=None)
+    assert p.c_error is None and p.c_bytes_s > 0 and p.c_fraction_of_fio > 0
+    assert "C, same calls" in format_point(p)
+
+
+def test_without_a_c_compiler_the_sweep_says_so_and_still_measures_the_reader(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    (p,) = sweep(tmp_path, [16 * KIB], [2], seconds=0.2, repeats=1, file_bytes=8 << 20, with_fio=False,
+                 c_reference=True, progress=None)
+    assert p.reader_bytes_s > 0 and p.c_bytes_s is None
+    assert "no C compiler" in p.c_error and "no C compiler" in format_point(p)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="cc not installed")
+def test_the_c_reference_names_a_file_it_cannot_read_directly(tmp_path):
+    exe = build_c_reference(tmp_path)
+    with pytest.raises(CReferenceError, match="missing.bin: cannot open with O_DIRECT"):
+        measure_c_reference(exe, tmp_path / "missing.bin", 16 * KIB, 2, 0.1, 4, seed=0)
