@@ -228,6 +228,22 @@ def cmd_check_dense(args) -> int:
     return EXIT_OK if check.passed else EXIT_FAILED
 
 
+def cmd_model_counts(args) -> int:
+    from flashbench.reference.activations import COUNTS_FILE, activation_counts, counts_provenance, save_counts
+    from flashbench.reference.tokenizer import BOS
+    from flashbench.suite.models.corpus import TRAIN_SPLIT, train_text
+
+    path, model = _load(args.model)
+    train = encode(train_text(), bos=False)[: args.tokens]
+    out = Path(args.out) if args.out else path / COUNTS_FILE
+    print(f"counting the active neurons of {path.name} on {len(train):,} tokens of {TRAIN_SPLIT}")
+    counts, _ = activation_counts(model, train, model.config.max_positions, BOS)
+    save_counts(out, counts, counts_provenance(path, model, train, BOS))
+    never = int((counts == 0).sum())
+    print(f"wrote {out}: {counts.shape[0]} layers x {counts.shape[1]} neurons, {never:,} never active")
+    return EXIT_OK
+
+
 def cmd_model_synth(args) -> int:
     from flashbench.suite import synthetic, traces
 
@@ -563,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pruning_args(p)
     p.set_defaults(func=cmd_window_sweep)
 
-    p = sub.add_parser("model", help="paper-scale synthetic models", description="Synthetic models.")
+    p = sub.add_parser("model", help="paper-scale synthetic models; activation counts to ship with a model",
+                       description="Synthetic models, and the activation counts shipped with the embedded ones.")
     msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = msub.add_parser("synth", help="write a seeded random-weight model at a paper shape, with an active-set trace",
                         description="Write seeded random weights at the real dimensions, tensor by tensor (never all "
@@ -580,6 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write this fp16 flash layout, straight from the generator (repeatable)")
     q.add_argument("--checkpoint", action="store_true", help="also write the HF checkpoint")
     q.set_defaults(func=cmd_model_synth)
+    q = msub.add_parser("counts", help="count each neuron's activations on the training text, to ship with a model",
+                        description="Count, per layer and neuron, the training-text tokens on which its ReLU output "
+                        "is non-zero (what the main job's hybrid and pruning choose from), and write them with their "
+                        "provenance (checkpoint and token hashes) beside the checkpoint. The main job uses them only "
+                        "when it would count exactly these tokens of exactly this checkpoint.")
+    q.add_argument("model", nargs="?", default=suite.DEFAULT_MODEL, help="embedded model name or HF checkpoint dir")
+    q.add_argument("--tokens", type=int, default=131072, help="counting tokens (default 131072, as the scenarios)")
+    q.add_argument("--out", help="output file (default: MODEL_DIR/activation_counts.safetensors)")
+    q.set_defaults(func=cmd_model_counts)
 
     p = sub.add_parser("models", help="list the embedded models", description="List the embedded default models.")
     p.set_defaults(func=cmd_models)

@@ -25,7 +25,8 @@ import torch
 
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
-from flashbench.reference.activations import activation_counts, ever_active
+from flashbench.reference.activations import (COUNTS_FILE, activation_counts, counts_provenance, ever_active,
+                                              load_counts)
 from flashbench.reference.checkpoint import weight_files
 from flashbench.reference.predictor import Predictor
 from flashbench.reference.storage import storage_of
@@ -66,9 +67,14 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print,
     from flashbench.suite.models.corpus import TRAIN_SPLIT, train_text
 
     train, where = encode(train_text(), bos=False)[: spec.counts_tokens], TRAIN_SPLIT
+    provenance = counts_provenance(path, model, train, BOS)
+    counts = load_counts(path / COUNTS_FILE, provenance)
     progress(f"  activation counts on {len(train):,} training tokens ({where}): hot neurons for the hybrid, "
-             f"dead ones for pruning")
-    counts, _ = activation_counts(model, train, model.config.max_positions, BOS)
+             f"dead ones for pruning" + (f"; shipped in {COUNTS_FILE}, made from this checkpoint and these tokens"
+                                         if counts is not None else ""))
+    shipped = counts is not None
+    if not shipped:
+        counts, _ = activation_counts(model, train, model.config.max_positions, BOS)
     keep = ever_active(counts)
     pruning = {"rule": "never active on the counting text", "text": where, "tokens": len(train),
                "dead_per_layer": [model.config.d_ffn - len(k) for k in keep]}
@@ -80,7 +86,7 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print,
         reference=reference, keep=keep, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
     )
     info = {"checkpoint": str(path), "config": model.config.as_dict(), "activation_source": label,
-            "counts": {"text": where, "tokens": len(train)}, "pruning": pruning,
+            "counts": {"text": where, "tokens": len(train), "shipped": shipped}, "pruning": pruning,
             "dense": {"tokens_per_s": reference.tokens_per_s, "teacher_forced_tokens": len(tokens),
                       "greedy_prompt_tokens": len(prompt), "greedy_tokens": len(continuation),
                       "dtype": str(dtype).removeprefix("torch."),

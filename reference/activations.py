@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from .layout import checkpoint_hash
 from .model import Transformer
+
+COUNTS_FILE = "activation_counts.safetensors"  # shipped beside an embedded checkpoint (see save_counts)
 
 
 @contextmanager
@@ -57,3 +65,34 @@ def hot_neurons(counts: np.ndarray, fraction: float) -> list[np.ndarray]:
 def ever_active(counts: np.ndarray) -> list[np.ndarray]:
     """Per layer, the neurons active at least once: what dead-neuron pruning keeps."""
     return [np.flatnonzero(row).astype(np.int64) for row in counts]
+
+
+def counts_provenance(checkpoint: Path, model: Transformer, tokens: list[int], bos: int | None) -> dict[str, str]:
+    """What activation counts depend on: the checkpoint, the precision it computes in, the exact counting tokens,
+    the window (the model's context) and the window's first token."""
+    return {"checkpoint_sha256": checkpoint_hash(Path(checkpoint)),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "tokens_sha256": hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest(),
+            "tokens": str(len(tokens)), "context": str(model.config.max_positions), "bos": str(bos)}
+
+
+def save_counts(path: Path, counts: np.ndarray, provenance: dict[str, str]) -> None:
+    """Counts with their provenance, written beside `path` and renamed into place. Shipping them with an embedded
+    model spares every run the dense pass over the counting text (the better part of a minute on two cores)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+    save_file({"counts": torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64))}, str(tmp), provenance)
+    os.replace(tmp, path)
+
+
+def load_counts(path: Path, provenance: dict[str, str]) -> np.ndarray | None:
+    """The counts at `path` if they were made from exactly `provenance`; None if absent or made from anything
+    else (another checkpoint, text, length or window), so that stale counts are recomputed, never used."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if f.metadata() != provenance:
+                return None
+            return f.get_tensor("counts").numpy()
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{path}: not a readable activation-counts file ({e}); delete it to recount") from e
