@@ -69,10 +69,10 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print,
     train, where = encode(train_text(), bos=False)[: spec.counts_tokens], TRAIN_SPLIT
     provenance = counts_provenance(path, model, train, BOS)
     counts = load_counts(path / COUNTS_FILE, provenance)
+    shipped = counts is not None
     progress(f"  activation counts on {len(train):,} training tokens ({where}): hot neurons for the hybrid, "
              f"dead ones for pruning" + (f"; shipped in {COUNTS_FILE}, made from this checkpoint and these tokens"
-                                         if counts is not None else ""))
-    shipped = counts is not None
+                                         if shipped else ""))
     if not shipped:
         counts, _ = activation_counts(model, train, model.config.max_positions, BOS)
     keep = ever_active(counts)
