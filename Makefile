@@ -17,8 +17,13 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/flashbench run
 
+# The whole suite on the machine's own kernels, then the exactness tests again under every other CPU kernel path it
+# offers (tests/kernel_paths.py), with how close each came to the exact tiers' bound.
+EXACTNESS_LOG := $(VENV)/exactness-native.jsonl
 test: setup
-	$(BIN)/python -m pytest -q
+	rm -f $(EXACTNESS_LOG)
+	FLASHBENCH_EXACTNESS_LOG=$(abspath $(EXACTNESS_LOG)) $(BIN)/python -m pytest -q
+	$(BIN)/python tests/kernel_paths.py --native-log $(EXACTNESS_LOG)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

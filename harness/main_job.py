@@ -32,12 +32,12 @@ from flashbench.reference.predictor import Predictor
 from flashbench.reference.storage import storage_of
 from flashbench.reference.tokenizer import BOS, encode
 
-from .agreement import greedy_tokens, teacher_forced
+from .agreement import dense_reference
 from .matrix import matrix
-from .measure import DenseReference, ModelUnderTest, measure
+from .measure import ModelUnderTest, measure
 from .peers import measure_peer
 from .probe import Probe, probe, table
-from .records import SCHEMA, git_commit, machine_info, versions, write_json_atomic
+from .records import SCHEMA, git_commit, machine_info, portable_path, versions, write_json_atomic
 from .scenario import ModelSpec, Scenario
 
 
@@ -58,11 +58,7 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print,
     progress(f"  dense reference ({str(dtype).removeprefix('torch.')}): {len(tokens)} held-out tokens "
              f"teacher-forced, greedy {spec.greedy_tokens} tokens")
     dense = Engine(model, max_len=max(len(tokens), len(prompt) + spec.greedy_tokens))
-    t0 = time.perf_counter()
-    logits = teacher_forced(dense, tokens)
-    dense_s = time.perf_counter() - t0
-    continuation = greedy_tokens(dense, prompt, spec.greedy_tokens)
-    reference = DenseReference(tokens, logits, prompt, continuation, (len(tokens) - 1) / dense_s)
+    reference = dense_reference(dense, tokens, prompt, spec.greedy_tokens, dtype)
 
     from flashbench.suite.models.corpus import TRAIN_SPLIT, train_text
 
@@ -85,10 +81,11 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print,
         new_source=lambda: Predictor.load(predictor_path), neuron_counts=counts, tokens=tokens,
         reference=reference, keep=keep, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
     )
-    info = {"checkpoint": str(path), "config": model.config.as_dict(), "activation_source": label,
+    info = {"checkpoint": portable_path(path), "config": model.config.as_dict(), "activation_source": label,
             "counts": {"text": where, "tokens": len(train), "shipped": shipped}, "pruning": pruning,
             "dense": {"tokens_per_s": reference.tokens_per_s, "teacher_forced_tokens": len(tokens),
-                      "greedy_prompt_tokens": len(prompt), "greedy_tokens": len(continuation),
+                      "greedy_prompt_tokens": len(prompt), "greedy_tokens": len(reference.continuation.tokens),
+                      "logit_bound": reference.logit_bound,
                       "dtype": str(dtype).removeprefix("torch."),
                       "weights_bytes": sum(p.nbytes for p in model.parameters())}}
     return mut, info
@@ -135,7 +132,8 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print,
                       "models"),
         keep=keep, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
     )
-    info = {"checkpoint": str(checkpoint), "shape": shape, "config": config.as_dict(), "activation_source": label,
+    info = {"checkpoint": portable_path(checkpoint), "shape": shape, "config": config.as_dict(),
+            "activation_source": label,
             "trace": {"profile": vars(profile), "layers": trace.layers, "seed": spec.seed},
             "pruning": pruning, "weights_bytes_fp16": weight_bytes(config)}
     return mut, info
@@ -204,9 +202,9 @@ def run_scenario(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: boo
 def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progress, resume: bool,
          started: float) -> dict:
     where = storage_of(work)
-    storage = asdict(where) | {"in_memory": where.in_memory, "directory": str(work.resolve())}
+    storage = asdict(where) | {"in_memory": where.in_memory, "directory": portable_path(work.resolve())}
     header = {"schema": SCHEMA, "run_id": out_dir.name,
-              "scenario": {"name": scenario.name, "path": scenario.path, "raw": scenario.raw},
+              "scenario": {"name": scenario.name, "path": portable_path(scenario.path), "raw": scenario.raw},
               "machine": machine_info() | {"storage": storage}, "versions": versions(), "git": git_commit()}
     records_dir = out_dir / "records"
     written: list[str] = []
@@ -238,7 +236,9 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
                  f"parallelisms x {len(scenario.probe.ioengines)} engines in {work}")
         storage_probe = probe(work, scenario.probe, fresh=fresh_probe or scenario.fresh_probe, progress=progress)
         progress(table(storage_probe))
-        write("probe.json", {"kind": "probe", "probe": storage_probe.as_dict()})
+        write("probe.json", {"kind": "probe", "probe": storage_probe.as_dict() | {
+            "directory": portable_path(storage_probe.directory),
+            "cached_from": storage_probe.cached_from and portable_path(storage_probe.cached_from)}})
 
     for i, spec in enumerate(scenario.models, 1):
         name, configs = model_name(spec), matrix(spec.techniques)

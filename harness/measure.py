@@ -8,7 +8,6 @@ continuation; a model with no dense reference (a synthetic one replaying a trace
 from __future__ import annotations
 
 import shutil
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,20 +19,11 @@ from flashbench.reference.flash import BudgetError, FlashEngine, TokenStats
 from flashbench.reference.layout import FlashLayout, checkpoint_hash, convert
 from flashbench.reference.sources import ActivationSource
 
-from .agreement import agreement, checks, exact_at, greedy_tokens, matched_prefix, teacher_forced
+from .agreement import DenseReference, greedy, judge, teacher_forced
 from .matrix import Configuration, LayoutSpec, Settings
 from .probe import Probe
-
-
-@dataclass
-class DenseReference:
-    """Dense inference on the same tokens: the ground truth for agreement, and its own speed for context."""
-
-    tokens: list[int]  # teacher-forced sequence
-    logits: torch.Tensor
-    prompt: list[int]  # greedy continuation's prompt
-    continuation: list[int]
-    tokens_per_s: float
+from .records import portable_path
+from .stats import spread
 
 
 @dataclass
@@ -70,7 +60,7 @@ class ModelUnderTest:
     @property
     def max_len(self) -> int:
         ref = self.reference
-        return max(len(self.tokens), len(ref.prompt) + len(ref.continuation) if ref else 0)
+        return max(len(self.tokens), len(ref.prompt) + len(ref.continuation.tokens) if ref else 0)
 
     def layout(self, spec: LayoutSpec, progress=None) -> FlashLayout:
         """The flash layout `spec` of this model: converted on first use, reused while it matches (same checkpoint
@@ -98,18 +88,14 @@ class ModelUnderTest:
         return keep is None or all(np.array_equal(a, b) for a, b in zip(layout.kept, keep))
 
 
-def _mean_p90(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "p90": float(np.percentile(values, 90))} if values else {}
-
-
 def token_metrics(steps: list[TokenStats]) -> dict:
-    """Per-token figures over decode steps: latency split (ms, mean and p90) and the reader's exact counters."""
+    """Per-token figures over decode steps: latency split (ms: mean, p50, p90) and the reader's exact counters."""
     n = len(steps)
     total = sum(s.total_s for s in steps)
     io_s = sum(s.io.seconds for s in steps)
     bytes_read = sum(s.io.bytes_read for s in steps)
     reads = sum(s.io.reads for s in steps)
-    ms = lambda f: _mean_p90([f(s) * 1e3 for s in steps])  # noqa: E731
+    ms = lambda f: spread([f(s) * 1e3 for s in steps])  # noqa: E731
     return {
         "tokens": n,
         "tokens_per_s": n / total if total else None,
@@ -151,7 +137,7 @@ def measure(model: ModelUnderTest, config: Configuration, settings: Settings, pr
         "inactive": list(config.inactive), "exact": config.exact,
         "activation_source": model.source_label if "predictor" in config.on else "all neurons (no prediction)",
         "engine": vars(techniques), "layout": {"name": spec.name, "layout": spec.layout, "dtype": spec.dtype,
-                                               "pruned": spec.pruned, "path": str(layout.path)},
+                                               "pruned": spec.pruned, "path": portable_path(layout.path)},
     }
     tokens = model.tokens
     if techniques.source == "all" and model.whole_read_tokens:
@@ -172,17 +158,8 @@ def measure(model: ModelUnderTest, config: Configuration, settings: Settings, pr
         ref = model.reference
         verdict = None
         if ref is not None:
-            a = agreement(ref.logits[: len(tokens) - 1], logits, tokens[1:])
-            got = greedy_tokens(engine, ref.prompt, len(ref.continuation))
-            matched = matched_prefix(ref.continuation, got)
-            tolerance = exact_at(techniques.dtype) if config.exact else settings.approximate
-            results = checks(a, matched, len(ref.continuation), tolerance)
-            label = "exact" if techniques.compute_dtype == "float32" else f"exact at {techniques.compute_dtype}"
-            verdict = {"tolerance": label if tolerance.exact else "approximate",
-                       "passed": all(c.passed for c in results),
-                       "checks": [vars(c) | {"passed": c.passed} for c in results],
-                       "perplexity": a.perplexity, "dense_perplexity": a.dense_perplexity,
-                       "greedy_matched_tokens": matched, "greedy_tokens": len(ref.continuation)}
+            got = greedy(engine, ref.prompt, len(ref.continuation.tokens)).tokens
+            verdict = judge(ref, logits, got, None if config.exact else settings.approximate).as_dict()
     except BudgetError as e:  # a pass needed more neurons than the budget's cache or buffer holds
         return record | {"status": "does-not-fit", "error": str(e)}
     finally:

@@ -15,6 +15,16 @@ SCHEMA = 1  # the records' format: `flashbench compare` refuses to set records o
 PACKAGES = ("flashbench", "torch", "safetensors", "numpy", "pandas", "transformers", "accelerate")
 
 
+def portable_path(path: str | Path) -> str:
+    """A path as records name it: relative to the repository where it lies inside it, else under ~ or absolute, so
+    that committed records do not carry the machine they were made on."""
+    p = Path(path).absolute()
+    for root, prefix in ((REPO_ROOT, ""), (Path.home(), "~/")):
+        if p.is_relative_to(root):
+            return prefix + (str(p.relative_to(root)) or ".")
+    return str(p)
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write to a temp file beside `path`, fsync, then rename: a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

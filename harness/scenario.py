@@ -10,6 +10,8 @@
     compute_dtype = "float32"  # precision of the engine and its dense reference ("float16": the paper's 16-bit)
     gap_bytes = 0         # merge reads this close (sparse configurations)
     whole_gap_bytes = 1048576  # ... and in configurations that need every non-resident neuron
+    [engine.approximate]  # optional: limits of the approximate tier to replace (max_mean_kl, min_top1_agreement,
+    max_mean_kl = 0.05    # max_perplexity_ratio, min_greedy_match, max_abs_logit_diff)
     [probe]
     chunk_kib = [4, 16, 64, 256, 1024]
     threads = [1, 4, 16, 32]
@@ -40,7 +42,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from flashbench import suite
+from flashbench.reference.activations import COUNTS_TOKENS
 
+from .agreement import approximate_tier
 from .matrix import TECHNIQUES, Settings
 from .peers import PEERS
 from .probe import KIB, ProbeGrid
@@ -58,7 +62,7 @@ class ModelSpec:
     tokens: int = 256
     greedy_prompt: int = 32
     greedy_tokens: int = 64
-    counts_tokens: int = 131072
+    counts_tokens: int = COUNTS_TOKENS
     techniques: tuple[str, ...] = TECHNIQUES
     whole_read_tokens: int | None = None  # fewer tokens for configurations reading every neuron (default: tokens)
     profile: str | None = None  # synthetic models: the trace profile
@@ -112,7 +116,8 @@ def load(name_or_path: str) -> Scenario:
     extra = set(raw) - {"name", "description", "engine", "probe", "models"}
     if extra:
         raise ScenarioError(f"{path}: unknown key(s) {sorted(extra)}")
-    settings = _build(Settings, raw.get("engine", {}), f"{path} [engine]")
+    where = f"{path} [engine]"
+    settings = _build(Settings, raw.get("engine", {}), where, approximate=lambda v: approximate_tier(v, where))
     probe_table = dict(raw.get("probe", {}))
     fresh_probe = probe_table.pop("fresh", False)
     if not isinstance(fresh_probe, bool):

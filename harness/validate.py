@@ -3,18 +3,23 @@
 For each case (suite/conformance/cases.toml: a model, a DRAM budget, held-out text and a tolerance tier):
 - accuracy: the SUT's teacher-forced logits and free-running greedy continuation against the dense reference,
   judged by the harness's agreement checks at the case's tier;
-- performance: the same text again, each step timed by the harness; tokens/s, and the SUT's own breakdown if it
-  gives one (reported, never judged);
-- audits: the same prompt twice gives the same logits; the performance run's logits are the accuracy run's; the
-  process's peak memory growth stays within the budget; a SUT that claims flash inference read from storage
-  (/proc/PID/io) at least what it says it read.
-A case is VALID when every sub-check passes. A SUT that cannot be run (crash, hang, broken protocol) is exit 2.
+- performance: teacher-forced over *other* held-out tokens, from an offset drawn at random for the run (seeded;
+  the seed is printed and recorded), each step timed by the harness; tokens/s, and the SUT's own breakdown if it
+  gives one (reported, never judged). Nothing the SUT saw before comes again, so a SUT that remembers answers
+  gets no speed from its memory (MLPerf's TEST04);
+- audits: the same prompt twice gives the same logits; the performance run's own logits agree with dense inference
+  on its tokens at the case's tier (MLPerf's TEST01: a SUT may not answer differently, or guess, when it is timed);
+  the process's memory stays within the budget; a SUT that claims flash inference read from storage
+  (/proc/PID/io) during the timed run at least what it says it read then.
+A case is VALID when every sub-check passes. A SUT that cannot be run (crash, hang, broken protocol, an exception
+in an in-process SUT's call) is exit 2; an exception in the harness's own code is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
+import random
+import secrets
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,14 +32,18 @@ from flashbench.reference import Engine, Transformer
 from flashbench.reference.checkpoint import weight_files
 from flashbench.reference.tokenizer import BOS, encode
 
-from .agreement import APPROXIMATE, EXACT, agreement, checks, greedy_tokens, matched_prefix, teacher_forced
+from .agreement import (APPROXIMATE, DenseReference, Check, agreement, checks, dense_reference, exact_tier, greedy,
+                        judge, teacher_forced)
 from .peers import drop_page_cache
+from .stats import spread
 from .sut import MemoryCap, ProcessWatch, SUTError, SystemUnderTest
 
 CASES = suite.SUITE_DIR / "conformance" / "cases.toml"  # the default conformance suite
 DETERMINISM_TOLERANCE = 1e-6  # max |logit difference| between two runs of the same input
-MEMORY_ALLOWANCE = 64 << 20  # peak RSS growth allowed beyond the budget: KV cache, activations, runtime buffers
-STORAGE_FRACTION = 0.9  # a flash SUT must have read from storage at least this much of the bytes it claims
+MEMORY_ALLOWANCE = 64 << 20  # data held beyond the budget: KV cache, activations, runtime buffers
+# A flash SUT's timed run must have made the kernel read from storage at least this much of the bytes it says it read
+# then: direct reads count exactly; the rest allows for reads a filesystem serves from its own metadata or merges.
+STORAGE_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,8 @@ class Case:
     model: str  # an embedded model's name or a checkpoint path
     tolerance: str  # "exact" or "approximate"
     dram_budget: float  # a fraction of the checkpoint's weight bytes
-    tokens: int = 64  # held-out tokens, teacher-forced
-    offset: int = 0  # where they start in the held-out text
+    tokens: int = 64  # held-out tokens, teacher-forced (accuracy, and again other ones for performance)
+    offset: int = 0  # where the accuracy run's tokens start in the held-out text
     greedy_prompt: int = 16
     greedy_tokens: int = 16
     determinism_prompt: int = 16
@@ -57,15 +66,29 @@ class Case:
 def load_cases(path: Path = CASES, names: list[str] | None = None) -> list[Case]:
     try:
         raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the conformance cases ({e})") from e
     known = {f.name for f in fields(Case)}
     cases = []
     for i, table in enumerate(raw.get("cases", [])):
+        where = f"{path}: case #{i + 1}"
         if set(table) - known or table.get("tolerance") not in ("exact", "approximate"):
-            raise ValueError(f"{path}: case #{i + 1}: keys must be among {sorted(known)} and tolerance exact or "
-                             f"approximate, got {table}")
-        cases.append(Case(**table))
+            raise ValueError(f"{where}: keys must be among {sorted(known)} and tolerance exact or approximate, "
+                             f"got {table}")
+        try:
+            case = Case(**table)
+        except TypeError as e:
+            raise ValueError(f"{where}: {e}") from e
+        counts = {k: getattr(case, k) for k in ("tokens", "offset", "greedy_prompt", "greedy_tokens",
+                                                "determinism_prompt")}
+        if any(type(v) is not int for v in counts.values()) or not isinstance(case.dram_budget, (int, float)):
+            raise ValueError(f"{where}: token counts must be integers and dram_budget a number, got {table}")
+        if case.tokens < 3 or case.offset < 0 or min(case.greedy_prompt, case.greedy_tokens,
+                                                     case.determinism_prompt) < 1 or case.dram_budget <= 0:
+            raise ValueError(f"{where}: tokens must be at least 3 (a one-token prefill, then at least one timed "
+                             f"decode step), offset >= 0, the greedy and determinism counts >= 1 and dram_budget > 0; "
+                             f"got {table}")
+        cases.append(case)
     if names:
         unknown = set(names) - {c.name for c in cases}
         if unknown:
@@ -84,36 +107,80 @@ class SubCheck:
 
 @dataclass
 class DenseRun:
-    tokens: list[int]
-    logits: torch.Tensor
-    prompt: list[int]
-    continuation: list[int]
-    tokens_per_s: float  # dense inference in this process, timed as the SUT's performance run is: the reference
+    """The harness's dense inference for one case: the accuracy run's reference, and the performance run's tokens
+    with their dense logits (for the TEST01 audit)."""
+
+    accuracy: DenseReference
+    performance_offset: int
+    performance_tokens: list[int]
+    performance_logits: torch.Tensor
 
 
-def dense_run(case: Case) -> DenseRun:
-    ids = encode(suite.heldout_text(), bos=False)[case.offset :]
-    tokens = [BOS] + ids[: case.tokens - 1]
-    prompt = [BOS] + ids[case.tokens : case.tokens + case.greedy_prompt - 1]
+def performance_offset(case: Case, heldout: int, seed: int) -> int:
+    """Where the performance run's tokens start: drawn from `seed` and the case's name, clear of the accuracy run's
+    tokens and the greedy prompt."""
+    rng = random.Random(f"{seed}:{case.name}")
+    used = range(case.offset - case.tokens, case.offset + case.tokens + case.greedy_prompt)
+    while (start := rng.randrange(0, heldout - case.tokens)) in used:
+        pass
+    return start
+
+
+def dense_run(case: Case, seed: int) -> DenseRun:
+    ids = encode(suite.heldout_text(), bos=False)
+    tokens = [BOS] + ids[case.offset :][: case.tokens - 1]
+    prompt = [BOS] + ids[case.offset + case.tokens :][: case.greedy_prompt - 1]
     engine = Engine(Transformer.from_checkpoint(case.checkpoint))
-    seconds: list[float] = []
-    logits = teacher_forced(engine, tokens, step_seconds=seconds)
-    return DenseRun(tokens, logits, prompt, greedy_tokens(engine, prompt, case.greedy_tokens),
-                    len(seconds) / sum(seconds))
+    reference = dense_reference(engine, tokens, prompt, case.greedy_tokens, torch.float32)
+    start = performance_offset(case, len(ids), seed)
+    timed = [BOS] + ids[start : start + case.tokens - 1]
+    return DenseRun(reference, start, timed, teacher_forced(engine, timed))
 
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+class _Calls:
+    """The SUT as the harness calls it: an exception raised inside a call is the SUT's (a SUTError naming the call);
+    one raised anywhere else in the harness is the harness's own bug and propagates as it is."""
+
+    def __init__(self, sut: SystemUnderTest):
+        self.sut = sut
+
+    def _call(self, op: str, *args):
+        try:
+            return getattr(self.sut, op)(*args)
+        except SUTError:
+            raise
+        except Exception as e:
+            raise SUTError(f"the SUT raised {type(e).__name__} in '{op}': {e}") from e
+
+    def hello(self) -> dict:
+        return self._call("hello")
+
+    def load(self, checkpoint: Path, dram_budget: int, tolerance: str) -> int:
+        return self._call("load", checkpoint, dram_budget, tolerance)
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        return self._call("prefill", tokens)
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._call("step", token)
+
+    def counters(self) -> dict:
+        return self._call("counters")
+
+
 def run_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: bool,
              cap: MemoryCap | None = None) -> dict:
     budget = int(case.dram_budget * sum(f.stat().st_size for f in weight_files(case.checkpoint)))
-    hello = sut.hello()
+    calls = _Calls(sut)
+    hello = calls.hello()
     if cap is not None:
         cap.cap(budget + MEMORY_ALLOWANCE)
     try:
-        return _measure_case(sut, case, dense, cache_dropped, budget, hello, cap)
+        return _measure_case(calls, sut.pid, case, dense, cache_dropped, budget, hello, cap)
     except SUTError as e:
         if cap is None or not cap.oom_kills():
             raise
@@ -125,65 +192,77 @@ def run_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: b
                 "process": {"memory_cap": str(cap.group), "limit": cap.limit}}
 
 
-def _measure_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: bool, budget: int, hello: dict,
-                  cap: MemoryCap | None) -> dict:
-    tol = EXACT if case.tolerance == "exact" else APPROXIMATE
-    watch = ProcessWatch(sut.pid)
+def _claimed(counters: dict) -> float | None:
+    value = counters.get("bytes_read")
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _measure_case(sut: _Calls, pid: int, case: Case, dense: DenseRun, cache_dropped: bool, budget: int,
+                  hello: dict, cap: MemoryCap | None) -> dict:
+    ref = dense.accuracy
+    approximate = None if case.tolerance == "exact" else APPROXIMATE
+    watch = ProcessWatch(pid)
     before = watch.usage()
     peak_reset = watch.reset_peak()
     sut.load(case.checkpoint, budget, case.tolerance)
     samples = [watch.usage()]  # memory held, sampled between phases (never inside the timed steps)
-    claimed_at_load, read_at_load = sut.counters().get("bytes_read"), samples[0].read_bytes
+    sut.counters()
 
     # accuracy
-    logits = teacher_forced(sut, dense.tokens)
-    continuation = greedy_tokens(sut, dense.prompt, case.greedy_tokens)
-    agree = agreement(dense.logits, logits, dense.tokens[1:])
-    match = matched_prefix(dense.continuation, continuation)
-    subchecks = [SubCheck(f"accuracy.{c.metric}", c.passed,
-                          f"{c.value:.4g} {'<=' if c.at_most else '>='} {c.limit:g}")
-                 for c in checks(agree, match, len(dense.continuation), tol)]
-
+    logits = teacher_forced(sut, ref.tokens)
+    continuation = greedy(sut, ref.prompt, case.greedy_tokens).tokens
+    verdict = judge(ref, logits, continuation, approximate)
+    subchecks = [SubCheck(f"accuracy.{c.metric}", c.passed, c.describe()) for c in verdict.checks]
     samples.append(watch.usage())
 
-    # audits: the same prompt twice, then the performance run against the accuracy run
-    prompt = dense.tokens[: case.determinism_prompt]
+    # determinism: the same prompt twice
+    prompt = ref.tokens[: case.determinism_prompt]
     first, second = sut.prefill(prompt), sut.prefill(prompt)
     diff = float((first - second).abs().max())
     subchecks.append(SubCheck("audit.determinism", diff <= DETERMINISM_TOLERANCE,
                               f"the same {len(prompt)}-token prompt twice: max |logit difference| {diff:.3g} "
                               f"(<= {DETERMINISM_TOLERANCE:g})"))
     samples.append(watch.usage())
-    seconds: list[float] = []  # the harness's clock around every decode step
-    timed_logits = teacher_forced(sut, dense.tokens, step_seconds=seconds)
-    diff = float((timed_logits - logits).abs().max())
-    subchecks.append(SubCheck("audit.performance_matches_accuracy", diff <= DETERMINISM_TOLERANCE,
-                              f"every position of the performance run against the accuracy run: max |logit "
-                              f"difference| {diff:.3g} (<= {DETERMINISM_TOLERANCE:g})"))
-    claims = sut.counters()
+
+    # performance: tokens the SUT has not seen, every decode step timed by the harness
+    claims_before, read_before = sut.counters(), watch.usage().read_bytes
+    seconds: list[float] = []
+    timed_logits = teacher_forced(sut, dense.performance_tokens, step_seconds=seconds)
     after = watch.usage()
+    claims = sut.counters()
     samples.append(after)
-    # Storage: from the end of load on, so that loading resident weights and paging in code do not count.
-    claimed = (claims["bytes_read"] - (claimed_at_load or 0)) if isinstance(claims.get("bytes_read"), (int, float)) \
-        else None
-    storage_read = after.read_bytes - read_at_load
+    subchecks.append(_performance_accuracy_check(dense, timed_logits, ref.tie_margin,
+                                                 approximate or exact_tier(ref.logit_bound), verdict.tier))
     subchecks.append(_memory_check(before, samples, budget, peak_reset, cap))
+    claimed = (_claimed(claims) - (_claimed(claims_before) or 0)) if _claimed(claims) is not None else None
+    storage_read = after.read_bytes - read_before
     subchecks.append(_storage_check(hello, claimed, storage_read, cache_dropped))
 
-    ms = sorted(s * 1e3 for s in seconds)
     return {
         "case": asdict(case), "sut": hello, "dram_budget_bytes": budget, "tolerance": case.tolerance,
         "valid": all(c.passed for c in subchecks), "subchecks": [asdict(c) for c in subchecks],
-        "accuracy": asdict(agree) | {"greedy_matched_tokens": match, "greedy_tokens": len(dense.continuation)},
-        "performance": {"tokens": len(seconds), "tokens_per_s": len(seconds) / sum(seconds),
-                        "ms_per_token": {"mean": statistics.fmean(ms), "p50": ms[len(ms) // 2],
-                                         "p90": ms[int(0.9 * (len(ms) - 1))]},
-                        "sut_reported": claims, "dense_reference_tokens_per_s": dense.tokens_per_s},
+        "accuracy": asdict(verdict.agreement) | verdict.as_dict(),
+        "performance": {"offset": dense.performance_offset, "tokens": len(seconds),
+                        "tokens_per_s": len(seconds) / sum(seconds), "ms_per_token": spread([s * 1e3 for s in seconds]),
+                        "sut_reported_before": claims_before, "sut_reported": claims,
+                        "dense_reference_tokens_per_s": ref.tokens_per_s},
         "process": {"held_before_load": before.held, "held_peak_sampled": max(u.held for u in samples),
                     "rss_before_load": before.rss, "peak_rss": after.peak_rss, "peak_reset": peak_reset,
-                    "storage_read_bytes_decoding": storage_read, "claimed_bytes_read_decoding": claimed,
+                    "storage_read_bytes_timed": storage_read, "claimed_bytes_read_timed": claimed,
                     "page_cache_dropped": cache_dropped},
     }
+
+
+def _performance_accuracy_check(dense: DenseRun, logits: torch.Tensor, tie_margin: float, tol, tier: str) -> SubCheck:
+    """TEST01: the timed run's own answers, at every position, against dense inference on its tokens, by the
+    teacher-forced checks of the case's tier."""
+    a = agreement(dense.performance_logits, logits, dense.performance_tokens[1:], tie_margin)
+    failed = [c for c in checks(a, None, tol) if not c.passed]
+    shown = failed or [Check("max_abs_logit_diff", a.max_abs_logit_diff, tol.max_abs_logit_diff, True)]
+    return SubCheck("audit.performance_accuracy", not failed,
+                    f"the timed run's {a.tokens} positions (held-out tokens from offset {dense.performance_offset}) "
+                    f"against dense inference on them, {tier} tier: "
+                    + "; ".join(f"{c.metric} {c.describe()}" for c in shown))
 
 
 def _memory_check(before, samples, budget: int, peak_reset: bool, cap: MemoryCap | None) -> SubCheck:
@@ -202,7 +281,7 @@ def _memory_check(before, samples, budget: int, peak_reset: bool, cap: MemoryCap
 
 
 def _storage_check(hello: dict, claimed: float | None, storage_read: int, cache_dropped: bool) -> SubCheck:
-    where = f"{_mib(storage_read)} read from storage while decoding (/proc/PID/io)"
+    where = f"{_mib(storage_read)} read from storage during the timed run (/proc/PID/io)"
     if not cache_dropped:
         where += "; the page cache was not dropped before the SUT started (in-process, or not root)"
     if not hello["flash"]:
@@ -212,36 +291,43 @@ def _storage_check(hello: dict, claimed: float | None, storage_read: int, cache_
                         "the page cache, not from storage")
     if claimed is None:
         return SubCheck("audit.storage", True, f"claims flash inference, reports no bytes_read; {where}")
-    return SubCheck("audit.storage", storage_read >= STORAGE_FRACTION * claimed,
-                    f"{where} against the {_mib(claimed)} it claims to have read (at least "
-                    f"{STORAGE_FRACTION:.0%}): reads it claims but storage never served came from memory")
+    passed = storage_read >= STORAGE_FRACTION * claimed
+    verdict = ("storage served what it claims" if passed else
+               "reads it claims but storage never served came from memory")
+    return SubCheck("audit.storage", passed, f"{where} against the {_mib(claimed)} it claims to have read then "
+                    f"(at least {STORAGE_FRACTION:.0%} must come from storage): {verdict}")
 
 
-def validate(make_sut: Callable[[], SystemUnderTest], cases: list[Case], progress=print) -> dict:
-    """Every case with a fresh SUT. SUTError propagates: the SUT could not be run."""
+def validate(make_sut: Callable[[], SystemUnderTest], cases: list[Case], progress=print,
+             seed: int | None = None) -> dict:
+    """Every case with a fresh SUT. SUTError propagates: the SUT could not be run. `seed` draws the performance
+    runs' tokens (default: a fresh one, recorded)."""
+    seed = secrets.randbits(32) if seed is None else seed
+    progress(f"performance runs on held-out tokens drawn with seed {seed} (--seed {seed} repeats them)")
     results = []
     for case in cases:
         progress(f"case {case.name}: dense reference on {case.model}")
-        dense = dense_run(case)
+        dense = dense_run(case, seed)
         # A SUT process starts after the page cache is dropped, so its reads of the model come from storage; an
         # in-process SUT shares the harness's mapped code, which a drop would make it page in again as its own.
         cache_dropped = drop_page_cache()
-        sut = make_sut()
+        try:
+            sut = make_sut()
+        except SUTError:
+            raise
+        except Exception as e:  # the SUT's own constructor
+            raise SUTError(f"the SUT raised {type(e).__name__} when it was made: {e}") from e
         in_process = sut.pid == os.getpid()
         cap = None if in_process else MemoryCap(sut.pid)
         try:
             progress(f"case {case.name}: accuracy, audits and performance of the SUT")
             results.append(run_case(sut, case, dense, cache_dropped and not in_process, cap))
-        except SUTError:
-            raise
-        except Exception as e:  # an in-process SUT's own failure: it could not be run
-            raise SUTError(f"the SUT raised {type(e).__name__}: {e}") from e
         finally:
             sut.close()
             if cap is not None:
                 cap.remove()
         progress(summary(results[-1]))
-    return {"valid": all(r["valid"] for r in results), "cases": results}
+    return {"valid": all(r["valid"] for r in results), "seed": seed, "cases": results}
 
 
 def summary(result: dict) -> str:
@@ -254,6 +340,8 @@ def summary(result: dict) -> str:
     own = perf["sut_reported"].get("ms_per_token")
     lines.append(f"  performance: {perf['tokens_per_s']:.3g} tokens/s over {perf['tokens']} decode steps "
                  f"(ms per token p50 {perf['ms_per_token']['p50']:.2f}, p90 {perf['ms_per_token']['p90']:.2f}); "
-                 f"dense inference in the harness, same tokens: {perf['dense_reference_tokens_per_s']:.3g} tokens/s"
-                 + (f"; the SUT's breakdown: " + ", ".join(f"{k} {v:.2f}" for k, v in own.items()) if own else ""))
+                 f"dense inference in the harness: {perf['dense_reference_tokens_per_s']:.3g} tokens/s"
+                 + ("; the SUT's breakdown: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else
+                                                            f"{k} {v!r:.40}" for k, v in own.items())
+                    if isinstance(own, dict) else ""))
     return "\n".join(lines)

@@ -16,6 +16,9 @@ from .layout import checkpoint_hash
 from .model import Transformer
 
 COUNTS_FILE = "activation_counts.safetensors"  # shipped beside an embedded checkpoint (see save_counts)
+# Training tokens whose activations are counted: the hybrid's hot neurons and pruning's dead ones come from these,
+# in the main job, `flashbench convert --prune-dead`, `window-sweep --prune-dead` and `model counts` alike.
+COUNTS_TOKENS = 131072
 
 
 @contextmanager

@@ -302,15 +302,23 @@ class FlashEngine(Engine):
         `techniques.source` (needed for `predictor` and `trace`). `resident`: the layout's resident tensors already
         loaded (`layout.resident_state()`), to share them between engines instead of reading them again."""
         layout = flash_dir if isinstance(flash_dir, FlashLayout) else FlashLayout.open(flash_dir)
-        config, g = layout.config, layout.geometry
+        config, dtype = layout.config, techniques.dtype
         self.layout, self.techniques = layout, techniques
-        dtype = techniques.dtype
         resident = ({k: v.to(dtype) for k, v in resident.items()} if resident is not None
                     else layout.resident_state(dtype))
         biases = {i: (resident.pop(f"layers.{i}.ffn.up.bias", None), resident.pop(f"layers.{i}.ffn.down.bias", None))
                   for i in range(config.n_layers)}
         reader = FlashReader.for_layout(layout, threads=techniques.threads, direct=techniques.direct,
                                         gap_bytes=techniques.gap_bytes)
+        try:  # a configuration that does not fit (BudgetError) or bad arguments must not leak the reader's threads
+            self._build(layout, techniques, reader, source, neuron_counts, dram_budget, max_len, resident, biases)
+        except BaseException:
+            reader.close()
+            raise
+
+    def _build(self, layout: FlashLayout, techniques: Techniques, reader: FlashReader, source, neuron_counts,
+               dram_budget: int | None, max_len: int | None, resident: dict, biases: dict) -> None:
+        config, g, dtype = layout.config, layout.geometry, techniques.dtype
         if source is None:
             source = self._default_source(techniques, layout, reader, biases)
         if techniques.source != source.name:
@@ -410,6 +418,12 @@ class FlashEngine(Engine):
 
     def close(self) -> None:
         self.shared.reader.close()
+
+    def __enter__(self) -> "FlashEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def oracle_from_flash(layout: FlashLayout, reader: FlashReader, biases, dtype: torch.dtype = torch.float32) -> Oracle:

@@ -91,3 +91,19 @@ def test_probe_cli_prints_the_grid(tmp_path, capsys, monkeypatch):
 def test_report_of_a_folder_without_run_json_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no run.json" in capsys.readouterr().err
+
+
+def test_every_command_reports_one_p90(tmp_path, capsys):
+    """generate's p90, a record's and validate's are one definition (numpy's linear interpolation)."""
+    import numpy as np
+
+    from flashbench.harness.measure import token_metrics
+    from flashbench.harness.stats import spread
+    from flashbench.reference.flash import TokenStats
+
+    assert main(["generate", "--tokens", "12", "--json", str(tmp_path / "g.json")]) == 0
+    rec = json.loads((tmp_path / "g.json").read_text())
+    assert rec["token_ms_p90"] == pytest.approx(float(np.percentile(rec["token_ms"], 90)))
+    ms = [float(x) for x in range(1, 11)]
+    steps = [TokenStats(tokens=1, total_s=x / 1e3) for x in ms]
+    assert token_metrics(steps)["ms"]["total"]["p90"] == pytest.approx(spread(ms)["p90"]) == pytest.approx(9.1)

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from flashbench import suite
+from flashbench.harness.agreement import logit_bound
 from flashbench.reference import Transformer
 from flashbench.suite.models.card import measure
 
@@ -23,8 +25,11 @@ def test_both_architectures_are_embedded():
 def test_card_figures_are_what_the_model_measures_on_heldout_text(embedded):
     path, card = embedded
     measured = measure(path)
+    # Measured on another CPU, a mean log-loss may move by 2 eps (harness/agreement.py; these models' logits stay
+    # below 32), and a neuron whose pre-activation rounds to either side of zero may flip (one flip: 1.5e-8).
     assert measured["active_fraction"] == pytest.approx(card["measured"]["active_fraction"], abs=1e-6)
-    assert measured["heldout_loss"] == pytest.approx(card["measured"]["heldout_loss"], abs=1e-6)
+    assert measured["heldout_loss"] == pytest.approx(card["measured"]["heldout_loss"],
+                                                     abs=2 * logit_bound(torch.float32, 32.0))
 
 
 def test_at_least_half_the_layers_are_at_most_ten_percent_active(embedded):

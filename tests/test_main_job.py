@@ -82,3 +82,14 @@ def test_an_existing_run_folder_is_not_overwritten(run, capsys):
 def test_an_unknown_scenario_exits_2(tmp_path, capsys):
     assert main(["run", "--scenario", "nope", "--reports", str(tmp_path)]) == 2
     assert "no such scenario" in capsys.readouterr().err
+
+
+def test_records_name_paths_relative_to_the_repository(run):
+    """Committed records (the smoke baseline) must not carry the machine they were made on."""
+    from flashbench.harness.records import REPO_ROOT
+
+    for r in records(run):
+        text = json.dumps(r)
+        assert str(REPO_ROOT) + "/" not in text, r.get("configuration", r["kind"])
+    model = next(r for r in records(run) if r["kind"] == "model")
+    assert model["checkpoint"] == "suite/models/shakespeare-opt"

@@ -54,3 +54,30 @@ def test_an_unknown_compute_dtype_is_named(tmp_path):
     f.write_text('[engine]\ncompute_dtype = "float8"\n[[models]]\nname = "shakespeare-opt"\n')
     with pytest.raises(sc.ScenarioError, match=r"s.toml \[engine\]: compute_dtype must be one of float32, float16"):
         sc.load(str(f))
+
+
+def test_an_approximate_table_sets_the_approximate_tier(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('[engine.approximate]\nmax_mean_kl = 0.1\nmin_top1_agreement = 0.9\n[[models]]\nname = "x"\n')
+    tol = sc.load(str(f)).settings.approximate
+    assert not tol.exact and tol.max_mean_kl == 0.1 and tol.min_top1_agreement == 0.9
+
+
+@pytest.mark.parametrize("table, message", [
+    ("[engine.approximate]\nmax_kl = 0.1\n", r"unknown limit\(s\) \['max_kl'\]"),
+    ("[engine.approximate]\nmax_mean_kl = \"small\"\n", "non-negative numbers"),
+    ("[engine]\napproximate = 0.05\n", "a table of limits"),
+])
+def test_a_bad_approximate_table_is_refused_when_the_scenario_loads(tmp_path, table, message):
+    f = tmp_path / "s.toml"
+    f.write_text(table + '[[models]]\nname = "x"\n')
+    with pytest.raises(sc.ScenarioError, match=rf"s.toml \[engine\]: .*{message}"):
+        sc.load(str(f))
+
+
+def test_pruning_counts_on_the_same_tokens_in_the_main_job_and_in_convert():
+    from flashbench.harness.cli import build_parser
+
+    convert = build_parser().parse_args(["convert", "shakespeare-opt", "out", "--prune-dead"])
+    sweep = build_parser().parse_args(["window-sweep", "--prune-dead"])
+    assert convert.prune_tokens == sweep.prune_tokens == sc.ModelSpec("x").counts_tokens
