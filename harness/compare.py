@@ -19,13 +19,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from flashbench.reference.errors import FlashbenchError
+
 from .records import SCHEMA
 from .report import Table, load_run, to_markdown
 
 COUNTER, RATIO, TIME = "counter", "same-run ratio", "raw time"
 
 
-class CompareError(ValueError):
+class CompareError(FlashbenchError):
     """Records that cannot be compared (unreadable, another schema or scenario, a raw-time rule across machines)."""
 
 

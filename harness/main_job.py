@@ -25,9 +25,10 @@ import torch
 
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
-from flashbench.reference.activations import (COUNTS_FILE, activation_counts, counts_provenance, ever_active,
-                                              load_counts)
+from flashbench.reference.activations import (COUNTS_FILE, activation_counts, counts_provenance, dead_neuron_pruning,
+                                              ever_active, load_counts)
 from flashbench.reference.checkpoint import weight_files
+from flashbench.reference.errors import CheckpointError
 from flashbench.reference.predictor import Predictor
 from flashbench.reference.storage import storage_of
 from flashbench.reference.tokenizer import BOS, encode
@@ -37,7 +38,7 @@ from .matrix import matrix
 from .measure import ModelUnderTest, measure
 from .peers import measure_peer
 from .probe import Probe, probe, table
-from .records import SCHEMA, git_commit, machine_info, portable_path, versions, write_json_atomic
+from .records import SCHEMA, RecordError, git_commit, machine_info, portable_path, versions, write_json_atomic
 from .scenario import ModelSpec, Scenario
 
 
@@ -47,7 +48,7 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print,
     the engine does), hot and dead neurons."""
     path = suite.model_path(spec.name)
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: no such checkpoint (embedded models: {', '.join(suite.EMBEDDED_MODELS)})")
+        raise CheckpointError(f"{path}: no such checkpoint (embedded models: {', '.join(suite.EMBEDDED_MODELS)})")
     predictor_path = path / "predictor"
     predictor = Predictor.load(predictor_path)
     model = Transformer.from_checkpoint(path, dtype=dtype)
@@ -71,9 +72,7 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print,
                                          if shipped else ""))
     if not shipped:
         counts, _ = activation_counts(model, train, model.config.max_positions, BOS)
-    keep = ever_active(counts)
-    pruning = {"rule": "never active on the counting text", "text": where, "tokens": len(train),
-               "dead_per_layer": [model.config.d_ffn - len(k) for k in keep]}
+    keep, pruning = dead_neuron_pruning(counts, where, len(train))
     label = (f"predictor (rank {predictor.module.rank}, threshold {predictor.threshold}, "
              f"{predictor_path.with_suffix('.safetensors').name})")
     mut = ModelUnderTest(
@@ -159,12 +158,12 @@ def whole_records(records_dir: Path, scenario: Scenario) -> dict[str, dict]:
             try:
                 rec = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: unreadable record ({e}); remove it to measure it again") from e
+                raise RecordError(f"{path}: unreadable record ({e}); remove it to measure it again") from e
             if rec.get("schema") != SCHEMA or rec.get("scenario", {}).get("raw") != scenario.raw:
-                raise ValueError(f"{path}: a record of another scenario or schema: resume with the scenario the "
+                raise RecordError(f"{path}: a record of another scenario or schema: resume with the scenario the "
                                  f"run started with ({rec.get('scenario', {}).get('path')})")
             if rec.get("git", {}).get("commit") != commit:
-                raise ValueError(f"{path}: measured at commit {rec.get('git', {}).get('commit')}, this checkout is "
+                raise RecordError(f"{path}: measured at commit {rec.get('git', {}).get('commit')}, this checkout is "
                                  f"at {commit}: resuming would mix two versions of the code in one run; start a "
                                  "new run instead")
             kept[str(path.relative_to(records_dir))] = rec

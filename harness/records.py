@@ -10,9 +10,15 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from flashbench.reference.errors import FlashbenchError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1  # the records' format: `flashbench compare` refuses to set records of different schemas side by side
 PACKAGES = ("flashbench", "torch", "safetensors", "numpy", "pandas", "transformers", "accelerate")
+
+
+class RecordError(FlashbenchError):
+    """Records that cannot be used: unreadable, or of another scenario, schema or commit than asked."""
 
 
 def portable_path(path: str | Path) -> str:

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from .agreement import APPROXIMATE, LOGIT_ULPS
+from .records import RecordError
 
 MIB = 1024 * 1024
 # The paper's own figures (OPT 6.7B, fp16, M1 Max, DRAM budget ~50%): Table 2 (I/O only) and Table 3.
@@ -119,7 +120,7 @@ def load_run(run_dir: Path) -> tuple[dict, dict | None, dict[str, list[dict]], d
         try:
             rec = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: unreadable record ({e})") from e
+            raise RecordError(f"{path}: unreadable record ({e})") from e
         kind = rec.get("kind")
         if kind == "probe":
             probe = rec["probe"]

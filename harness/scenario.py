@@ -43,6 +43,7 @@ from pathlib import Path
 
 from flashbench import suite
 from flashbench.reference.activations import COUNTS_TOKENS
+from flashbench.reference.errors import FlashbenchError
 
 from .agreement import approximate_tier
 from .matrix import TECHNIQUES, Settings
@@ -52,7 +53,7 @@ from .probe import KIB, ProbeGrid
 SCENARIOS_DIR = suite.SUITE_DIR / "scenarios"
 
 
-class ScenarioError(ValueError):
+class ScenarioError(FlashbenchError):
     """A scenario file that cannot be used; the message names the file and the key."""
 
 

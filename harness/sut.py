@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flashbench.reference.errors import FlashbenchError
+
 PROTOCOL_VERSION = 1
 
 
-class SUTError(RuntimeError):
+class SUTError(FlashbenchError):
     """The SUT could not be run: it crashed, hung, broke the protocol or refused a request (exit code 2)."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flashbench.reference.errors import FlashbenchError
 from flashbench.reference.layout import FFNGeometry
 from flashbench.reference.reader import FlashReader, ReadStats, aligned_buffer
 
@@ -64,7 +65,7 @@ def bracketed_fractions(ours: list[float], theirs: list[float]) -> list[float]:
 def synthetic_layer(directory: Path, record_bytes: int, file_bytes: int) -> tuple[FFNGeometry, Path]:
     """A bundled fp16 layer file of random bytes whose records are `record_bytes` long (reused if present)."""
     if record_bytes % 4:
-        raise ValueError(f"record size must be a multiple of 4 bytes, got {record_bytes}")
+        raise FlashbenchError(f"record size must be a multiple of 4 bytes, got {record_bytes}")
     d_ffn = file_bytes // record_bytes
     geometry = FFNGeometry("bundled", "float16", record_bytes // 4, d_ffn, ("up", "down"))
     path = Path(directory) / f"sweep-{file_bytes >> 20}MiB.bin"
@@ -120,6 +121,16 @@ def measure_c_reference(exe: Path, path: Path, record_bytes: int, threads: int, 
         raise CReferenceError(done.stderr.strip() or f"{exe.name} exited with {done.returncode}")
     nbytes, inside, _ = done.stdout.split()
     return int(nbytes) / float(inside)
+
+
+def check_batches(batches: list[int], record_sizes: list[int], file_bytes: int) -> None:
+    """A reader call fetches 1 to (file size / record size) distinct records of the test file."""
+    for batch in batches:
+        too_few = [s for s in record_sizes if not 1 <= batch <= file_bytes // s]
+        if too_few:
+            raise FlashbenchError(f"--batch {batch}: a reader call fetches 1 to (file size / record size) distinct "
+                                  f"records, and a {file_bytes >> 20} MiB file holds {file_bytes // max(too_few)} "
+                                  f"records of {max(too_few) // KIB} KiB")
 
 
 def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds: float = 2.0, repeats: int = 3,

@@ -30,6 +30,7 @@ import torch
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
 from flashbench.reference.checkpoint import weight_files
+from flashbench.reference.errors import FlashbenchError
 from flashbench.reference.tokenizer import BOS, encode
 
 from .agreement import (APPROXIMATE, DenseReference, Check, agreement, checks, dense_reference, exact_tier, greedy,
@@ -44,6 +45,10 @@ MEMORY_ALLOWANCE = 64 << 20  # data held beyond the budget: KV cache, activation
 # A flash SUT's timed run must have made the kernel read from storage at least this much of the bytes it says it read
 # then: direct reads count exactly; the rest allows for reads a filesystem serves from its own metadata or merges.
 STORAGE_FRACTION = 0.9
+
+
+class CaseError(FlashbenchError):
+    """A conformance cases file that cannot be used; the message names the file and the case."""
 
 
 @dataclass(frozen=True)
@@ -67,32 +72,32 @@ def load_cases(path: Path = CASES, names: list[str] | None = None) -> list[Case]
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the conformance cases ({e})") from e
+        raise CaseError(f"{path}: cannot read the conformance cases ({e})") from e
     known = {f.name for f in fields(Case)}
     cases = []
     for i, table in enumerate(raw.get("cases", [])):
         where = f"{path}: case #{i + 1}"
         if set(table) - known or table.get("tolerance") not in ("exact", "approximate"):
-            raise ValueError(f"{where}: keys must be among {sorted(known)} and tolerance exact or approximate, "
+            raise CaseError(f"{where}: keys must be among {sorted(known)} and tolerance exact or approximate, "
                              f"got {table}")
         try:
             case = Case(**table)
         except TypeError as e:
-            raise ValueError(f"{where}: {e}") from e
+            raise CaseError(f"{where}: {e}") from e
         counts = {k: getattr(case, k) for k in ("tokens", "offset", "greedy_prompt", "greedy_tokens",
                                                 "determinism_prompt")}
         if any(type(v) is not int for v in counts.values()) or not isinstance(case.dram_budget, (int, float)):
-            raise ValueError(f"{where}: token counts must be integers and dram_budget a number, got {table}")
+            raise CaseError(f"{where}: token counts must be integers and dram_budget a number, got {table}")
         if case.tokens < 3 or case.offset < 0 or min(case.greedy_prompt, case.greedy_tokens,
                                                      case.determinism_prompt) < 1 or case.dram_budget <= 0:
-            raise ValueError(f"{where}: tokens must be at least 3 (a one-token prefill, then at least one timed "
+            raise CaseError(f"{where}: tokens must be at least 3 (a one-token prefill, then at least one timed "
                              f"decode step), offset >= 0, the greedy and determinism counts >= 1 and dram_budget > 0; "
                              f"got {table}")
         cases.append(case)
     if names:
         unknown = set(names) - {c.name for c in cases}
         if unknown:
-            raise ValueError(f"{path}: no case named {', '.join(sorted(unknown))} "
+            raise CaseError(f"{path}: no case named {', '.join(sorted(unknown))} "
                              f"(cases: {', '.join(c.name for c in cases)})")
         cases = [c for c in cases if c.name in names]
     return cases

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import CheckpointError
 from .layout import checkpoint_hash
 from .model import Transformer
 
@@ -98,4 +99,12 @@ def load_counts(path: Path, provenance: dict[str, str]) -> np.ndarray | None:
                 return None
             return f.get_tensor("counts").numpy()
     except Exception as e:  # safetensors raises its own error types for a damaged file
-        raise ValueError(f"{path}: not a readable activation-counts file ({e}); delete it to recount") from e
+        raise CheckpointError(f"{path}: not a readable activation-counts file ({e}); delete it to recount") from e
+
+
+def dead_neuron_pruning(counts: np.ndarray, text: str, tokens: int) -> tuple[list[np.ndarray], dict]:
+    """Pruning from activation counts [n_layers, d_ffn] on `tokens` tokens of `text` (where they came from): the
+    neurons each layer keeps (those active at least once), and how they were chosen, for the layout and the record."""
+    keep = ever_active(counts)
+    return keep, {"rule": "never active on the counting text", "text": text, "tokens": tokens,
+                  "dead_per_layer": [counts.shape[1] - len(k) for k in keep]}

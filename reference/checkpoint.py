@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import CheckpointError, ModelConfig
+from .config import ModelConfig
+from .errors import CheckpointError
 
 # (our name, HF name) patterns per architecture; "{i}" is the layer index.
 _NAMES = {
@@ -214,7 +215,7 @@ def save_checkpoint_streaming(out_dir: str | Path, config: ModelConfig, load, dt
     paper-scale synthetic models); atomically (temp dir + rename)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
-        raise ValueError(f"{out_dir}: already exists")
+        raise CheckpointError(f"{out_dir}: already exists")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -10,11 +10,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import CheckpointError
+
 ARCHITECTURES = {"opt": "OPTForCausalLM", "llama": "LlamaForCausalLM"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (config or weights) that cannot be used; the message names the file and the problem."""
 
 
 def read_json_object(path: Path, error: type[Exception]) -> dict:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import FlashbenchError
 from .model import Transformer
 
 
@@ -51,9 +52,9 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise FlashbenchError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise FlashbenchError(f"top_k must be >= 1, got {self.top_k}")
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:

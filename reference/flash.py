@@ -31,6 +31,7 @@ from torch import nn
 from .activations import hot_neurons
 from .cache import NeuronCache, RegatherCache
 from .engine import Engine
+from .errors import BudgetError
 from .layout import FlashLayout, decode_layer_file, decode_records
 from .model import Transformer
 from .reader import FlashReader, ReadStats, aligned_buffer
@@ -40,10 +41,6 @@ SOURCES = ("predictor", "oracle", "trace", "all")
 PINNED = np.iinfo(np.int64).max  # the "last needed" position of hot neurons: never evicted
 MEMORY = ("preallocated", "regather")
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class BudgetError(ValueError):
-    """A configuration that cannot fit its DRAM budget; the message gives the numbers."""
 
 
 @dataclass(frozen=True)

@@ -34,18 +34,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import expected_shapes, hf_name, weight_files, write_safetensors_streaming
-from .config import ARCHITECTURES, CheckpointError, ModelConfig, read_json_object
+from .config import ARCHITECTURES, ModelConfig, read_json_object
+from .errors import CheckpointError, LayoutError
 
 FORMAT = "flashbench-flash-layout"
 FORMAT_VERSION = 1
 ALIGNMENT = 4096  # file sizes and regions are multiples of this; also the direct-I/O block size we assume
+LAYOUTS = ("bundled", "unbundled")  # one record per neuron, or one region per matrix
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 SCALE_BYTES = 4  # the float32 scale in front of each int8 vector
-
-
-class LayoutError(ValueError):
-    """A flash directory that cannot be used; the message names the file and the problem."""
 
 
 MAX_DIMENSION = 1 << 31  # no real model has a dimension (or layer count) near this
@@ -339,7 +337,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if out_dir.exists():
-        raise ValueError(f"{out_dir}: already exists; remove it or choose another output directory")
+        raise LayoutError(f"{out_dir}: already exists; remove it or choose another output directory")
     config = ModelConfig.load(checkpoint_dir)
     config.require_relu(str(checkpoint_dir / "config.json"))
     source = _TensorSource(checkpoint_dir, config)
@@ -353,12 +351,12 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
     """A flash directory from `tensor(name)` (our names, fetched one at a time: nothing else is held in memory);
     `origin` goes into layout.json as where the weights came from. Atomic, as `convert` says."""
     out_dir = Path(out_dir)
-    if layout not in ("bundled", "unbundled"):
-        raise ValueError(f"layout must be 'bundled' or 'unbundled', got {layout!r}")
+    if layout not in LAYOUTS:
+        raise LayoutError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise LayoutError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out_dir.exists():
-        raise ValueError(f"{out_dir}: already exists; remove it or choose another output directory")
+        raise LayoutError(f"{out_dir}: already exists; remove it or choose another output directory")
     if keep is not None:
         keep = [np.unique(np.asarray(k, dtype=np.int64)) for k in keep]
     shapes = expected_shapes(config)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import CheckpointError
 from .model import Transformer
 
 
@@ -71,7 +72,7 @@ class Predictor:
             module = LowRankPredictor(meta["n_layers"], meta["d_model"], meta["d_ffn"], meta["rank"])
             module.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
         except (OSError, KeyError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{path}: cannot load predictor ({e})") from e
+            raise CheckpointError(f"{path}: cannot load predictor ({e})") from e
         return cls(module, meta["threshold"] if threshold is None else threshold, meta.get("metrics"))
 
 

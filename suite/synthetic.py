@@ -18,6 +18,7 @@ import torch
 
 from flashbench.reference import ModelConfig
 from flashbench.reference.checkpoint import expected_shapes, save_checkpoint_streaming
+from flashbench.reference.errors import FlashbenchError
 from flashbench.reference.layout import FlashLayout, write_layout
 from flashbench.reference.tokenizer import BOS, EOS, PAD
 
@@ -34,7 +35,7 @@ INIT_STD = 0.02
 
 def shape_config(shape: str) -> ModelConfig:
     if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        raise FlashbenchError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     # Byte-level token ids are valid in every vocabulary here; the special ids are ours.
     return ModelConfig(**(SHAPES[shape].as_dict() | {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}))
 

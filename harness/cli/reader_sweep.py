@@ -1,0 +1,51 @@
+"""`flashbench reader-sweep`: the flash reader's bandwidth beside fio's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..records import git_commit, machine_info, versions, write_json_atomic
+from .common import EXIT_OK, UsageError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("reader-sweep", help="the flash reader's bandwidth beside fio's",
+                       description="Measure the flash reader's random-read bandwidth per record size and thread "
+                       "count, beside fio randread at the same block size and job count, on one file in DIR.")
+    p.add_argument("dir", help="directory on the storage to measure (a 1 GiB file is written there once)")
+    p.add_argument("--record-kib", default="16,32,64", help="record sizes in KiB (default 16,32,64)")
+    p.add_argument("--threads", default="16", help="thread counts (default 16)")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="reader runs, each between two fio runs (default 3)")
+    p.add_argument("--batch", default="256", help="records per reader call, as one layer's delta; a list runs "
+                   "the sweep once per batch (default 256)")
+    p.add_argument("--c-reference", action="store_true", help="also make the same calls from C (pread_calls.c, "
+                   "built with cc): what the reader loses beyond it is Python's cost, not the calls'")
+    p.add_argument("--file-mib", type=int, default=1024, help="size of the test file (default 1024 MiB)")
+    p.add_argument("--no-fio", action="store_true", help="measure the reader only")
+    p.add_argument("--json", help="also write the points as JSON to this path")
+    p.set_defaults(func=cmd_reader_sweep)
+
+
+def cmd_reader_sweep(args) -> int:
+    from ..sweep import KIB, check_batches, sweep
+
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: no such directory (put it where the flash layouts live)")
+    sizes = [int(k) * KIB for k in args.record_kib.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    check_batches(batches, sizes, args.file_mib << 20)
+    points = []
+    for batch in batches:
+        print(f"reader ({batch} random records per call{', beside the same calls in C' if args.c_reference else ''}) "
+              f"vs fio randread (direct=1, psync) on a {args.file_mib} MiB file in {directory}: {args.repeats} runs "
+              f"of {args.seconds:g} s each, every one between two fio runs; medians, and x/fio the median of each "
+              f"run over the fio runs around it")
+        points += sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20, not args.no_fio,
+                        batch, args.c_reference)
+    if args.json:
+        write_json_atomic(Path(args.json), {"machine": machine_info(), "versions": versions(), "git": git_commit(),
+                                            "points": [vars(p) for p in points]})
+    return EXIT_OK
