@@ -1,22 +1,91 @@
-"""The SUTs flashbench ships: the reference flash engine, and transformers (dense). Each also runs as a process
-through the protocol: `python -m flashbench.harness.serve flashbench.harness.adapters:ReferenceSUT`."""
+"""The SUTs flashbench ships: the reference flash engine as the technique matrix measures it (`EngineSUT`, every
+technique a switch), as `flashbench validate` judges it (`ReferenceSUT`), and transformers (dense). The last two also
+run as a process through the protocol: `python -m flashbench.harness.serve flashbench.harness.adapters:ReferenceSUT`."""
 
 from __future__ import annotations
 
 import inspect
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from flashbench.reference.flash import FlashEngine, Techniques
+from flashbench.reference.flash import FlashEngine, TokenStats, Techniques
 from flashbench.reference.layout import FlashLayout, LayoutError, checkpoint_hash, convert
 
+from .matrix import Configuration, Settings, technique_names
+from .measure import ModelUnderTest, token_metrics
+from .records import portable_path
 from .sut import SUTError, SystemUnderTest
 
 
 def layout_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashbench" / "sut"
+
+
+class EngineSUT(SystemUnderTest):
+    """The reference flash engine with every technique of the table as a switch, on a model the harness prepared
+    (its flash layouts, activation source and neuron counts: `ModelUnderTest`). In-process: `flashbench run` measures
+    our engine through the SUT interface at no cost in speed. Its counters report, beside the protocol's totals, its
+    decode steps in detail (`decode_steps`), the engine settings and layout it ran, and the DRAM it held."""
+
+    def __init__(self, model: ModelUnderTest, progress=print):
+        self.model, self.progress = model, progress
+        self.engine: FlashEngine | None = None
+        self.steps: list[TokenStats] = []  # every decode step since load
+        self.passes: list[TokenStats] = []  # every pass, prefills included
+
+    def hello(self) -> dict:
+        return {"name": "flashbench reference engine", "flash": True, "techniques": list(technique_names())}
+
+    def load(self, checkpoint: Path, dram_budget: int, tolerance: str, techniques: tuple[str, ...] = (),
+             settings: dict | None = None) -> int:
+        settings = dict(settings or {})
+        within_budget = settings.pop("within_budget", False)
+        run = Settings(**settings)
+        config = Configuration(frozenset(techniques))
+        self.techniques = config.engine_settings(run, self.model.source)
+        self.spec = config.layout(run)
+        m = self.model
+        layout = m.layout(self.spec, self.progress)
+        self.engine = FlashEngine(layout, self.techniques, source=m.new_source() if "predictor" in techniques else None,
+                                  neuron_counts=m.neuron_counts, max_len=m.max_len,
+                                  dram_budget=dram_budget if within_budget else None,
+                                  resident=m.resident(layout, self.techniques.torch_dtype))
+        return layout.config.vocab_size
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        logits = self.engine.prefill(tokens)
+        self.passes.append(self.engine.history[-1])
+        return logits
+
+    def step(self, token: int) -> torch.Tensor:
+        logits = self.engine.step(token)
+        self.steps.append(self.engine.history[-1])
+        self.passes.append(self.engine.history[-1])
+        return logits
+
+    def counters(self) -> dict:
+        engine, passes = self.engine, self.passes
+        tokens = sum(p.tokens for p in passes) or 1
+        return {
+            "bytes_read": sum(p.io.bytes_read for p in passes), "reads": sum(p.io.reads for p in passes),
+            "neurons_loaded": sum(p.io.records for p in passes),
+            "ms_per_token": {"io": sum(p.io.seconds for p in passes) * 1e3 / tokens,
+                             "memory": sum(p.memory_s for p in passes) * 1e3 / tokens,
+                             "predictor": sum(p.predictor_s for p in passes) * 1e3 / tokens,
+                             "compute": sum(p.compute_s for p in passes) * 1e3 / tokens},
+            "decode_steps": token_metrics(self.steps) if self.steps else None,
+            "engine": vars(self.techniques),
+            "layout": vars(self.spec) | {"name": self.spec.name, "path": portable_path(engine.layout.path)},
+            "dram": vars(engine.dram) | {"weights_total": engine.dram.weights_total,
+                                         "cache_peak_used": engine.cache_peak_used()},
+        }
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
 
 class ReferenceSUT(SystemUnderTest):
@@ -42,7 +111,8 @@ class ReferenceSUT(SystemUnderTest):
         path = layout_cache() / checkpoint_hash(checkpoint)[:16] / "bundled-float16"
         try:
             layout = FlashLayout.open(path)
-        except LayoutError:
+        except LayoutError:  # not converted yet, half-written, or of another format version
+            shutil.rmtree(path, ignore_errors=True)
             layout = convert(checkpoint, path, "bundled", "float16")
         self.engine = FlashEngine(layout, self.techniques, dram_budget=dram_budget)
         return layout.config.vocab_size

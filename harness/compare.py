@@ -41,7 +41,7 @@ class Metric:
 
 
 def _per_token(key: str):
-    return lambda rec, naive: rec["metrics"]["per_token"][key]
+    return lambda rec, naive: rec["metrics"].get("per_token", {}).get(key)
 
 
 def _speedup(rec: dict, naive: dict | None) -> float | None:
@@ -212,7 +212,11 @@ def geomean(values: list[float]) -> float | None:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
-def _counter_gate(rule: Rule, key: str, base: float, cand: float) -> str | None:
+def _counter_gate(rule: Rule, key: str, base: float | None, cand: float | None) -> str | None:
+    if base is None and cand is None:  # a SUT that reports no counters: nothing to gate
+        return None
+    if base is None or cand is None:
+        return f"{key}: {rule.metric} reported in {'the candidate' if base is None else 'the baseline'} only"
     if cand > base * (1 + rule.tolerance) * (1 + 1e-9):
         growth = f"+{cand / base - 1:.1%}" if base else "from zero"
         return (f"{key}: {rule.metric} grew from {base:,.1f} to {cand:,.1f} ({growth}); "

@@ -17,8 +17,9 @@ import fcntl
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,17 +30,20 @@ from flashbench.reference.activations import (COUNTS_FILE, activation_counts, co
                                               ever_active, load_counts)
 from flashbench.reference.checkpoint import weight_files
 from flashbench.reference.errors import CheckpointError
+from flashbench.reference.flash import COMPUTE_DTYPES
 from flashbench.reference.predictor import Predictor
 from flashbench.reference.storage import storage_of
 from flashbench.reference.tokenizer import BOS, encode
 
-from .agreement import dense_reference
-from .matrix import matrix
+from .agreement import dense_reference, heldout_sequences
+from .adapters import EngineSUT
+from .matrix import describe, matrix, ordered, technique, technique_names
 from .measure import ModelUnderTest, measure
 from .peers import measure_peer
 from .probe import Probe, probe, table
 from .records import SCHEMA, RecordError, git_commit, machine_info, portable_path, versions, write_json_atomic
 from .scenario import ModelSpec, Scenario
+from .sut import Guarded, SUTError, SystemUnderTest
 
 
 def embedded_model(spec: ModelSpec, work: Path, progress=print,
@@ -53,8 +57,7 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print,
     predictor = Predictor.load(predictor_path)
     model = Transformer.from_checkpoint(path, dtype=dtype)
     ids = encode(suite.heldout_text(), bos=False)
-    tokens = [BOS] + ids[: spec.tokens - 1]
-    prompt = [BOS] + ids[spec.tokens : spec.tokens + spec.greedy_prompt - 1]
+    tokens, prompt = heldout_sequences(ids, BOS, spec.tokens, spec.greedy_prompt)
 
     progress(f"  dense reference ({str(dtype).removeprefix('torch.')}): {len(tokens)} held-out tokens "
              f"teacher-forced, greedy {spec.greedy_tokens} tokens")
@@ -72,13 +75,13 @@ def embedded_model(spec: ModelSpec, work: Path, progress=print,
                                          if shipped else ""))
     if not shipped:
         counts, _ = activation_counts(model, train, model.config.max_positions, BOS)
-    keep, pruning = dead_neuron_pruning(counts, where, len(train))
+    kept, pruning = dead_neuron_pruning(counts, where, len(train))
     label = (f"predictor (rank {predictor.module.rank}, threshold {predictor.threshold}, "
              f"{predictor_path.with_suffix('.safetensors').name})")
     mut = ModelUnderTest(
         name=path.name, checkpoint=path, work=work / path.name, source="predictor", source_label=label,
         new_source=lambda: Predictor.load(predictor_path), neuron_counts=counts, tokens=tokens,
-        reference=reference, keep=keep, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
+        reference=reference, kept=kept, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
     )
     info = {"checkpoint": portable_path(path), "config": model.config.as_dict(), "activation_source": label,
             "counts": {"text": where, "tokens": len(train), "shipped": shipped}, "pruning": pruning,
@@ -116,20 +119,21 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print,
     for sets in counting:
         for layer, ids in enumerate(sets):
             counts[layer, ids] += 1
-    keep = ever_active(counts)
+    kept = ever_active(counts)
     achieved = (np.mean([l["predicted_achieved"] for l in trace.layers]), np.mean([l["new_achieved"] for l in trace.layers]))
     label = (f"trace, profile {profile.name} ({profile.description}); achieved {achieved[0]:.1%} predicted and "
              f"{achieved[1]:.2%} new per token at window {profile.window}, seed {spec.seed}")
     pruning = {"rule": "never in the trace's counting tokens", "tokens": len(counting),
-               "dead_per_layer": [config.d_ffn - len(k) for k in keep]}
+               "dead_per_layer": [config.d_ffn - len(k) for k in kept]}
     ids = encode(suite.heldout_text(), bos=False)
     mut = ModelUnderTest(
         name=f"synthetic-{shape}", checkpoint=checkpoint, work=root, source="trace", source_label=label,
-        new_source=lambda: TraceSource(replay), neuron_counts=counts, tokens=[BOS] + ids[: spec.tokens - 1],
+        new_source=lambda: TraceSource(replay), neuron_counts=counts,
+        tokens=heldout_sequences(ids, BOS, spec.tokens)[0],
         no_reference=("synthetic random weights replaying a trace: the trace is not the model's own active set, "
                       "so its outputs are not comparable with dense inference; agreement is judged on the embedded "
                       "models"),
-        keep=keep, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
+        kept=kept, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
     )
     info = {"checkpoint": portable_path(checkpoint), "shape": shape, "config": config.as_dict(),
             "activation_source": label,
@@ -150,7 +154,7 @@ def whole_records(records_dir: Path, scenario: Scenario) -> dict[str, dict]:
     whole; a temp file a killed write left behind is removed. Records of another scenario, schema or commit are an
     error: one run's records come from one version of the code."""
     commit = git_commit()["commit"]
-    kept = {}
+    finished = {}
     for path in sorted(records_dir.rglob("*")):
         if path.name.startswith(".") and path.name.endswith(".tmp"):
             path.unlink()
@@ -166,8 +170,8 @@ def whole_records(records_dir: Path, scenario: Scenario) -> dict[str, dict]:
                 raise RecordError(f"{path}: measured at commit {rec.get('git', {}).get('commit')}, this checkout is "
                                  f"at {commit}: resuming would mix two versions of the code in one run; start a "
                                  "new run instead")
-            kept[str(path.relative_to(records_dir))] = rec
-    return kept
+            finished[str(path.relative_to(records_dir))] = rec
+    return finished
 
 
 @contextmanager
@@ -185,9 +189,11 @@ def work_lock(work: Path, progress):
 
 
 def run_scenario(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool = False,
-                 progress=print, resume: bool = False) -> dict:
+                 progress=print, resume: bool = False, sut: Callable[[], SystemUnderTest] | None = None) -> dict:
     """Measure the scenario into out_dir/records, then write out_dir/run.json. `resume` keeps the records an
-    interrupted run of the same scenario finished, and measures only the rest."""
+    interrupted run of the same scenario finished, and measures only the rest. `sut` makes the engine to measure
+    (a fresh one per configuration; default: the reference engine, `EngineSUT`): the matrix is then over the
+    techniques it declares in hello, and the peers are left out (they are measured beside our engine)."""
     started = time.time()
     if progress is print:
         def progress(line: str) -> None:  # every line with the run's elapsed time
@@ -195,11 +201,26 @@ def run_scenario(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: boo
             print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {line}", flush=True)
 
     with work_lock(work, progress):
-        return _run(scenario, out_dir, work, fresh_probe, progress, resume, started)
+        return _run(scenario, out_dir, work, fresh_probe, progress, resume, started, sut)
+
+
+def declared_techniques(make_sut: Callable[[], SystemUnderTest]) -> tuple[dict, tuple[str, ...]]:
+    """A SUT's hello, and the techniques of the table it can switch (asked once, of a SUT made for the purpose)."""
+    sut = make_sut()
+    try:
+        hello = Guarded(sut).hello()
+    finally:
+        sut.close()
+    names = hello.get("techniques", [])
+    unknown = set(names) - set(technique_names())
+    if unknown:
+        raise SUTError(f"{hello['name']} declares techniques the table does not have: {sorted(unknown)} (known: "
+                       f"{', '.join(technique_names())})")
+    return hello, ordered(names)
 
 
 def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progress, resume: bool,
-         started: float) -> dict:
+         started: float, sut: Callable[[], SystemUnderTest] | None) -> dict:
     where = storage_of(work)
     storage = asdict(where) | {"in_memory": where.in_memory, "directory": portable_path(work.resolve())}
     header = {"schema": SCHEMA, "run_id": out_dir.name,
@@ -209,25 +230,25 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
     written: list[str] = []
     exact_failures: list[str] = []  # exact configurations that disagree with dense: a correctness bug
 
-    kept = whole_records(records_dir, scenario) if resume else {}
+    finished = whole_records(records_dir, scenario) if resume else {}
     if resume:
-        progress(f"[resume] {len(kept)} whole records kept from the interrupted run in {records_dir}")
+        progress(f"[resume] {len(finished)} whole records kept from the interrupted run in {records_dir}")
 
     def write(rel: str, data: dict) -> None:
         write_json_atomic(records_dir / rel, header | data)
         written.append(rel)
 
-    def keep(rel: str) -> dict | None:
+    def resumed(rel: str) -> dict | None:
         """A record the interrupted run finished, now part of this run's index."""
-        if rel in kept:
+        if rel in finished:
             written.append(rel)
-        return kept.get(rel)
+        return finished.get(rel)
 
     def check_exact(rel: str, rec: dict) -> None:
         if rec.get("exact") and rec.get("agreement", {}).get("passed") is False:
             exact_failures.append(rel.removesuffix(".json"))
 
-    if rec := keep("probe.json"):
+    if rec := resumed("probe.json"):
         storage_probe = Probe.from_dict(rec["probe"])
         progress("[probe] kept from the interrupted run")
     else:
@@ -239,31 +260,40 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
             "directory": portable_path(storage_probe.directory),
             "cached_from": storage_probe.cached_from and portable_path(storage_probe.cached_from)}})
 
+    outside = None
+    if sut is not None:
+        outside, declared = declared_techniques(sut)
+        progress(f"[sut] {outside['name']}: switches {', '.join(declared) or 'no technique'}; its matrix is measured, "
+                 "without the peers")
     for i, spec in enumerate(scenario.models, 1):
+        if outside is not None:
+            spec = replace(spec, techniques=_supported(spec.techniques, declared), peers=())
         name, configs = model_name(spec), matrix(spec.techniques)
         rels = ([f"{name}/model.json"] + [f"{name}/{c.name}.json" for c in configs]
                 + [f"{name}/peer-{p}.json" for p in spec.peers])
-        if all(rel in kept for rel in rels):
+        if all(rel in finished for rel in rels):
             for rel in rels:
-                check_exact(rel, keep(rel))
+                check_exact(rel, resumed(rel))
             progress(f"[model {i}/{len(scenario.models)}] {spec.name}: all {len(rels)} records kept")
             continue
         progress(f"[model {i}/{len(scenario.models)}] {spec.name}")
         prepare = synthetic_model if spec.name.startswith("synthetic:") else embedded_model
-        model, info = prepare(spec, work, progress, scenario.settings.dtype_of_compute)
+        model, info = prepare(spec, work, progress, COMPUTE_DTYPES[scenario.settings.compute_dtype])
         budget = int(spec.dram_budget * sum(f.stat().st_size for f in weight_files(model.checkpoint)))
-        engine_budget = budget if spec.engine_within_budget else None
-        if engine_budget:
-            progress(f"  our engine within the DRAM budget: {budget:,} bytes ({spec.dram_budget:.0%} of the "
+        if spec.engine_within_budget:
+            progress(f"  the engine within the DRAM budget: {budget:,} bytes ({spec.dram_budget:.0%} of the "
                      f"checkpoint)")
-        if not keep(f"{name}/model.json"):
-            write(f"{name}/model.json", {"kind": "model", "model": name, "spec": asdict(spec)} | info)
+        make_sut = sut or (lambda: EngineSUT(model, progress))
+        if not resumed(f"{name}/model.json"):
+            write(f"{name}/model.json", {"kind": "model", "model": name, "spec": asdict(spec), "techniques": describe(
+                spec.techniques, scenario.settings, model.source)} | info)
         for j, config in enumerate(configs, 1):
             rel = f"{name}/{config.name}.json"
-            if rec := keep(rel):
+            if rec := resumed(rel):
                 progress(f"  [{j:2d}/{len(configs)}] {config.name}: kept")
             else:
-                rec = measure(model, config, scenario.settings, storage_probe, progress, engine_budget)
+                rec = measure(make_sut, model, config, scenario.settings, storage_probe, budget,
+                              spec.engine_within_budget)
                 rec = {"kind": "configuration", "spec": asdict(spec), "settings": asdict(scenario.settings),
                        "seeds": {"model": spec.seed}} | rec
                 write(rel, rec)
@@ -271,7 +301,7 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
             check_exact(rel, rec)
         model.release()
         for peer in spec.peers:
-            if keep(f"{name}/peer-{peer}.json"):
+            if resumed(f"{name}/peer-{peer}.json"):
                 progress(f"  peer {peer}: kept")
                 continue
             progress(f"  peer {peer}: {spec.peer_tokens} tokens, DRAM budget {budget:,} bytes "
@@ -283,7 +313,7 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
                                            else f"skipped: {result.reason}"))
 
     index = header | {"kind": "run", "started": started, "seconds": time.time() - started, "records": written,
-                      "kept_from_interrupted_run": sorted(set(kept) & set(written)),
+                      "kept_from_interrupted_run": sorted(set(finished) & set(written)),
                       "exact_failures": exact_failures}
     write_json_atomic(out_dir / "run.json", index)
     return index
@@ -295,6 +325,16 @@ def _summary(rec: dict) -> str:
     m = rec["metrics"]
     a = rec["agreement"]
     verdict = "n/a" if "not_applicable" in a else ("PASS" if a["passed"] else "FAIL") + f" ({a['tolerance']})"
-    return (f"{rec['configuration']:58s} {m['tokens_per_s']:7.3g} tok/s  io {m['ms']['io']['mean']:6.2f} ms  "
-            f"{m['per_token']['bytes_read'] / 1024:8.1f} KiB/tok  {verdict}")
+    io = m.get("ms", {}).get("io", {}).get("mean")
+    read = m.get("per_token", {}).get("bytes_read")
+    return (f"{rec['configuration']:58s} {m['tokens_per_s']:7.3g} tok/s  "
+            + (f"io {io:6.2f} ms  " if io is not None else "") + (f"{read / 1024:8.1f} KiB/tok  " if read is not None
+                                                                    else "") + verdict)
 
+
+def _supported(asked: tuple[str, ...], declared: tuple[str, ...]) -> tuple[str, ...]:
+    """The scenario's techniques a SUT can switch, with those whose prerequisites it cannot switch left out too."""
+    names = [t for t in asked if t in declared]
+    while unmet := [t for t in names if not set(technique(t).needs) <= set(names)]:
+        names = [t for t in names if t not in unmet]
+    return tuple(names)

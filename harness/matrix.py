@@ -1,36 +1,38 @@
-"""The technique matrix: which configurations a run measures, and what each one's switches are.
+"""The technique table, and the matrix of configurations a run measures, built from it.
 
-A configuration is the set of techniques switched on. The matrix holds the naive baseline; each technique on its
-own (with the techniques it needs switched on too, and named); the paper's cumulative order (hybrid, +predictor,
-+windowing, +bundling), continued with memory management, quantization and pruning; all combined; and all but one
-for each technique. The same set reached from two sections is measured once and listed in both.
+A technique is one row of TECHNIQUES: its name (spelled so in scenarios, records and reports), what it needs to have
+any effect, whether it is lossy (judged at the approximate tier), what it switches on the engine (fields of
+`Techniques`) and what it switches in the flash layout (fields of `LayoutSpec`). Everything else (the scenario
+loader, the matrix, the engine settings, the layout spec, the reports) reads the table, so adding a technique is a
+row here plus the engine code behind its switch. A switch goes from TOML to the engine in one step:
+`techniques = [..., "windowing"]` -> the row "windowing" -> `Techniques.window = Settings.window`.
+
+The matrix holds the naive baseline (every technique off); each technique on its own (with the techniques it needs
+switched on too, and named); the cumulative order of the table (the paper's, continued with memory management,
+quantization and pruning); all combined; and all but one for each technique. The same set reached from two sections
+is measured once and listed in both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from flashbench.reference.flash import COMPUTE_DTYPES, Techniques
+from flashbench.reference.layout import DTYPES
 
 from .agreement import APPROXIMATE, Tolerance
-
-TECHNIQUES = ("hybrid", "predictor", "windowing", "bundling", "memory", "quantization", "pruning")
-# What a technique needs to have any effect: a window and a neuron cache hold predicted sets; bundling changes
-# only sparse reads (the naive baseline reads whole files either way).
-NEEDS = {"windowing": ("predictor",), "bundling": ("predictor",), "memory": ("predictor", "windowing")}
-LOSSY = {"predictor", "quantization", "pruning"}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What every configuration of a run shares; a technique's setting applies where the technique is on."""
+    """What every configuration of a run shares (the scenario's [engine] table); a technique's setting applies where
+    the technique is on."""
 
     window: int = 5  # k, with windowing
     hybrid: float = 0.25  # fraction of each layer's neurons kept resident, with the hybrid
     threads: int = 16  # reader threads
-    dtype: str = "float16"  # FFN storage dtype without quantization (int8 with it)
+    storage_dtype: str = "float16"  # how the FFN weights are stored without quantization (int8 with it)
     # The precision the engine (and the dense reference it is judged against) holds weights and computes in.
     compute_dtype: str = "float32"
     gap_bytes: int = 0  # the reader merges reads this close, reading the bytes between (sparse configurations)
@@ -39,13 +41,90 @@ class Settings:
     whole_gap_bytes: int = 1 << 20
     approximate: Tolerance = APPROXIMATE
 
-    @property
-    def dtype_of_compute(self) -> torch.dtype:
-        return COMPUTE_DTYPES[self.compute_dtype]
-
     def __post_init__(self):
+        counts = {"window": 0, "threads": 1, "gap_bytes": 0, "whole_gap_bytes": 0}
+        for name, least in counts.items():
+            value = getattr(self, name)
+            if type(value) is not int or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if isinstance(self.hybrid, bool) or not isinstance(self.hybrid, (int, float)) or not 0 <= self.hybrid <= 1:
+            raise ValueError(f"hybrid must be a fraction in [0, 1], got {self.hybrid!r}")
+        storage = [d for d in DTYPES if d != "int8"]  # int8 is quantization's
+        if self.storage_dtype not in storage:
+            raise ValueError(f"storage_dtype must be one of {', '.join(storage)} (int8 comes with the quantization "
+                             f"technique), got {self.storage_dtype!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if not isinstance(self.approximate, Tolerance):
+            raise ValueError(f"approximate must be a table of limits, got {self.approximate!r}")
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """The flash layout a configuration reads."""
+
+    layout: str = "unbundled"
+    storage_dtype: str = "float16"
+    pruned: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.layout}-{self.storage_dtype}" + ("-pruned" if self.pruned else "")
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One row of the technique table."""
+
+    name: str
+    summary: str
+    needs: tuple[str, ...] = ()  # techniques without which this one has no effect
+    lossy: bool = False  # its configurations are judged at the approximate tier
+    # The `Techniques` fields it sets when on, from the run's settings and the model's activation source (the
+    # trained predictor, or a trace for synthetic models).
+    engine: Callable[[Settings, str], dict] = lambda settings, source: {}
+    layout: dict = field(default_factory=dict)  # the `LayoutSpec` fields it sets when on
+
+
+TECHNIQUES: tuple[Technique, ...] = (
+    Technique("hybrid", "keep each layer's most often active neurons resident",
+              engine=lambda s, _: {"hybrid": s.hybrid}),
+    Technique("predictor", "read only the neurons a low-rank predictor expects active", lossy=True,
+              engine=lambda s, source: {"source": source, "gap_bytes": s.gap_bytes}),
+    Technique("windowing", "keep the neurons of the last k tokens cached and read only the delta",
+              needs=("predictor",), engine=lambda s, _: {"window": s.window}),
+    Technique("bundling", "store each neuron's rows together, so one read fetches all of them",
+              needs=("predictor",), layout={"layout": "bundled"}),  # the naive baseline reads whole files anyway
+    Technique("memory", "the neuron cache's preallocated matrix instead of gathering the matrices per token",
+              needs=("predictor", "windowing"), engine=lambda s, _: {"memory": "preallocated"}),
+    Technique("quantization", "store the FFN weights in int8 with per-neuron scales", lossy=True,
+              layout={"storage_dtype": "int8"}),
+    Technique("pruning", "leave out of the layout the neurons never active on the counting text", lossy=True,
+              layout={"pruned": True}),
+)
+
+
+def technique_names() -> tuple[str, ...]:
+    """The table's techniques, in its order (the cumulative order)."""
+    return tuple(t.name for t in TECHNIQUES)
+
+
+def technique(name: str) -> Technique:
+    for t in TECHNIQUES:
+        if t.name == name:
+            return t
+    raise ValueError(f"unknown technique {name!r}; known: {', '.join(technique_names())}")
+
+
+def describe(names: tuple[str, ...], settings: Settings, source: str) -> list[dict]:
+    """The table's rows for `names`, as records carry them: what each needs and switches, with this run's settings."""
+    return [{"name": t.name, "summary": t.summary, "needs": list(t.needs), "lossy": t.lossy,
+             "engine": t.engine(settings, source), "layout": t.layout} for t in map(technique, ordered(names))]
+
+
+def ordered(names) -> tuple[str, ...]:
+    """`names` in the table's order."""
+    return tuple(t for t in technique_names() if t in names)
 
 
 @dataclass(frozen=True)
@@ -57,56 +136,41 @@ class Configuration:
 
     @property
     def name(self) -> str:
-        return "+".join(t for t in TECHNIQUES if t in self.on) or "naive"
+        return "+".join(ordered(self.on)) or "naive"
 
     @property
     def exact(self) -> bool:
-        """Every needed weight read at the checkpoint's precision: only the order of sums may differ from dense."""
-        return not (self.on & LOSSY)
+        """No lossy technique: every needed weight read at the checkpoint's precision, only the order of sums may
+        differ from dense."""
+        return not any(technique(t).lossy for t in self.on)
 
     def engine_settings(self, settings: Settings, source: str) -> Techniques:
-        """`source` stands for the predictor technique: the trained predictor, or a trace for synthetic models."""
-        sparse = "predictor" in self.on
-        return Techniques(
-            source=source if sparse else "all",
-            window=settings.window if "windowing" in self.on else 0,
-            hybrid=settings.hybrid if "hybrid" in self.on else 0.0,
-            memory="preallocated" if "memory" in self.on else "regather",
-            threads=settings.threads,
-            gap_bytes=settings.gap_bytes if sparse else settings.whole_gap_bytes,
-            compute_dtype=settings.compute_dtype,
-        )
+        """The engine's switches: every technique off (the naive baseline), then each one on as its row says."""
+        switches = {"source": "all", "window": 0, "hybrid": 0.0, "memory": "regather", "threads": settings.threads,
+                    "gap_bytes": settings.whole_gap_bytes, "compute_dtype": settings.compute_dtype}
+        for name in ordered(self.on):
+            switches |= technique(name).engine(settings, source)
+        return Techniques(**switches)
 
-    def layout(self, dtype: str = "float16") -> "LayoutSpec":
-        return LayoutSpec("bundled" if "bundling" in self.on else "unbundled",
-                          "int8" if "quantization" in self.on else dtype, "pruning" in self.on)
-
-
-@dataclass(frozen=True)
-class LayoutSpec:
-    layout: str
-    dtype: str
-    pruned: bool
-
-    @property
-    def name(self) -> str:
-        return f"{self.layout}-{self.dtype}" + ("-pruned" if self.pruned else "")
+    def layout(self, settings: Settings = Settings()) -> LayoutSpec:
+        spec = LayoutSpec(storage_dtype=settings.storage_dtype)
+        for name in ordered(self.on):
+            spec = replace(spec, **technique(name).layout)
+        return spec
 
 
 def _closure(on: set[str]) -> set[str]:
     """`on` plus everything its techniques need."""
     out = set(on)
-    while True:
-        more = {n for t in out for n in NEEDS.get(t, ())} - out
-        if not more:
-            return out
+    while more := {n for t in out for n in technique(t).needs} - out:
         out |= more
+    return out
 
 
 def _effective(on: set[str]) -> tuple[set[str], set[str]]:
     """(techniques with an effect, techniques without one because what they need is off)."""
     live = set(on)
-    while dead := {t for t in live if not set(NEEDS.get(t, ())) <= live}:
+    while dead := {t for t in live if not set(technique(t).needs) <= live}:
         live -= dead
     return live, set(on) - live
 
@@ -122,19 +186,20 @@ class _Builder:
         entry["inactive"] |= inactive
 
     def build(self) -> list[Configuration]:
-        order = lambda ts: tuple(t for t in TECHNIQUES if t in ts)  # noqa: E731
-        return [Configuration(on, tuple(e["sections"]), order(e["prerequisites"]), order(e["inactive"]))
+        return [Configuration(on, tuple(e["sections"]), ordered(e["prerequisites"]), ordered(e["inactive"]))
                 for on, e in self.found.items()]
 
 
-def matrix(techniques: tuple[str, ...] = TECHNIQUES) -> list[Configuration]:
-    """Every configuration of the matrix over `techniques` (a subset of TECHNIQUES, in any order), naive first."""
-    unknown = set(techniques) - set(TECHNIQUES)
+def matrix(techniques: tuple[str, ...] | None = None) -> list[Configuration]:
+    """Every configuration of the matrix over `techniques` (names of the table, in any order; default: all of
+    them), naive first."""
+    techniques = technique_names() if techniques is None else techniques
+    unknown = set(techniques) - set(technique_names())
     if unknown:
-        raise ValueError(f"unknown techniques {sorted(unknown)}; known: {', '.join(TECHNIQUES)}")
-    techniques = tuple(t for t in TECHNIQUES if t in techniques)
+        raise ValueError(f"unknown techniques {sorted(unknown)}; known: {', '.join(technique_names())}")
+    techniques = ordered(techniques)
     for t in techniques:
-        missing = set(NEEDS.get(t, ())) - set(techniques)
+        missing = set(technique(t).needs) - set(techniques)
         if missing:
             raise ValueError(f"technique {t!r} needs {sorted(missing)} in the matrix too")
     b = _Builder()
@@ -149,3 +214,4 @@ def matrix(techniques: tuple[str, ...] = TECHNIQUES) -> list[Configuration]:
         live, inactive = _effective(set(techniques) - {t})
         b.add(live, f"all-but:{t}", inactive=inactive)
     return b.build()
+

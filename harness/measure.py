@@ -1,29 +1,32 @@
-"""Measuring one configuration of the matrix on one model: per-token latency, I/O counters, DRAM, agreement.
+"""Measuring one configuration of the matrix on one model, through the SUT interface: per-token latency on the
+harness's clock, the SUT's own breakdown and counters, DRAM, agreement.
 
-Timings and counters come from a teacher-forced pass over held-out tokens (decode steps only: the first token's
-prefill is left out). Agreement with dense inference comes from the same pass plus a free-running greedy
-continuation; a model with no dense reference (a synthetic one replaying a trace) says why instead.
+The harness prefills the first held-out token, then times every decode step of a teacher-forced pass over the rest;
+agreement with dense inference comes from the same pass plus a free-running greedy continuation (a model with no
+dense reference, a synthetic one replaying a trace, says why instead). The reference engine is one SUT among others
+(`adapters.EngineSUT`, in-process, so nothing is lost in speed); `flashbench validate` drives SUTs the same way.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from flashbench.reference.flash import BudgetError, FlashEngine, TokenStats
-from flashbench.reference.layout import FlashLayout, checkpoint_hash, convert
+from flashbench.reference.flash import BudgetError, TokenStats
+from flashbench.reference.layout import FlashLayout, LayoutError, checkpoint_hash, convert
 from flashbench.reference.sources import ActivationSource
 
-from .agreement import DenseReference, greedy, judge, teacher_forced
-from .matrix import Configuration, LayoutSpec, Settings
+from .agreement import DenseReference, greedy, judge
+from .matrix import Configuration, LayoutSpec, Settings, ordered
 from .probe import Probe
-from .records import portable_path
 from .stats import spread
+from .sut import Guarded, SUTError, SystemUnderTest
 
 
 @dataclass
@@ -40,7 +43,7 @@ class ModelUnderTest:
     tokens: list[int]  # the teacher-forced sequence
     reference: DenseReference | None = None
     no_reference: str | None = None  # why there is no agreement check
-    keep: list[np.ndarray] | None = None  # pruning: neurons each layer keeps
+    kept: list[np.ndarray] | None = None  # pruning: the neurons each layer keeps
     pruning: dict | None = None
     whole_read_tokens: int | None = None  # fewer tokens for configurations that read every neuron
     layouts: dict[str, FlashLayout] = field(default_factory=dict)
@@ -67,25 +70,28 @@ class ModelUnderTest:
         hash, same kept neurons), converted again where it does not."""
         if spec.name not in self.layouts:
             out = self.work / spec.name
-            keep = self.keep if spec.pruned else None
-            if (out / "layout.json").is_file():
-                existing = FlashLayout.open(out, verify=False)
-                if self._matches(existing, keep):
+            kept = self.kept if spec.pruned else None
+            if out.exists():
+                try:
+                    existing = FlashLayout.open(out, verify=False)
+                except LayoutError:  # half-written, or of another format version: convert it again
+                    existing = None
+                if existing is not None and self._matches(existing, kept):
                     self.layouts[spec.name] = existing
                     return existing
                 shutil.rmtree(out)
             if progress:
                 progress(f"  converting {self.name} -> {spec.name}")
-            self.layouts[spec.name] = convert(self.checkpoint, out, spec.layout, spec.dtype, keep=keep,
+            self.layouts[spec.name] = convert(self.checkpoint, out, spec.layout, spec.storage_dtype, keep=kept,
                                               pruning=self.pruning if spec.pruned else None)
         return self.layouts[spec.name]
 
-    def _matches(self, layout: FlashLayout, keep: list[np.ndarray] | None) -> bool:
+    def _matches(self, layout: FlashLayout, kept: list[np.ndarray] | None) -> bool:
         if self._checkpoint_hash is None:
             self._checkpoint_hash = checkpoint_hash(self.checkpoint)
-        if layout.source.get("sha256") != self._checkpoint_hash or (layout.kept is None) != (keep is None):
+        if layout.origin.get("sha256") != self._checkpoint_hash or (layout.kept is None) != (kept is None):
             return False
-        return keep is None or all(np.array_equal(a, b) for a, b in zip(layout.kept, keep))
+        return kept is None or all(np.array_equal(a, b) for a, b in zip(layout.kept, kept))
 
 
 def token_metrics(steps: list[TokenStats]) -> dict:
@@ -124,50 +130,87 @@ def fio_reference(metrics: dict, threads: int, probe: Probe | None) -> dict | No
             "bandwidth_bytes_s": ref.bandwidth_bytes_s, "ratio": ours / ref.bandwidth_bytes_s if ours else None}
 
 
-def measure(model: ModelUnderTest, config: Configuration, settings: Settings, probe: Probe | None,
-            progress=print, dram_budget: int | None = None) -> dict:
-    """One configuration on one model: the record's parameters, metrics and verdicts. With `dram_budget` the engine
-    must fit it (else the record says it does not)."""
-    techniques = config.engine_settings(settings, model.source)
-    spec = config.layout(settings.dtype)
-    layout = model.layout(spec, progress)
+def _number(counters: dict, key: str) -> float | None:
+    value = counters.get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _per_token(before: dict, after: dict, steps: int) -> dict:
+    """The counters a SUT reports (cumulative), per decode step over the timed steps."""
+    names = {"bytes_read": "bytes_read", "reads": "reads", "neurons_loaded": "neurons"}
+    return {ours: (_number(after, k) - (_number(before, k) or 0)) / steps for k, ours in names.items()
+            if _number(after, k) is not None}
+
+
+def metrics_of(step_seconds: list[float], before: dict, after: dict) -> dict:
+    """A configuration's figures: tokens/s and per-step times on the harness's clock; the SUT's own breakdown and
+    counters beside them. A SUT that reports its decode steps in detail (the reference engine: `decode_steps`,
+    token_metrics of its passes) gives every figure of the matrix table; any other gives what it reports."""
+    steps = len(step_seconds)
+    harness = {"tokens": steps, "tokens_per_s": steps / sum(step_seconds), "harness_ms": spread(
+        [s * 1e3 for s in step_seconds])}
+    own = after.get("decode_steps")
+    if isinstance(own, dict):
+        return own | harness | {"sut_tokens_per_s": own.get("tokens_per_s")}
+    per_token = _per_token(before, after, steps)
+    ms = after.get("ms_per_token") if isinstance(after.get("ms_per_token"), dict) else {}
+    return harness | {"per_token": per_token, "ms": {k: {"mean": v} for k, v in ms.items()
+                                                     if isinstance(v, (int, float))}}
+
+
+def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, config: Configuration,
+            settings: Settings, probe: Probe | None, dram_budget: int, within_budget: bool = False) -> dict:
+    """One configuration on one model, through the SUT interface, as `flashbench validate` measures: the harness
+    owns the tokens, the clock (every decode step) and the verdicts; the SUT only computes, and what it reports of
+    itself (counters, its own breakdown) is recorded as its own. With `dram_budget` the SUT is held to it (a
+    configuration that cannot fit is recorded as such)."""
     record = {
         "model": model.name, "configuration": config.name, "techniques_on": sorted(config.on),
         "sections": list(config.sections), "prerequisites": list(config.prerequisites),
         "inactive": list(config.inactive), "exact": config.exact,
         "activation_source": model.source_label if "predictor" in config.on else "all neurons (no prediction)",
-        "engine": vars(techniques), "layout": {"name": spec.name, "layout": spec.layout, "dtype": spec.dtype,
-                                               "pruned": spec.pruned, "path": portable_path(layout.path)},
     }
     tokens = model.tokens
-    if techniques.source == "all" and model.whole_read_tokens:
+    if "predictor" not in config.on and model.whole_read_tokens:  # configurations that read every neuron
         tokens = tokens[: model.whole_read_tokens]
     record["teacher_forced_tokens"] = len(tokens)
-    record["dram_budget"] = dram_budget
+    record["dram_budget"] = dram_budget if within_budget else None
+    ref = model.reference
+    raw = make_sut()
+    sut = Guarded(raw)
     try:
-        engine = FlashEngine(layout, techniques, source=model.new_source() if "predictor" in config.on else None,
-                             neuron_counts=model.neuron_counts, max_len=model.max_len, dram_budget=dram_budget,
-                             resident=model.resident(layout, techniques.dtype))
-    except BudgetError as e:
-        return record | {"status": "does-not-fit", "error": str(e)}
-    try:
-        logits = teacher_forced(engine, tokens)
-        metrics = token_metrics(engine.history[1:])
-        dram = vars(engine.dram) | {"weights_total": engine.dram.weights_total,
-                                    "cache_peak_used": engine.cache_peak_used()}
-        ref = model.reference
+        hello = sut.hello()
+        record["sut"] = hello
+        sut.load(hello, model.checkpoint, dram_budget, "exact" if config.exact else "approximate",
+                 ordered(config.on), run_settings(settings, within_budget))
+        logits = [sut.prefill(tokens[:1])]
+        before, step_seconds = sut.counters(), []
+        for t in tokens[1:-1]:  # the harness's clock around every decode step
+            t0 = time.perf_counter()
+            logits.append(sut.step(t)[None])
+            step_seconds.append(time.perf_counter() - t0)
+        after = sut.counters()
         verdict = None
         if ref is not None:
-            got = greedy(engine, ref.prompt, len(ref.continuation.tokens)).tokens
-            verdict = judge(ref, logits, got, None if config.exact else settings.approximate).as_dict()
-    except BudgetError as e:  # a pass needed more neurons than the budget's cache or buffer holds
-        return record | {"status": "does-not-fit", "error": str(e)}
+            got = greedy(sut, ref.prompt, len(ref.continuation.tokens)).tokens
+            verdict = judge(ref, torch.cat(logits), got, None if config.exact else settings.approximate).as_dict()
+    except SUTError as e:
+        status = "does-not-fit" if isinstance(e.__cause__, BudgetError) else "sut-failed"
+        return record | {"status": status, "error": str(e.__cause__ or e)}
     finally:
-        engine.close()
+        raw.close()
+    metrics = metrics_of(step_seconds, before, after)
     return record | {
         "status": "measured",
+        "engine": after.get("engine"), "layout": after.get("layout"),
         "metrics": metrics,
-        "fio_reference": fio_reference(metrics, techniques.threads, probe),
-        "dram": dram,
+        "fio_reference": fio_reference(metrics, settings.threads, probe) if "mean_read_bytes" in metrics else None,
+        "dram": after.get("dram"),
+        "sut_reported": {k: v for k, v in after.items() if k not in ("decode_steps", "engine", "layout", "dram")},
         "agreement": verdict if verdict is not None else {"not_applicable": model.no_reference},
     }
+
+
+def run_settings(settings: Settings, within_budget: bool) -> dict:
+    """The settings a SUT is loaded with: the scenario's [engine] table, and whether the DRAM budget binds it."""
+    return {k: v for k, v in asdict(settings).items() if k != "approximate"} | {"within_budget": within_budget}

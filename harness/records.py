@@ -100,3 +100,8 @@ def git_commit() -> dict:
         return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+
+
+def provenance() -> dict:
+    """What every record and every --json output carries: the machine, the package versions, the git commit."""
+    return {"machine": machine_info(), "versions": versions(), "git": git_commit()}

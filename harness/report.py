@@ -136,6 +136,28 @@ def load_run(run_dir: Path) -> tuple[dict, dict | None, dict[str, list[dict]], d
 # ---- formatting helpers ------------------------------------------------------------------------------------------
 
 
+def _get(d: dict | None, path: str):
+    """d["a"]["b"] for path "a.b", or None where a SUT did not report it (only the reference engine reports its
+    decode steps in detail)."""
+    for key in path.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def _mean_p90(m: dict, part: str) -> str:
+    mean, p90 = _get(m, f"ms.{part}.mean"), _get(m, f"ms.{part}.p90")
+    return "-" if mean is None else f"{mean:.2f}" + ("" if p90 is None else f" ({p90:.2f})")
+
+
+def _dram_weights(r: dict) -> str:
+    d = r.get("dram")
+    if not d:
+        return "-"
+    return _bytes(d["resident"] + d.get("cache_peak_used", d["cache"]) + d["buffers"] + d["source"])
+
+
 def _f(x, fmt: str = ".2f", none: str = "-") -> str:
     return none if x is None else format(x, fmt)
 
@@ -236,8 +258,9 @@ def _table2(model: str, recs: dict[str, dict]) -> list:
             rows.append(flags + ["not run"] * 3 + [f"{gb} GB", f"{gbs} GB/s", f"{ms} ms"])
             continue
         m = r["metrics"]
-        rows.append(flags + [_bytes(m["per_token"]["bytes_read"]), f"{_f(m['read_bandwidth_bytes_s'] / 1e9, '.3f')} GB/s",
-                             f"{m['ms']['io']['mean']:.2f} ms", f"{gb} GB", f"{gbs} GB/s", f"{ms} ms"])
+        bandwidth = _get(m, "read_bandwidth_bytes_s")
+        rows.append(flags + [_bytes(_get(m, "per_token.bytes_read")), f"{_f(bandwidth and bandwidth / 1e9, '.3f')} GB/s",
+                             f"{_f(_get(m, 'ms.io.mean'))} ms", f"{gb} GB", f"{gbs} GB/s", f"{ms} ms"])
     return [Heading(3, "Table 2 shape: I/O per technique (cumulative)"),
             Para("Ours on this machine beside the paper's (OPT 6.7B, M1 Max). Flash->DRAM is bytes actually read per "
                  "token (whole direct-I/O blocks), throughput is the effective read bandwidth, I/O is reader time per "
@@ -254,10 +277,11 @@ def _table3(model: str, recs: dict[str, dict], all_name: str | None) -> list:
         if r is None or r["status"] != "measured":
             rows.append([label, "not run", "-", p])
             continue
-        ms = r["metrics"]["ms"]
-        io, mem, comp = ms["io"]["mean"], ms["memory"]["mean"], ms["compute"]["mean"] + ms["predictor"]["mean"]
-        rows.append([label, f"{io:.2f} / {mem:.2f} / {comp:.2f} = {ms['total']['mean']:.2f}",
-                     _speedup(r, recs.get("naive")), p])
+        m = r["metrics"]
+        parts = [_get(m, f"ms.{k}.mean") for k in ("io", "memory", "compute", "predictor", "total")]
+        split = ("-" if None in parts else
+                 f"{parts[0]:.2f} / {parts[1]:.2f} / {parts[2] + parts[3]:.2f} = {parts[4]:.2f}")
+        rows.append([label, split, _speedup(r, recs.get("naive")), p])
     return [Heading(3, "Table 3 shape: per-token latency, I/O / memory management / compute = total (ms)"),
             Para("Compute includes the predictor. Paper: OPT 6.7B on the M1 Max CPU, 4.76x."),
             Table(["configuration", "ours (ms)", "ours speedup", "paper (ms)"], rows)]
@@ -271,18 +295,15 @@ def _matrix_table(recs: list[dict]) -> Table:
             rows.append([r["configuration"], ", ".join(r["sections"])] + ["-"] * 12 + [_verdict(r)])
             continue
         m, ref = r["metrics"], r.get("fio_reference")
-        ms = m["ms"]
         ratio = (f"{ref['ratio']:.2f} (fio {ref['chunk_bytes'] // 1024} KiB x{ref['threads']})"
                  if ref and ref.get("ratio") is not None else "-")
+        bandwidth = _get(m, "read_bandwidth_bytes_s")
         rows.append([
             r["configuration"], ", ".join(r["sections"]), f"{m['tokens_per_s']:.3g}", _speedup(r, naive),
-            f"{ms['io']['mean']:.2f} ({ms['io']['p90']:.2f})", f"{ms['memory']['mean']:.2f} ({ms['memory']['p90']:.2f})",
-            f"{ms['predictor']['mean']:.2f} ({ms['predictor']['p90']:.2f})",
-            f"{ms['compute']['mean']:.2f} ({ms['compute']['p90']:.2f})",
-            _bytes(m["per_token"]["bytes_read"]), f"{m['per_token']['reads']:.1f}", f"{m['per_token']['neurons']:.1f}",
-            f"{_f(m['read_bandwidth_bytes_s'] and m['read_bandwidth_bytes_s'] / MIB, '.1f')}", ratio,
-            _bytes(r["dram"]["resident"] + r["dram"].get("cache_peak_used", r["dram"]["cache"]) + r["dram"]["buffers"]
-                   + r["dram"]["source"]), _verdict(r),
+            _mean_p90(m, "io"), _mean_p90(m, "memory"), _mean_p90(m, "predictor"), _mean_p90(m, "compute"),
+            _bytes(_get(m, "per_token.bytes_read")), _f(_get(m, "per_token.reads"), ".1f"),
+            _f(_get(m, "per_token.neurons"), ".1f"), _f(bandwidth and bandwidth / MIB, ".1f"), ratio,
+            _dram_weights(r), _verdict(r),
         ])
     return Table(["configuration", "sections", "tokens/s", "vs naive", "I/O ms mean (p90)", "memory ms", "predictor ms",
                   "compute ms", "read / token", "reads / token", "neurons / token", "read MiB/s", "vs fio",
@@ -341,7 +362,7 @@ def _all_but_one(recs: list[dict]) -> list:
                 m = r["metrics"]
                 rows.append([t, r["configuration"], f"{m['tokens_per_s']:.3g}",
                              f"{full['metrics']['tokens_per_s'] / m['tokens_per_s']:.2f}x",
-                             _bytes(m["per_token"]["bytes_read"]), ", ".join(r["inactive"]) or "-"])
+                             _bytes(_get(m, "per_token.bytes_read")), ", ".join(r["inactive"]) or "-"])
     return [Heading(3, "All but one: what each technique contributes"),
             Para(f"All combined: {full['metrics']['tokens_per_s']:.3g} tokens/s. 'all / this' above 1 means the left-out "
                  "technique helps."),
@@ -369,7 +390,7 @@ def _plots(probe: dict | None, configs: dict[str, list[dict]], out: Path) -> dic
                             label=f"{probe['tool']} {engine} x{t}", alpha=0.8)
         for model, recs in configs.items():
             ours = [(r["metrics"]["mean_read_bytes"], r["metrics"]["read_bandwidth_bytes_s"]) for r in recs
-                    if r["status"] == "measured" and r["metrics"]["mean_read_bytes"]]
+                    if r["status"] == "measured" and _get(r, "metrics.mean_read_bytes")]
             if ours:
                 ax.scatter([c / 1024 for c, _ in ours], [b / MIB for _, b in ours], marker="x", s=40, zorder=5,
                            label=f"our reader ({model}, x{recs[0]['engine']['threads']} threads)")
@@ -378,8 +399,8 @@ def _plots(probe: dict | None, configs: dict[str, list[dict]], out: Path) -> dic
         ax.legend(fontsize=7, ncol=2)
         paths["bandwidth"] = _save(fig, out / "bandwidth.png")
     for model, recs in configs.items():
-        measured = [r for r in recs if r["status"] == "measured"]
-        if not measured:
+        measured = [r for r in recs if r["status"] == "measured" and _get(r, "metrics.ms.total") is not None]
+        if not measured:  # none measured, or from a SUT that does not report its time by part
             continue
         names = [r["configuration"] for r in measured]
         fig, ax = plt.subplots(figsize=(9, 0.35 * len(names) + 1.5))
@@ -432,19 +453,23 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
     for model, recs in configs.items():
         d = models.get(model, {})
         by = _by_name(recs)
+        engine = next((r["sut"]["name"] for r in recs if r.get("sut")), "flashbench reference engine")
         blocks += [Heading(2, f"Model {model}"),
-                   Para(f"Activation source for the predictor technique: {d.get('activation_source', '?')}. "
+                   Para(f"Engine measured: {engine}, timed by the harness at every decode step (the latency parts "
+                        "are the engine's own report). "
+                        f"Activation source for the predictor technique: {d.get('activation_source', '?')}. "
                         f"Settings: {json.dumps(recs[0]['settings'])}. "
                         + (f"Dense inference (all weights in DRAM) on the same tokens: "
                            f"{d['dense']['tokens_per_s']:.3g} tokens/s. " if d.get("dense") else "")
                         + _budget(recs, peers.get(model, [])) + _prerequisites(recs))]
+        blocks += _techniques_table(d.get("techniques"))
         blocks += _table2(model, by) + _table3(model, by, _all_name(recs))
         blocks += [Heading(3, "Technique matrix"),
                    Para("Per decode step: tokens/s and its ratio to the naive run of this invocation; latency parts, "
                         "mean (p90), in ms; bytes and read operations per token (exact counters); effective read "
                         "bandwidth and its ratio to the probe's at the nearest chunk size and thread count; DRAM held "
                         f"for weights (resident, held in the compute dtype "
-                        f"({recs[0]['engine'].get('compute_dtype', 'float32')}), + the neuron cache rows in use at the "
+                        f"({recs[0]['settings'].get('compute_dtype', 'float32')}), + the neuron cache rows in use at the "
                         f"peak + read buffers + predictor; KV cache apart)."),
                    _matrix_table(recs)]
         blocks += _agreement_table(recs) + _all_but_one(recs) + _peers_section(recs, peers.get(model, []))
@@ -455,6 +480,17 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
     frame = pd.json_normalize([r for recs in configs.values() for r in recs], sep=".")
     keep = [c for c in frame.columns if not c.startswith(("machine.", "versions.", "scenario.raw", "spec."))]
     return blocks, frame[keep] if len(frame) else frame, f"flashbench report {index['run_id']}"
+
+
+def _techniques_table(rows: list[dict] | None) -> list:
+    """The technique table's rows this model's matrix was built from (in the model record)."""
+    if not rows:
+        return []
+    switches = lambda d: ", ".join(f"{k} = {v}" for k, v in d.items()) or "-"  # noqa: E731
+    return [Heading(3, "Techniques"),
+            Table(["technique", "what it does", "needs", "judged", "switches on the engine", "in the layout"],
+                  [[t["name"], t["summary"], ", ".join(t["needs"]) or "-", "approximate" if t["lossy"] else "exact",
+                    switches(t["engine"]), switches(t["layout"])] for t in rows])]
 
 
 def _budget(recs: list[dict], peers: list[dict]) -> str:

@@ -6,7 +6,7 @@
     window = 5            # k, for configurations with windowing
     hybrid = 0.25         # fraction of each layer's neurons kept resident, for configurations with the hybrid
     threads = 16          # reader threads
-    dtype = "float16"     # FFN storage dtype where quantization is off (int8 where it is on)
+    storage_dtype = "float16"  # how FFN weights are stored where quantization is off (int8 where it is on)
     compute_dtype = "float32"  # precision of the engine and its dense reference ("float16": the paper's 16-bit)
     gap_bytes = 0         # merge reads this close (sparse configurations)
     whole_gap_bytes = 1048576  # ... and in configurations that need every non-resident neuron
@@ -32,7 +32,7 @@
     dram_budget = 0.5         # fraction of the checkpoint's weight bytes
     engine_within_budget = false  # true: our engine is held to the budget too (a configuration that cannot fit
                                   # is recorded as such); false: the budget caps the peers, our use is reported
-    techniques = ["hybrid", "predictor", ...]  # default: all seven
+    techniques = ["hybrid", "predictor", ...]  # default: every technique of the table (harness/matrix.py)
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from flashbench.reference.activations import COUNTS_TOKENS
 from flashbench.reference.errors import FlashbenchError
 
 from .agreement import approximate_tier
-from .matrix import TECHNIQUES, Settings
+from .matrix import Settings, technique_names
 from .peers import PEERS
 from .probe import KIB, ProbeGrid
 
@@ -64,7 +64,7 @@ class ModelSpec:
     greedy_prompt: int = 32
     greedy_tokens: int = 64
     counts_tokens: int = COUNTS_TOKENS
-    techniques: tuple[str, ...] = TECHNIQUES
+    techniques: tuple[str, ...] = field(default_factory=technique_names)  # default: every row of the table
     whole_read_tokens: int | None = None  # fewer tokens for configurations reading every neuron (default: tokens)
     profile: str | None = None  # synthetic models: the trace profile
     seed: int = 0
@@ -72,6 +72,20 @@ class ModelSpec:
     peer_tokens: int = 8
     dram_budget: float = 0.5  # the peers' DRAM budget for weights, as a fraction of the checkpoint's weight bytes
     engine_within_budget: bool = False  # our engine is held to the same budget
+
+    def __post_init__(self):
+        for name in ("tokens", "greedy_prompt", "greedy_tokens", "counts_tokens", "seed", "peer_tokens",
+                     "whole_read_tokens"):
+            value = getattr(self, name)
+            if not (value is None and name == "whole_read_tokens") and (type(value) is not int or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if isinstance(self.dram_budget, bool) or not isinstance(self.dram_budget, (int, float)) or \
+                self.dram_budget <= 0:
+            raise ValueError(f"dram_budget must be a positive fraction of the weights, got {self.dram_budget!r}")
+        if not isinstance(self.engine_within_budget, bool):
+            raise ValueError(f"engine_within_budget must be true or false, got {self.engine_within_budget!r}")
+        if not all(isinstance(t, str) for t in self.techniques + self.peers):
+            raise ValueError("techniques and peers must be lists of names")
 
 
 @dataclass(frozen=True)
@@ -95,11 +109,15 @@ def available() -> list[str]:
     return sorted(p.stem for p in SCENARIOS_DIR.glob("*.toml"))
 
 
+RENAMED = {"dtype": "storage_dtype"}  # keys an older scenario may still use
+
+
 def _build(cls, table: dict, where: str, **converters):
     known = {f.name for f in fields(cls)}
     extra = set(table) - known
     if extra:
-        raise ScenarioError(f"{where}: unknown key(s) {sorted(extra)}; known: {sorted(known)}")
+        renamed = "".join(f"; {k!r} is now {RENAMED[k]!r}" for k in sorted(extra) if k in RENAMED)
+        raise ScenarioError(f"{where}: unknown key(s) {sorted(extra)}{renamed}; known: {sorted(known)}")
     try:
         return cls(**{k: converters[k](v) if k in converters else v for k, v in table.items()})
     except (TypeError, ValueError) as e:
@@ -131,7 +149,7 @@ def load(name_or_path: str) -> Scenario:
     if not models:
         raise ScenarioError(f"{path}: no [[models]]")
     for m in models:
-        unknown = set(m.techniques) - set(TECHNIQUES)
+        unknown = set(m.techniques) - set(technique_names())
         if unknown:
             raise ScenarioError(f"{path}: model {m.name!r}: unknown techniques {sorted(unknown)}")
         too_few = [k for k in ("tokens", "whole_read_tokens") if getattr(m, k) is not None and getattr(m, k) < 3]

@@ -21,7 +21,10 @@ def answer(sut: SystemUnderTest, request: dict) -> dict:
     if op == "hello":
         return sut.hello() | {"protocol": PROTOCOL_VERSION}
     if op == "load":
-        return {"vocab_size": sut.load(Path(request["checkpoint"]), int(request["dram_budget"]), request["tolerance"])}
+        extension = ({"techniques": tuple(request["techniques"]), "settings": request.get("settings") or {}}
+                     if "techniques" in request else {})
+        return {"vocab_size": sut.load(Path(request["checkpoint"]), int(request["dram_budget"]), request["tolerance"],
+                                       **extension)}
     if op == "prefill":
         return {"logits": encode_logits(sut.prefill([int(t) for t in request["tokens"]]))}
     if op == "step":

@@ -34,9 +34,9 @@ class SUTError(FlashbenchError):
 
 
 class SystemUnderTest(ABC):
-    """An engine under validation. Logits are float tensors: [len(tokens), vocab] from `prefill`, [vocab] from
-    `step`. `counters` may report what the SUT says it did (cumulative since `load`): bytes_read, neurons_loaded,
-    and per-token milliseconds by part ({"io": ..., "compute": ...})."""
+    """An engine under validation or measurement. Logits are float tensors: [len(tokens), vocab] from `prefill`,
+    [vocab] from `step`. `counters` may report what the SUT says it did (cumulative since `load`): bytes_read,
+    neurons_loaded, reads, and per-token milliseconds by part ({"io": ..., "compute": ...})."""
 
     @property
     def pid(self) -> int:
@@ -45,12 +45,17 @@ class SystemUnderTest(ABC):
 
     @abstractmethod
     def hello(self) -> dict:
-        """{"name": str, "flash": bool}: flash = it claims to read FFN weights from storage as tokens need them."""
+        """{"name": str, "flash": bool, "techniques": [str, ...]}: flash = it claims to read FFN weights from storage
+        as tokens need them; techniques (optional) = the rows of the technique table (harness/matrix.py) it can
+        switch, over which `flashbench run` measures its matrix."""
 
     @abstractmethod
-    def load(self, checkpoint: Path, dram_budget: int, tolerance: str) -> int:
+    def load(self, checkpoint: Path, dram_budget: int, tolerance: str, techniques: tuple[str, ...] = (),
+             settings: dict | None = None) -> int:
         """Load an HF checkpoint to run within `dram_budget` bytes of weights, and return its vocabulary size;
-        `tolerance` ("exact" or "approximate") is the tier the SUT will be judged at."""
+        `tolerance` ("exact" or "approximate") is the tier the SUT will be judged at. A SUT that declared
+        techniques gets the ones to switch on (the others off) and the run's settings (window, hybrid, threads,
+        storage_dtype, compute_dtype, ...); one that declared none is called with the first three only."""
 
     @abstractmethod
     def prefill(self, tokens: list[int]) -> torch.Tensor:
@@ -65,6 +70,45 @@ class SystemUnderTest(ABC):
 
     def close(self) -> None:
         pass
+
+
+class Guarded:
+    """A SUT as the harness calls it: an exception raised inside a call is the SUT's (a SUTError naming the call);
+    one raised anywhere else in the harness is the harness's own bug and propagates as it is."""
+
+    def __init__(self, sut: SystemUnderTest):
+        self.sut = sut
+
+    def _call(self, op: str, *args, **kwargs):
+        try:
+            return getattr(self.sut, op)(*args, **kwargs)
+        except SUTError:
+            raise
+        except Exception as e:
+            raise SUTError(f"the SUT raised {type(e).__name__} in '{op}': {e}") from e
+
+    def hello(self) -> dict:
+        return self._call("hello")
+
+    def load(self, hello: dict, checkpoint: Path, dram_budget: int, tolerance: str, techniques: tuple[str, ...] = (),
+             settings: dict | None = None) -> int:
+        """`load` as the SUT's hello allows: techniques and settings only to a SUT that declared techniques, so one
+        written before they existed keeps working unchanged."""
+        if not hello.get("techniques"):
+            if techniques:
+                raise SUTError(f"{hello['name']} declares no techniques, asked to switch on {', '.join(techniques)}")
+            return self._call("load", checkpoint, dram_budget, tolerance)
+        return self._call("load", checkpoint, dram_budget, tolerance, techniques=tuple(techniques),
+                          settings=settings or {})
+
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        return self._call("prefill", tokens)
+
+    def step(self, token: int) -> torch.Tensor:
+        return self._call("step", token)
+
+    def counters(self) -> dict:
+        return self._call("counters")
 
 
 def sut_from_spec(spec: str) -> SystemUnderTest:
@@ -188,11 +232,16 @@ class ProcessSUT(SystemUnderTest):
         answer = self.call("hello", self.load_timeout_s, protocol=PROTOCOL_VERSION)  # start-up may import a lot
         if not isinstance(answer.get("name"), str) or not isinstance(answer.get("flash"), bool):
             raise self._fail("answered 'hello' without a name (string) and flash (true/false)")
-        return {"name": answer["name"], "flash": answer["flash"]}
+        techniques = answer.get("techniques", [])
+        if not isinstance(techniques, list) or not all(isinstance(t, str) for t in techniques):
+            raise self._fail(f"answered 'hello' with techniques {str(techniques)[:80]}: expected a list of names")
+        return {"name": answer["name"], "flash": answer["flash"]} | ({"techniques": techniques} if techniques else {})
 
-    def load(self, checkpoint: Path, dram_budget: int, tolerance: str) -> int:
+    def load(self, checkpoint: Path, dram_budget: int, tolerance: str, techniques: tuple[str, ...] | None = None,
+             settings: dict | None = None) -> int:
+        extension = {} if techniques is None else {"techniques": list(techniques), "settings": settings or {}}
         answer = self.call("load", self.load_timeout_s, checkpoint=str(checkpoint), dram_budget=dram_budget,
-                           tolerance=tolerance)
+                           tolerance=tolerance, **extension)
         if type(answer.get("vocab_size")) is not int or answer["vocab_size"] <= 0:
             raise self._fail("answered 'load' without vocab_size (a positive integer)")
         self.vocab_size = answer["vocab_size"]

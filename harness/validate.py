@@ -33,11 +33,11 @@ from flashbench.reference.checkpoint import weight_files
 from flashbench.reference.errors import FlashbenchError
 from flashbench.reference.tokenizer import BOS, encode
 
-from .agreement import (APPROXIMATE, DenseReference, Check, agreement, checks, dense_reference, exact_tier, greedy,
-                        judge, teacher_forced)
+from .agreement import (APPROXIMATE, Check, DenseReference, agreement, checks, dense_reference, exact_tier, greedy,
+                        heldout_sequences, judge, teacher_forced)
 from .peers import drop_page_cache
 from .stats import spread
-from .sut import MemoryCap, ProcessWatch, SUTError, SystemUnderTest
+from .sut import Guarded, MemoryCap, ProcessWatch, SUTError, SystemUnderTest
 
 CASES = suite.SUITE_DIR / "conformance" / "cases.toml"  # the default conformance suite
 DETERMINISM_TOLERANCE = 1e-6  # max |logit difference| between two runs of the same input
@@ -133,12 +133,11 @@ def performance_offset(case: Case, heldout: int, seed: int) -> int:
 
 def dense_run(case: Case, seed: int) -> DenseRun:
     ids = encode(suite.heldout_text(), bos=False)
-    tokens = [BOS] + ids[case.offset :][: case.tokens - 1]
-    prompt = [BOS] + ids[case.offset + case.tokens :][: case.greedy_prompt - 1]
+    tokens, prompt = heldout_sequences(ids, BOS, case.tokens, case.greedy_prompt, case.offset)
     engine = Engine(Transformer.from_checkpoint(case.checkpoint))
     reference = dense_reference(engine, tokens, prompt, case.greedy_tokens, torch.float32)
     start = performance_offset(case, len(ids), seed)
-    timed = [BOS] + ids[start : start + case.tokens - 1]
+    timed = heldout_sequences(ids, BOS, case.tokens, offset=start)[0]
     return DenseRun(reference, start, timed, teacher_forced(engine, timed))
 
 
@@ -146,41 +145,10 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-class _Calls:
-    """The SUT as the harness calls it: an exception raised inside a call is the SUT's (a SUTError naming the call);
-    one raised anywhere else in the harness is the harness's own bug and propagates as it is."""
-
-    def __init__(self, sut: SystemUnderTest):
-        self.sut = sut
-
-    def _call(self, op: str, *args):
-        try:
-            return getattr(self.sut, op)(*args)
-        except SUTError:
-            raise
-        except Exception as e:
-            raise SUTError(f"the SUT raised {type(e).__name__} in '{op}': {e}") from e
-
-    def hello(self) -> dict:
-        return self._call("hello")
-
-    def load(self, checkpoint: Path, dram_budget: int, tolerance: str) -> int:
-        return self._call("load", checkpoint, dram_budget, tolerance)
-
-    def prefill(self, tokens: list[int]) -> torch.Tensor:
-        return self._call("prefill", tokens)
-
-    def step(self, token: int) -> torch.Tensor:
-        return self._call("step", token)
-
-    def counters(self) -> dict:
-        return self._call("counters")
-
-
 def run_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: bool,
              cap: MemoryCap | None = None) -> dict:
     budget = int(case.dram_budget * sum(f.stat().st_size for f in weight_files(case.checkpoint)))
-    calls = _Calls(sut)
+    calls = Guarded(sut)
     hello = calls.hello()
     if cap is not None:
         cap.cap(budget + MEMORY_ALLOWANCE)
@@ -202,14 +170,14 @@ def _claimed(counters: dict) -> float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _measure_case(sut: _Calls, pid: int, case: Case, dense: DenseRun, cache_dropped: bool, budget: int,
+def _measure_case(sut: Guarded, pid: int, case: Case, dense: DenseRun, cache_dropped: bool, budget: int,
                   hello: dict, cap: MemoryCap | None) -> dict:
     ref = dense.accuracy
     approximate = None if case.tolerance == "exact" else APPROXIMATE
     watch = ProcessWatch(pid)
     before = watch.usage()
     peak_reset = watch.reset_peak()
-    sut.load(case.checkpoint, budget, case.tolerance)
+    sut.load(hello, case.checkpoint, budget, case.tolerance)
     samples = [watch.usage()]  # memory held, sampled between phases (never inside the timed steps)
     sut.counters()
 

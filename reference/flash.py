@@ -67,7 +67,8 @@ class Techniques:
             raise ValueError("source 'all' needs every neuron every token: a window saves nothing")
 
     @property
-    def dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> torch.dtype:
+        """compute_dtype as torch names it."""
         return COMPUTE_DTYPES[self.compute_dtype]
 
     @property
@@ -126,7 +127,7 @@ class FlashFFN(nn.Module):
         self.record_of = np.full(d_ffn, -1, dtype=np.int64)
         self.record_of[self.stored] = np.arange(len(self.stored))
         self.gated = "gate" in g.vectors
-        dtype = shared.techniques.dtype
+        dtype = shared.techniques.torch_dtype
         if shared.techniques.memory == "regather":
             self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None, dtype)
         else:
@@ -167,7 +168,7 @@ class FlashFFN(nn.Module):
         if count:
             sh.stats.io += stats
         t0 = time.perf_counter()
-        rows = decode_records(out, self.geometry, sh.techniques.dtype)
+        rows = decode_records(out, self.geometry, sh.techniques.torch_dtype)
         sh.stats.memory_s += time.perf_counter() - t0
         return rows
 
@@ -243,7 +244,7 @@ class FlashFFN(nn.Module):
         buffer = sh.file_buffer[: self.geometry.file_bytes]
         sh.stats.io += sh.reader.read_layer(self.layer, buffer)
         t0 = time.perf_counter()
-        weights = decode_layer_file(buffer, self.geometry, sh.techniques.dtype)
+        weights = decode_layer_file(buffer, self.geometry, sh.techniques.torch_dtype)
         sh.stats.memory_s += time.perf_counter() - t0
         return self._ffn(xs, [(weights, self._bias(self.stored))])
 
@@ -299,7 +300,7 @@ class FlashEngine(Engine):
         `techniques.source` (needed for `predictor` and `trace`). `resident`: the layout's resident tensors already
         loaded (`layout.resident_state()`), to share them between engines instead of reading them again."""
         layout = flash_dir if isinstance(flash_dir, FlashLayout) else FlashLayout.open(flash_dir)
-        config, dtype = layout.config, techniques.dtype
+        config, dtype = layout.config, techniques.torch_dtype
         self.layout, self.techniques = layout, techniques
         resident = ({k: v.to(dtype) for k, v in resident.items()} if resident is not None
                     else layout.resident_state(dtype))
@@ -315,7 +316,7 @@ class FlashEngine(Engine):
 
     def _build(self, layout: FlashLayout, techniques: Techniques, reader: FlashReader, source, neuron_counts,
                dram_budget: int | None, max_len: int | None, resident: dict, biases: dict) -> None:
-        config, g, dtype = layout.config, layout.geometry, techniques.dtype
+        config, g, dtype = layout.config, layout.geometry, techniques.torch_dtype
         if source is None:
             source = self._default_source(techniques, layout, reader, biases)
         if techniques.source != source.name:
@@ -389,7 +390,7 @@ class FlashEngine(Engine):
         if techniques.source == "all":
             return AllNeurons(layout.geometry.d_ffn)
         if techniques.source == "oracle":
-            return oracle_from_flash(layout, reader, biases, techniques.dtype)
+            return oracle_from_flash(layout, reader, biases, techniques.torch_dtype)
         raise ValueError(f"source {techniques.source!r} must be passed in (a trained predictor or a trace)")
 
     def _timed(self, run, tokens: int) -> torch.Tensor:

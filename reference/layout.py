@@ -38,7 +38,7 @@ from .config import ARCHITECTURES, ModelConfig, read_json_object
 from .errors import CheckpointError, LayoutError
 
 FORMAT = "flashbench-flash-layout"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checkpoint a layout came from is its "origin" (1 called it "source")
 ALIGNMENT = 4096  # file sizes and regions are multiples of this; also the direct-I/O block size we assume
 LAYOUTS = ("bundled", "unbundled")  # one record per neuron, or one region per matrix
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -197,7 +197,7 @@ class FlashLayout:
     config: ModelConfig
     geometry: FFNGeometry  # of an unpruned layer (all d_ffn neurons)
     resident_dtype: str
-    source: dict
+    origin: dict  # where the weights came from: the checkpoint's path and sha256, or a synthetic model's seed
     files: dict
     kept: list[np.ndarray] | None = None  # pruned: per layer, the model's neuron ids stored, in file order
 
@@ -229,7 +229,7 @@ class FlashLayout:
             )
         config = _checked(ModelConfig, meta.get("config"), f"{meta_path}: config")
         geometry = _checked(FFNGeometry, meta.get("geometry"), f"{meta_path}: geometry")
-        files, source, resident_dtype = meta.get("files"), meta.get("source"), meta.get("resident_dtype")
+        files, origin, resident_dtype = meta.get("files"), meta.get("origin"), meta.get("resident_dtype")
         if geometry.layout not in ("bundled", "unbundled") or geometry.dtype not in DTYPES:
             raise LayoutError(f"{meta_path}: unknown layout {geometry.layout!r} or dtype {geometry.dtype!r}")
         vectors = ("gate", "up", "down") if config.gated else ("up", "down")
@@ -238,10 +238,10 @@ class FlashLayout:
                 or resident_dtype not in DTYPES):
             raise LayoutError(f"{meta_path}: geometry {geometry} does not fit config {config}, or resident dtype "
                               f"{resident_dtype!r} is not one of {', '.join(DTYPES)}")
-        if not isinstance(source, dict) or not isinstance(files, dict) or not all(
+        if not isinstance(origin, dict) or not isinstance(files, dict) or not all(
                 isinstance(i, dict) and type(i.get("bytes")) is int and isinstance(i.get("sha256"), str)
                 for i in files.values()):
-            raise LayoutError(f"{meta_path}: malformed: 'source' must be an object and 'files' map each file to its "
+            raise LayoutError(f"{meta_path}: malformed: 'origin' must be an object and 'files' map each file to its "
                               "bytes (integer) and sha256 (string)")
         kept = meta.get("kept")
         if kept is not None:
@@ -263,7 +263,7 @@ class FlashLayout:
         if kept is not None and (len(kept) != config.n_layers or any(
                 len(k) and (k.min() < 0 or k.max() >= config.d_ffn or (np.diff(k) <= 0).any()) for k in kept)):
             raise LayoutError(f"{meta_path}: 'kept' must list, per layer, increasing neuron ids below {config.d_ffn}")
-        return cls(path, config, geometry, resident_dtype, source, files, kept)
+        return cls(path, config, geometry, resident_dtype, origin, files, kept)
 
     def resident_state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The resident tensors under our names, in the compute dtype `dtype`."""
@@ -394,7 +394,7 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
             "alignment": ALIGNMENT,
             "resident_dtype": resident_dtype,
             "files": files,
-            "source": origin,
+            "origin": origin,
             "kept": None if keep is None else [k.tolist() for k in keep],
             "pruning": pruning,
         }

@@ -170,3 +170,20 @@ class RaisesInStep(ReferenceSUT):
 
     def step(self, token):
         raise RuntimeError("out of neurons")
+
+
+class DeclaresAnUnknownTechnique(TransformersSUT):
+    def hello(self):
+        return super().hello() | {"techniques": ["quantization", "teleportation"]}
+
+
+class FailsWhenQuantized(TransformersSUT):
+    """Declares quantization, then cannot do it."""
+
+    def hello(self):
+        return super().hello() | {"techniques": ["quantization"]}
+
+    def load(self, checkpoint, dram_budget, tolerance, techniques=(), settings=None):
+        if "quantization" in techniques:
+            raise RuntimeError("int8 kernels not built")
+        return super().load(checkpoint, dram_budget, tolerance)

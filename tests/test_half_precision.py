@@ -96,6 +96,7 @@ def test_the_exact_tier_widens_with_the_rounding_unit_only():
 
 
 def test_the_main_job_judges_a_float16_run_against_a_float16_dense_reference(tmp_path):
+    from flashbench.harness.adapters import EngineSUT
     from flashbench.harness.main_job import embedded_model
     from flashbench.harness.matrix import Configuration, Settings
     from flashbench.harness.measure import measure
@@ -105,8 +106,9 @@ def test_the_main_job_judges_a_float16_run_against_a_float16_dense_reference(tmp
     mut, info = embedded_model(spec, tmp_path, progress=lambda _: None, dtype=torch.float16)
     assert info["dense"]["dtype"] == "float16"
     settings = Settings(compute_dtype="float16", threads=4)
-    rec = measure(mut, Configuration(frozenset({"hybrid"})), settings, None, progress=lambda _: None)
+    engine = lambda: EngineSUT(mut, progress=lambda _: None)  # noqa: E731
+    rec = measure(engine, mut, Configuration(frozenset({"hybrid"})), settings, None, dram_budget=1 << 30)
     assert rec["engine"]["compute_dtype"] == "float16"
     assert rec["agreement"]["tolerance"] == "exact at float16" and rec["agreement"]["passed"], rec["agreement"]
-    predicted = measure(mut, Configuration(frozenset({"predictor", "windowing"})), settings, None, lambda _: None)
+    predicted = measure(engine, mut, Configuration(frozenset({"predictor", "windowing"})), settings, None, 1 << 30)
     assert predicted["status"] == "measured" and predicted["agreement"]["tolerance"] == "approximate"

@@ -65,11 +65,11 @@ def test_resident_part_holds_everything_but_the_ffn_matrices(tiny_checkpoint, ti
 def test_layout_json_records_geometry_checksums_and_source(tiny_checkpoint, tmp_path):
     flash = convert(tiny_checkpoint, tmp_path / "flash", "bundled", "float16")
     meta = json.loads((flash.path / "layout.json").read_text())
-    assert meta["format_version"] == 1 and meta["alignment"] == 4096
+    assert meta["format_version"] == 2 and meta["alignment"] == 4096
     assert meta["record_bytes"] == len(flash.geometry.vectors) * 64 * 2
     assert set(meta["files"]) == {"resident.safetensors", "ffn-000.bin", "ffn-001.bin"}
     assert all(len(f["sha256"]) == 64 for f in meta["files"].values())
-    assert len(meta["source"]["sha256"]) == 64
+    assert len(meta["origin"]["sha256"]) == 64
 
 
 def _checkpoint_copy(src, dst):

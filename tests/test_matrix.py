@@ -2,7 +2,13 @@
 
 import pytest
 
-from flashbench.harness.matrix import TECHNIQUES, Settings, matrix
+import json
+
+from flashbench.harness import matrix as table
+from flashbench.harness.cli import main
+from flashbench.harness.matrix import Settings, Technique, matrix, technique_names
+
+from .tiny import scenario
 
 
 def by_section(configs):
@@ -18,7 +24,7 @@ def test_naive_comes_first_and_reads_whole_unbundled_files():
 
 def test_every_technique_appears_alone_with_its_prerequisites_named():
     s = by_section(matrix())
-    assert {f"alone:{t}" for t in TECHNIQUES} <= set(s)
+    assert {f"alone:{t}" for t in technique_names()} <= set(s)
     assert s["alone:windowing"].prerequisites == ("predictor",)
     assert s["alone:memory"].prerequisites == ("predictor", "windowing")
     assert s["alone:quantization"].prerequisites == ()
@@ -26,7 +32,7 @@ def test_every_technique_appears_alone_with_its_prerequisites_named():
 
 def test_cumulative_order_is_the_papers_then_memory_quantization_pruning():
     s = by_section(matrix())
-    assert [s[f"cumulative:{i}"].name.split("+")[-1] for i in range(1, 8)] == list(TECHNIQUES)
+    assert [s[f"cumulative:{i}"].name.split("+")[-1] for i in range(1, 8)] == list(technique_names())
     assert s["cumulative:7"] is s["all"]
 
 
@@ -62,3 +68,20 @@ def test_configurations_needing_every_resident_neuron_merge_reads_past_hot_ones(
 def test_a_technique_without_its_prerequisite_in_the_matrix_is_refused():
     with pytest.raises(ValueError, match="'windowing' needs \\['predictor'\\]"):
         matrix(("hybrid", "windowing"))
+
+
+def test_a_technique_is_one_row_of_the_table_and_reaches_the_matrix_the_records_and_the_report(monkeypatch,
+                                                                                                tmp_path):
+    toy = Technique("toy", "read with two threads", engine=lambda settings, source: {"threads": 2})
+    monkeypatch.setattr(table, "TECHNIQUES", table.TECHNIQUES + (toy,))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert {c.name for c in matrix(("hybrid", "toy"))} == {"naive", "hybrid", "toy", "hybrid+toy"}
+    (tmp_path / "toy.toml").write_text(scenario("toy", tokens=8, model='techniques = ["hybrid", "toy"]\npeers = []'))
+    assert main(["run", "--scenario", str(tmp_path / "toy.toml"), "--reports", str(tmp_path / "reports"),
+                 "--run-id", "t", "--work", str(tmp_path / "work")]) == 0
+    run = tmp_path / "reports" / "t"
+    record = json.loads((run / "records" / "shakespeare-opt" / "hybrid+toy.json").read_text())
+    assert record["techniques_on"] == ["hybrid", "toy"] and record["engine"]["threads"] == 2
+    assert record["agreement"]["tolerance"] == "exact"  # not lossy: judged exact, and it is
+    report = (run / "report.md").read_text()
+    assert "| hybrid+toy |" in report and "| toy | read with two threads | - | exact | threads = 2 | - |" in report

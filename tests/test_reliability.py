@@ -20,8 +20,10 @@ from flashbench.reference.layout import FlashLayout, LayoutError, convert
 
 from .tiny import scenario
 
-SCENARIO = scenario("interrupt-me", tokens=32,
-                    model='techniques = ["hybrid", "predictor", "windowing"]\npeers = []')
+# naive (8 tokens) finishes first and fast; the rest (64 tokens each) leave seconds to interrupt the run in, even on a
+# loaded machine.
+SCENARIO = scenario("interrupt-me", tokens=64,
+                    model='techniques = ["hybrid", "predictor", "windowing"]\npeers = []\nwhole_read_tokens = 8')
 CONFIGS = ["naive", "hybrid", "predictor", "predictor+windowing", "hybrid+predictor", "hybrid+predictor+windowing"]
 
 

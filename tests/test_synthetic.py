@@ -74,7 +74,7 @@ def test_a_layout_written_straight_from_the_generator_equals_the_converted_check
                         layout=layout)
     straight = synthetic.write_random_layout(config, tmp_path / "s", seed=5, layout=layout)
     assert straight.files == converted.files  # every file's size and sha256
-    assert straight.source["synthetic"] and straight.source["seed"] == 5
+    assert straight.origin["synthetic"] and straight.origin["seed"] == 5
 
 
 def test_synth_cli_writes_layouts_without_a_checkpoint_unless_asked(tmp_path, monkeypatch, capsys):

@@ -64,6 +64,35 @@ def pruning_from_args(checkpoint: Path, args) -> tuple[list[np.ndarray] | None, 
     return keep, pruning
 
 
+def add_sut_args(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--sut", metavar="MODULE:CLASS", help=f"an in-process SUT (a subclass of "
+                   f"flashbench.harness.sut.SystemUnderTest), {example}")
+    p.add_argument("--sut-cmd", metavar="COMMAND", help="a SUT process speaking the JSON-lines protocol "
+                   "(suite/conformance/PROTOCOL.md), e.g. 'python suite/conformance/example_sut.py'")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a SUT process may take per request "
+                   "(hello and load: 600) before it is taken as hung (default 60)")
+
+
+def sut_from_args(args, required: bool):
+    """(a label, a function making a fresh SUT) from --sut or --sut-cmd; (None, None) if neither and not required."""
+    from ..sut import ProcessSUT, sut_from_spec
+
+    if args.sut is None and args.sut_cmd is None:
+        if not required:
+            return None, None
+        raise UsageError("give the SUT: --sut module:Class (in-process) or --sut-cmd COMMAND (a process)")
+    if args.sut is not None and args.sut_cmd is not None:
+        raise UsageError("give only one of --sut module:Class and --sut-cmd COMMAND")
+    if args.sut_cmd is not None and not args.sut_cmd.strip():
+        raise UsageError("--sut-cmd is empty: give the command that starts the SUT, e.g. "
+                         "--sut-cmd 'python suite/conformance/example_sut.py'")
+    if args.sut is not None and not args.sut.strip():
+        raise UsageError("--sut is empty: give module:Class, e.g. flashbench.harness.adapters:ReferenceSUT")
+    if args.sut:
+        return f"in-process {args.sut}", lambda: sut_from_spec(args.sut)
+    return f"process {args.sut_cmd!r}", lambda: ProcessSUT(args.sut_cmd, args.timeout)
+
+
 def check_json_path(args) -> None:
     """--json names a file in a folder that exists: a typo'd folder is an error now, not a folder made later."""
     path = getattr(args, "json", None)

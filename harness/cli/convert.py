@@ -16,8 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("out", help="the flash directory to create (must not exist)")
     p.add_argument("--layout", choices=LAYOUTS, default="bundled",
                    help="bundled: one record per neuron (default); unbundled: one region per matrix")
-    p.add_argument("--dtype", choices=DTYPES, default="float16",
-                   help="FFN storage dtype (default float16; int8 has per-neuron symmetric scales)")
+    p.add_argument("--storage-dtype", "--dtype", choices=DTYPES, default="float16",
+                   help="how the FFN weights are stored (default float16; int8 has per-neuron symmetric scales)")
     add_pruning_args(p)
     p.set_defaults(func=cmd_convert)
 
@@ -33,8 +33,8 @@ def cmd_convert(args) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\r  layer {done}/{total}", end="\n" if done == total else "", flush=True)
 
-    print(f"converting {source} -> {args.out} ({args.layout}, {args.dtype})")
-    flash = convert(source, args.out, layout=args.layout, dtype=args.dtype, progress=progress, keep=keep,
+    print(f"converting {source} -> {args.out} ({args.layout}, {args.storage_dtype})")
+    flash = convert(source, args.out, layout=args.layout, dtype=args.storage_dtype, progress=progress, keep=keep,
                     pruning=pruning)
     g = flash.geometry
     ffn = sum(flash.geometry_of(i).file_bytes for i in range(flash.config.n_layers))

@@ -66,10 +66,8 @@ def _print_generation(rec: dict, per_token: bool) -> None:
         for i, ms in enumerate(rec["token_ms"], 1):
             print(f"   token {i:4d}: {ms:7.2f} ms")
     if rec["token_ms"]:
-        print(
-            f"-- {len(rec['token_ms'])} decode steps (the first new token comes from the prefill): mean {rec['token_ms_mean']:.2f} ms, "
-            f"p90 {rec['token_ms_p90']:.2f} ms, {rec['tokens_per_s']:.1f} tokens/s"
-        )
+        print(f"-- {len(rec['token_ms'])} decode steps (the first new token comes from the prefill): mean "
+              f"{rec['token_ms_mean']:.2f} ms, p90 {rec['token_ms_p90']:.2f} ms, {rec['tokens_per_s']:.1f} tokens/s")
 
 
 def cmd_generate(args) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..records import REPO_ROOT, git_commit, machine_info, versions, write_json_atomic
+from ..records import REPO_ROOT, provenance, write_json_atomic
 from .common import EXIT_OK
 
 
@@ -37,6 +37,6 @@ def cmd_probe(args) -> int:
     for note in result.notes:
         print(f"note: {note}")
     if args.json:
-        write_json_atomic(Path(args.json), {"machine": machine_info(), "versions": versions(), "git": git_commit(),
+        write_json_atomic(Path(args.json), provenance() | {
                                             "probe": result.as_dict()})
     return EXIT_OK

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..records import git_commit, machine_info, versions, write_json_atomic
+from ..records import provenance, write_json_atomic
 from .common import EXIT_OK, UsageError
 
 
@@ -46,6 +46,6 @@ def cmd_reader_sweep(args) -> int:
         points += sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20, not args.no_fio,
                         batch, args.c_reference)
     if args.json:
-        write_json_atomic(Path(args.json), {"machine": machine_info(), "versions": versions(), "git": git_commit(),
+        write_json_atomic(Path(args.json), provenance() | {
                                             "points": [vars(p) for p in points]})
     return EXIT_OK

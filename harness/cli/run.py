@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..records import REPO_ROOT
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, add_sut_args, sut_from_args
 
 
 def add_parser(sub) -> None:
@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--fresh-probe", action="store_true", help="measure the storage again even if cached")
     p.add_argument("--resume", action="store_true", help="finish the interrupted run --run-id: keep its whole "
                    "records, measure the rest")
+    add_sut_args(p, "measured instead of the reference engine over the techniques it declares")
     p.set_defaults(func=cmd_run)
 
 
@@ -49,9 +50,12 @@ def cmd_run(args) -> int:
         except FileExistsError:
             raise UsageError(f"{out_dir}: already exists; choose another --run-id, or --resume an interrupted "
                            "run") from None
-    print(f"flashbench run: scenario {scenario.name} ({scenario.path}) -> {out_dir}", flush=True)
+    label, sut = sut_from_args(args, required=False)
+    print(f"flashbench run: scenario {scenario.name} ({scenario.path}) -> {out_dir}"
+          + (f"; the engine measured: {label}" if label else ""), flush=True)
     try:
-        index = run_scenario(scenario, out_dir, Path(args.work), fresh_probe=args.fresh_probe, resume=args.resume)
+        index = run_scenario(scenario, out_dir, Path(args.work), fresh_probe=args.fresh_probe, resume=args.resume,
+                             sut=sut)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the records finished so far are whole in {out_dir / 'records'}; finish the run "
               f"with: flashbench run --scenario {args.scenario} --run-id {run_id} --resume", file=sys.stderr)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..records import git_commit, machine_info, versions, write_json_atomic
+from ..records import provenance, write_json_atomic
 from ..validate import CASES
-from .common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, UsageError
+from .common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, add_sut_args, sut_from_args
 
 
 def add_parser(sub) -> None:
@@ -17,14 +17,9 @@ def add_parser(sub) -> None:
                        "the timed run's own accuracy, memory within the budget, the timed run's storage reads "
                        "consistent with its claims). Exit 0 VALID, "
                        "1 INVALID, 2 if the SUT could not be run. The protocol: suite/conformance/PROTOCOL.md.")
-    p.add_argument("--sut", metavar="MODULE:CLASS",
-                   help="an in-process SUT, e.g. flashbench.harness.adapters:ReferenceSUT or :TransformersSUT")
-    p.add_argument("--sut-cmd", metavar="COMMAND", help="a SUT process speaking the JSON-lines protocol, e.g. "
-                   "'python -m flashbench.harness.serve flashbench.harness.adapters:ReferenceSUT'")
+    add_sut_args(p, "e.g. flashbench.harness.adapters:ReferenceSUT or :TransformersSUT")
     p.add_argument("--cases", default=str(CASES), help="the conformance cases (TOML)")
     p.add_argument("--case", action="append", help="run only this case (repeatable)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a SUT process may take per request "
-                   "(hello and load: 600) before it is taken as hung (default 60)")
     p.add_argument("--seed", type=int, default=None, help="draws the held-out tokens of the performance runs "
                    "(default: a fresh seed each run, printed and recorded)")
     p.add_argument("--json", help="also write the verdicts and every sub-check as JSON here")
@@ -33,22 +28,12 @@ def add_parser(sub) -> None:
 
 def cmd_validate(args) -> int:
     """The conformance suite against a SUT: exit 0 VALID, 1 INVALID, 2 if the SUT could not be run."""
-    from ..sut import ProcessSUT, SUTError, sut_from_spec
+    from ..sut import SUTError
     from ..validate import load_cases, validate
 
-    if args.sut is None and args.sut_cmd is None:
-        raise UsageError("give the SUT: --sut module:Class (in-process) or --sut-cmd COMMAND (a process)")
-    if args.sut is not None and args.sut_cmd is not None:
-        raise UsageError("give only one of --sut module:Class and --sut-cmd COMMAND")
-    if args.sut_cmd is not None and not args.sut_cmd.strip():
-        raise UsageError("--sut-cmd is empty: give the command that starts the SUT, e.g. "
-                       "--sut-cmd 'python suite/conformance/example_sut.py'")
-    if args.sut is not None and not args.sut.strip():
-        raise UsageError("--sut is empty: give module:Class, e.g. flashbench.harness.adapters:ReferenceSUT")
+    label, make = sut_from_args(args, required=True)
     cases = load_cases(Path(args.cases), args.case or None)
-    label = f"in-process {args.sut}" if args.sut else f"process {args.sut_cmd!r}"
     print(f"flashbench validate: {label}, {len(cases)} case(s) from {args.cases}", flush=True)
-    make = (lambda: sut_from_spec(args.sut)) if args.sut else (lambda: ProcessSUT(args.sut_cmd, args.timeout))
     try:
         result = validate(make, cases, seed=args.seed)
     except SUTError as e:
@@ -62,6 +47,6 @@ def cmd_validate(args) -> int:
           + (f", failing: {'; '.join(failed)}" if failed else ", all passed"))
     if args.json:
         write_json_atomic(Path(args.json), {"sut": label, "status": "valid" if result["valid"] else "invalid",
-                                            "machine": machine_info(), "versions": versions(), "git": git_commit()}
+                                            **provenance()}
                           | result)
     return EXIT_OK if result["valid"] else EXIT_FAILED

@@ -8,7 +8,7 @@ from flashbench import suite
 from flashbench.reference.layout import DTYPES, LAYOUTS
 from flashbench.reference.tokenizer import encode
 
-from ..records import REPO_ROOT, git_commit, machine_info, versions, write_json_atomic
+from ..records import REPO_ROOT, provenance, write_json_atomic
 from .common import EXIT_OK, add_pruning_args, pruning_from_args
 
 
@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-window", type=int, default=8, help="largest k (default 8)")
     p.add_argument("--tokens", type=int, default=512, help="held-out tokens (default 512)")
     p.add_argument("--layout", choices=LAYOUTS, default="bundled")
-    p.add_argument("--dtype", choices=DTYPES, default="float16")
+    p.add_argument("--storage-dtype", "--dtype", choices=DTYPES, default="float16",
+                   help="how the FFN weights are stored (default float16)")
     p.add_argument("--threads", type=int, default=16, help="reader threads (default 16)")
     p.add_argument("--work", default=str(REPO_ROOT / ".work"), help="where the flash directory is made (not tmpfs)")
     p.add_argument("--json", help="also write the points as JSON to this path")
@@ -49,19 +50,18 @@ def cmd_window_sweep(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="window-sweep-", dir=work))
     keep, pruning = pruning_from_args(path, args)
     try:
-        flash = convert(path, tmp / "flash", layout=args.layout, dtype=args.dtype, keep=keep, pruning=pruning)
+        flash = convert(path, tmp / "flash", layout=args.layout, dtype=args.storage_dtype, keep=keep, pruning=pruning)
         ffn_bytes = sum(flash.geometry_of(i).file_bytes for i in range(flash.config.n_layers))
         print(f"FFN files: {ffn_bytes:,} bytes" + (" (dead neurons pruned)" if keep else ""))
-        print(f"{path.name}: predictor source, {args.layout} {args.dtype} flash layout in {tmp}, "
+        print(f"{path.name}: predictor source, {args.layout} {args.storage_dtype} flash layout in {tmp}, "
               f"{len(tokens) - 1} held-out tokens teacher-forced, {args.threads} reader threads")
         print(HEADER)
         points = window_sweep(path, flash, lambda: Predictor.load(predictor_path), windows, tokens, args.threads)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
-        write_json_atomic(Path(args.json), {"model": str(path), "layout": args.layout, "dtype": args.dtype,
-                                            "source": "predictor", "tokens": len(tokens), "pruning": pruning,
-                                            "machine": machine_info(),
-                                            "versions": versions(), "git": git_commit(),
+        write_json_atomic(Path(args.json), {"model": str(path), "layout": args.layout,
+                                            "storage_dtype": args.storage_dtype, "source": "predictor",
+                                            "tokens": len(tokens), "pruning": pruning, **provenance(),
                                             "points": [vars(p) for p in points]})
     return EXIT_OK
