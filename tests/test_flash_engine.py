@@ -43,11 +43,9 @@ def replay(engine, tokens, prompt=PROMPT):
     return torch.stack(out)
 
 
-# Each combination runs on the native kernels; these four again under every other CPU kernel path (make test).
-ON_EVERY_KERNEL_PATH = {("bundled", 4, "preallocated", 0.1), ("unbundled", 0, "regather", 0.0),
-                        ("bundled", 0, "preallocated", 0.1), ("unbundled", 4, "regather", 0.0)}
-COMBINATIONS = [pytest.param(*c, marks=[pytest.mark.exactness] if c in ON_EVERY_KERNEL_PATH else [])
-                for c in itertools.product(["bundled", "unbundled"], [0, 4], ["preallocated", "regather"], [0.0, 0.1])]
+# On the native kernels only: under the other CPU kernel paths (make test) the float32 engine's exactness is held by
+# the pruning tests (oracle and naive) and the reference SUT through validate, at a quarter of the time.
+COMBINATIONS = list(itertools.product(["bundled", "unbundled"], [0, 4], ["preallocated", "regather"], [0.0, 0.1]))
 
 
 @pytest.mark.parametrize("layout, window, memory, hybrid", COMBINATIONS)
@@ -60,7 +58,6 @@ def test_oracle_flash_engine_reproduces_dense_inference(model, layout, window, m
     assert within_exact_bound(logits, model["logits"])
 
 
-@pytest.mark.exactness
 def test_naive_configuration_reproduces_dense_inference_reading_every_weight(model):
     engine = FlashEngine(model["flash"]["bundled"], Techniques.naive(threads=4))
     logits = replay(engine, model["tokens"][:16])
@@ -72,7 +69,6 @@ def test_naive_configuration_reproduces_dense_inference_reading_every_weight(mod
         assert stats.io.records == layout.config.n_layers * layout.geometry.d_ffn
 
 
-@pytest.mark.exactness
 def test_hybrid_alone_reads_every_neuron_but_the_hot_ones_and_stays_exact(model):
     layout = model["flash"]["unbundled"]
     engine = FlashEngine(layout, Techniques(source="all", hybrid=0.25, threads=4), neuron_counts=model["counts"])
@@ -130,7 +126,6 @@ def test_an_engine_closes_its_reader_as_a_context_manager(model):
     assert threading.active_count() == threads
 
 
-@pytest.mark.exactness
 def test_a_tight_budget_shrinks_the_window_and_stays_exact(model):
     flash = model["flash"]["bundled"]
     short = PROMPT[:2]  # a long prompt's union of sets would not fit a tight budget in one prefill

@@ -9,7 +9,7 @@ from flashbench.harness.matrix import matrix
 
 from .tiny import scenario
 
-SCENARIO = scenario("tiny", tokens=24, window=2, engine="hybrid = 0.25")
+SCENARIO = scenario("tiny", tokens=24, window=2, engine="hybrid = 0.25", model='peers = ["mmap"]')
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,15 @@ def test_records_name_paths_relative_to_the_repository(run):
         assert str(REPO_ROOT) + "/" not in text, r.get("configuration", r["kind"])
     model = next(r for r in records(run) if r["kind"] == "model")
     assert model["checkpoint"] == "suite/models/shakespeare-opt"
+
+
+def test_a_configuration_that_cannot_fit_the_budget_is_recorded_as_such_and_the_run_goes_on(tmp_path):
+    (tmp_path / "s.toml").write_text(scenario("tight", tokens=8, model='techniques = ["hybrid"]\npeers = []\n'
+                                              'dram_budget = 0.01\nengine_within_budget = true'))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        code = main(["run", "--scenario", str(tmp_path / "s.toml"), "--reports", str(tmp_path / "reports"),
+                     "--run-id", "t", "--work", str(tmp_path / "work")])
+    recs = {r.get("configuration"): r for r in records({"dir": tmp_path / "reports" / "t"})}
+    assert code == 0 and {recs["naive"]["status"], recs["hybrid"]["status"]} == {"does-not-fit"}
+    assert "DRAM budget" in recs["hybrid"]["error"] and recs["hybrid"]["dram_budget"] > 0

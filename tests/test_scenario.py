@@ -1,5 +1,7 @@
 """Scenarios are TOML files; bad ones are refused with the file and the key named."""
 
+import re
+
 import pytest
 
 from flashbench.harness import scenario as sc
@@ -81,3 +83,18 @@ def test_pruning_counts_on_the_same_tokens_in_the_main_job_and_in_convert():
     convert = build_parser().parse_args(["convert", "shakespeare-opt", "out", "--prune-dead"])
     sweep = build_parser().parse_args(["window-sweep", "--prune-dead"])
     assert convert.prune_tokens == sweep.prune_tokens == sc.ModelSpec("x").counts_tokens
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[engine]\nstorage_dtype = "int4"\n', "storage_dtype must be one of float32, float16, bfloat16"),
+    ('[engine]\ncompute_dtype = "float8"\n', "compute_dtype must be one of"),
+    ('[engine]\nwindow = -1\n', "window must be an integer >= 0"),
+    ('[engine]\nhybrid = 1.5\n', "hybrid must be a fraction"),
+    ('[engine]\ndtype = "float16"\n', "'dtype' is now 'storage_dtype'"),
+    ('[[models]]\nname = "x"\ntokens = "64"\n', "tokens must be a non-negative integer"),
+])
+def test_a_bad_setting_fails_when_the_scenario_loads_before_anything_runs(tmp_path, table, message):
+    f = tmp_path / "s.toml"
+    f.write_text(table + ('' if "[[models]]" in table else '[[models]]\nname = "x"\n'))
+    with pytest.raises(sc.ScenarioError, match=f"s.toml.*{re.escape(message)}"):
+        sc.load(str(f))

@@ -18,34 +18,35 @@ import torch.nn.functional as F
 from flashbench import suite
 from flashbench.harness.records import write_json_atomic
 from flashbench.reference import Transformer
-from flashbench.reference.activations import active_fraction
+from flashbench.reference.activations import recorded_activations
 from flashbench.reference.tokenizer import BOS, encode
 
 from .corpus import HELDOUT_PLAYS, VALIDATION_PLAYS
 
 
 @torch.inference_mode()
-def heldout_loss(model: Transformer, tokens: list[int], context: int) -> float:
-    """Nats per byte over `tokens` (bytes, no BOS), in windows of BOS + context - 1 bytes, as in training."""
-    total, count = 0.0, 0
+def heldout_measures(model: Transformer, tokens: list[int], context: int) -> tuple[float, list[float]]:
+    """In one pass over `tokens` (bytes, no BOS), in windows of BOS + context - 1 bytes as in training: nats per
+    byte, and per layer the mean fraction of FFN neurons with a non-zero ReLU output (BOS positions included, as
+    `activations.active_fraction` counts them)."""
+    total, count, positions = 0.0, 0, 0
+    active = torch.zeros(model.config.n_layers, dtype=torch.int64)
     for start in range(0, len(tokens), context - 1):
         window = tokens[start : start + context - 1]
-        ids = torch.tensor([[BOS] + window])
-        logits = model(ids)[0, : len(window)]
+        with recorded_activations(model) as acts:
+            logits = model(torch.tensor([[BOS] + window]))[0, : len(window)]
         total += F.cross_entropy(logits, torch.tensor(window), reduction="sum").item()
-        count += len(window)
-    return total / count
+        count, positions = count + len(window), positions + len(window) + 1
+        for layer, a in enumerate(acts):
+            active[layer] += int((a[0] > 0).sum())
+    return total / count, (active.double() / (positions * model.config.d_ffn)).tolist()
 
 
 def measure(model_dir: Path) -> dict:
     model = Transformer.from_checkpoint(model_dir)
     tokens = encode(suite.heldout_text(), bos=False)
-    context = model.config.max_positions
-    return {
-        "heldout_bytes": len(tokens),
-        "heldout_loss": heldout_loss(model, tokens, context),
-        "active_fraction": active_fraction(model, tokens, context, bos=BOS),
-    }
+    loss, active = heldout_measures(model, tokens, model.config.max_positions)
+    return {"heldout_bytes": len(tokens), "heldout_loss": loss, "active_fraction": active}
 
 
 def render(name: str, card: dict, run: dict, base: dict) -> str:
