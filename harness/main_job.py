@@ -27,7 +27,7 @@ import torch
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
 from flashbench.reference.activations import (COUNTS_FILE, activation_counts, counts_provenance, dead_neuron_pruning,
-                                              ever_active, load_counts)
+                                              load_counts)
 from flashbench.reference.checkpoint import weight_files
 from flashbench.reference.errors import CheckpointError
 from flashbench.reference.flash import COMPUTE_DTYPES
@@ -37,7 +37,7 @@ from flashbench.reference.tokenizer import BOS, encode
 
 from .agreement import dense_reference, heldout_sequences
 from .adapters import EngineSUT
-from .matrix import describe, matrix, ordered, technique, technique_names
+from .matrix import describe, effective, matrix, ordered, technique_names
 from .measure import ModelUnderTest, measure
 from .peers import measure_peer
 from .probe import Probe, probe, table
@@ -119,12 +119,10 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print,
     for sets in counting:
         for layer, ids in enumerate(sets):
             counts[layer, ids] += 1
-    kept = ever_active(counts)
+    kept, pruning = dead_neuron_pruning(counts, "the trace's counting tokens", len(counting))
     achieved = (np.mean([l["predicted_achieved"] for l in trace.layers]), np.mean([l["new_achieved"] for l in trace.layers]))
     label = (f"trace, profile {profile.name} ({profile.description}); achieved {achieved[0]:.1%} predicted and "
              f"{achieved[1]:.2%} new per token at window {profile.window}, seed {spec.seed}")
-    pruning = {"rule": "never in the trace's counting tokens", "tokens": len(counting),
-               "dead_per_layer": [config.d_ffn - len(k) for k in kept]}
     ids = encode(suite.heldout_text(), bos=False)
     mut = ModelUnderTest(
         name=f"synthetic-{shape}", checkpoint=checkpoint, work=root, source="trace", source_label=label,
@@ -267,7 +265,9 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
                  "without the peers")
     for i, spec in enumerate(scenario.models, 1):
         if outside is not None:
-            spec = replace(spec, techniques=_supported(spec.techniques, declared), peers=())
+            # the scenario's techniques the SUT declares, less those whose prerequisites it does not
+            live, _ = effective({t for t in spec.techniques if t in declared})
+            spec = replace(spec, techniques=ordered(live), peers=())
         name, configs = model_name(spec), matrix(spec.techniques)
         rels = ([f"{name}/model.json"] + [f"{name}/{c.name}.json" for c in configs]
                 + [f"{name}/peer-{p}.json" for p in spec.peers])
@@ -331,10 +331,3 @@ def _summary(rec: dict) -> str:
             + (f"io {io:6.2f} ms  " if io is not None else "") + (f"{read / 1024:8.1f} KiB/tok  " if read is not None
                                                                     else "") + verdict)
 
-
-def _supported(asked: tuple[str, ...], declared: tuple[str, ...]) -> tuple[str, ...]:
-    """The scenario's techniques a SUT can switch, with those whose prerequisites it cannot switch left out too."""
-    names = [t for t in asked if t in declared]
-    while unmet := [t for t in names if not set(technique(t).needs) <= set(names)]:
-        names = [t for t in names if t not in unmet]
-    return tuple(names)

@@ -167,7 +167,7 @@ def _closure(on: set[str]) -> set[str]:
     return out
 
 
-def _effective(on: set[str]) -> tuple[set[str], set[str]]:
+def effective(on: set[str]) -> tuple[set[str], set[str]]:
     """(techniques with an effect, techniques without one because what they need is off)."""
     live = set(on)
     while dead := {t for t in live if not set(technique(t).needs) <= live}:
@@ -211,7 +211,7 @@ def matrix(techniques: tuple[str, ...] | None = None) -> list[Configuration]:
         b.add(set(techniques[:i]), f"cumulative:{i}")
     b.add(set(techniques), "all")
     for t in techniques:
-        live, inactive = _effective(set(techniques) - {t})
+        live, inactive = effective(set(techniques) - {t})
         b.add(live, f"all-but:{t}", inactive=inactive)
     return b.build()
 

@@ -26,7 +26,7 @@ from .agreement import DenseReference, greedy, judge
 from .matrix import Configuration, LayoutSpec, Settings, ordered
 from .probe import Probe
 from .stats import spread
-from .sut import Guarded, SUTError, SystemUnderTest
+from .sut import Guarded, SUTError, SystemUnderTest, reported
 
 
 @dataclass
@@ -130,16 +130,11 @@ def fio_reference(metrics: dict, threads: int, probe: Probe | None) -> dict | No
             "bandwidth_bytes_s": ref.bandwidth_bytes_s, "ratio": ours / ref.bandwidth_bytes_s if ours else None}
 
 
-def _number(counters: dict, key: str) -> float | None:
-    value = counters.get(key)
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _per_token(before: dict, after: dict, steps: int) -> dict:
     """The counters a SUT reports (cumulative), per decode step over the timed steps."""
     names = {"bytes_read": "bytes_read", "reads": "reads", "neurons_loaded": "neurons"}
-    return {ours: (_number(after, k) - (_number(before, k) or 0)) / steps for k, ours in names.items()
-            if _number(after, k) is not None}
+    return {ours: (reported(after, k) - (reported(before, k) or 0)) / steps for k, ours in names.items()
+            if reported(after, k) is not None}
 
 
 def metrics_of(step_seconds: list[float], before: dict, after: dict) -> dict:

@@ -72,6 +72,12 @@ class SystemUnderTest(ABC):
         pass
 
 
+def reported(counters: dict, key: str) -> float | None:
+    """A number a SUT reports in its counters, or None where it reports none (or something else)."""
+    value = counters.get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 class Guarded:
     """A SUT as the harness calls it: an exception raised inside a call is the SUT's (a SUTError naming the call);
     one raised anywhere else in the harness is the harness's own bug and propagates as it is."""

@@ -37,7 +37,7 @@ from .agreement import (APPROXIMATE, Check, DenseReference, agreement, checks, d
                         heldout_sequences, judge, teacher_forced)
 from .peers import drop_page_cache
 from .stats import spread
-from .sut import Guarded, MemoryCap, ProcessWatch, SUTError, SystemUnderTest
+from .sut import Guarded, MemoryCap, ProcessWatch, SUTError, SystemUnderTest, reported
 
 CASES = suite.SUITE_DIR / "conformance" / "cases.toml"  # the default conformance suite
 DETERMINISM_TOLERANCE = 1e-6  # max |logit difference| between two runs of the same input
@@ -165,11 +165,6 @@ def run_case(sut: SystemUnderTest, case: Case, dense: DenseRun, cache_dropped: b
                 "process": {"memory_cap": str(cap.group), "limit": cap.limit}}
 
 
-def _claimed(counters: dict) -> float | None:
-    value = counters.get("bytes_read")
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _measure_case(sut: Guarded, pid: int, case: Case, dense: DenseRun, cache_dropped: bool, budget: int,
                   hello: dict, cap: MemoryCap | None) -> dict:
     ref = dense.accuracy
@@ -207,7 +202,9 @@ def _measure_case(sut: Guarded, pid: int, case: Case, dense: DenseRun, cache_dro
     subchecks.append(_performance_accuracy_check(dense, timed_logits, ref.tie_margin,
                                                  approximate or exact_tier(ref.logit_bound), verdict.tier))
     subchecks.append(_memory_check(before, samples, budget, peak_reset, cap))
-    claimed = (_claimed(claims) - (_claimed(claims_before) or 0)) if _claimed(claims) is not None else None
+    claimed = reported(claims, "bytes_read")
+    if claimed is not None:
+        claimed -= reported(claims_before, "bytes_read") or 0
     storage_read = after.read_bytes - read_before
     subchecks.append(_storage_check(hello, claimed, storage_read, cache_dropped))
 

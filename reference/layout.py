@@ -230,7 +230,7 @@ class FlashLayout:
         config = _checked(ModelConfig, meta.get("config"), f"{meta_path}: config")
         geometry = _checked(FFNGeometry, meta.get("geometry"), f"{meta_path}: geometry")
         files, origin, resident_dtype = meta.get("files"), meta.get("origin"), meta.get("resident_dtype")
-        if geometry.layout not in ("bundled", "unbundled") or geometry.dtype not in DTYPES:
+        if geometry.layout not in LAYOUTS or geometry.dtype not in DTYPES:
             raise LayoutError(f"{meta_path}: unknown layout {geometry.layout!r} or dtype {geometry.dtype!r}")
         vectors = ("gate", "up", "down") if config.gated else ("up", "down")
         if (config.arch not in ARCHITECTURES or geometry.vectors != vectors or geometry.d_model != config.d_model
