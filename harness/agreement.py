@@ -73,14 +73,13 @@ def teacher_forced(engine, tokens: list[int], prompt: int = 1, step_seconds: lis
     return torch.cat(logits)
 
 
-def heldout_sequences(ids: list[int], bos: int, tokens: int, greedy_prompt: int = 0,
+def heldout_sequences(ids: list[int], bos: int | None, tokens: int, greedy_prompt: int = 0,
                       offset: int = 0) -> tuple[list[int], list[int]]:
     """The sequences an engine is judged on, cut from held-out ids the same way by every command: `tokens` tokens
-    from `offset` (bos first) to teacher-force, and the greedy continuation's `greedy_prompt`-token prompt (bos and
-    the text right after them)."""
-    teacher_forced_ids = [bos] + ids[offset : offset + tokens - 1]
-    prompt = [bos] + ids[offset + tokens : offset + tokens + greedy_prompt - 1]
-    return teacher_forced_ids, prompt
+    from `offset` to teacher-force, and the greedy continuation's `greedy_prompt`-token prompt (the text right
+    after them); each starts with `bos` where the model's tokenizer has one."""
+    start, text = ([bos] if bos is not None else []), ids[offset:]
+    return start + text[: tokens - len(start)], start + text[tokens : tokens + greedy_prompt - len(start)]
 
 
 @dataclass(frozen=True)

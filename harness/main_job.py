@@ -14,7 +14,12 @@ them and measures the rest.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import math
+import os
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -28,69 +33,188 @@ from flashbench import suite
 from flashbench.reference import Engine, Transformer
 from flashbench.reference.activations import (COUNTS_FILE, activation_counts, counts_provenance, dead_neuron_pruning,
                                               load_counts)
-from flashbench.reference.checkpoint import weight_files
+from flashbench.reference.checkpoint import expected_shapes, stored_dtype, weight_files
+from flashbench.reference.config import ModelConfig
 from flashbench.reference.errors import CheckpointError
-from flashbench.reference.flash import COMPUTE_DTYPES
+from flashbench.reference.flash import COMPUTE_DTYPES, BudgetError, FlashEngine, Techniques
 from flashbench.reference.predictor import Predictor
 from flashbench.reference.storage import storage_of
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.reference.tokenizer import Tokenizer
 
 from .agreement import dense_reference, heldout_sequences
 from .adapters import EngineSUT
-from .matrix import describe, effective, matrix, ordered, technique_names
+from .matrix import LayoutSpec, describe, effective, matrix, ordered, technique_names
 from .measure import ModelUnderTest, measure
 from .peers import measure_peer
 from .probe import Probe, probe, table
 from .records import SCHEMA, RecordError, git_commit, machine_info, portable_path, versions, write_json_atomic
 from .scenario import ModelSpec, Scenario
+from .texts import Text, TextError, heldout_text, training_text
 from .sut import Guarded, SUTError, SystemUnderTest
 
 
-def embedded_model(spec: ModelSpec, work: Path, progress=print,
-                   dtype: torch.dtype = torch.float32) -> tuple[ModelUnderTest, dict]:
-    """An embedded (or any HF ReLU) checkpoint with its trained predictor: dense reference (computing in `dtype`, as
-    the engine does), hot and dead neurons."""
+def checkpoint_model(spec: ModelSpec, work: Path, progress=print,
+                     dtype: torch.dtype = torch.float32) -> tuple[ModelUnderTest, dict]:
+    """An HF checkpoint, embedded or the user's, with its own tokenizer and the spec's texts: the dense reference
+    (computing in `dtype`, as the engine does), its activation source (`activation_source`), hot and dead neurons.
+    A dense (SiLU) FFN has neither: its sparse configurations are recorded as not applicable."""
     path = suite.model_path(spec.name)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no such checkpoint (embedded models: {', '.join(suite.EMBEDDED_MODELS)})")
-    predictor_path = path / "predictor"
-    predictor = Predictor.load(predictor_path)
-    model = Transformer.from_checkpoint(path, dtype=dtype)
-    ids = encode(suite.heldout_text(), bos=False)
-    tokens, prompt = heldout_sequences(ids, BOS, spec.tokens, spec.greedy_prompt)
+    config = ModelConfig.load(path)
+    tokenizer = Tokenizer.load(path, config)
+    mut = ModelUnderTest(
+        name=path.name, checkpoint=path, work=work / path.name, source="all", source_label="all neurons",
+        new_source=lambda: None, neuron_counts=np.zeros((config.n_layers, config.d_ffn), np.int64),
+        tokens=[], whole_read_tokens=spec.whole_read_tokens,
+    )
+    model, streamed, close = dense_model(spec, mut, dtype, progress)
+    try:
+        return _checkpoint_model(spec, mut, model, tokenizer, streamed, dtype, progress)
+    finally:
+        close()
 
+
+def _checkpoint_model(spec: ModelSpec, mut: ModelUnderTest, model: Transformer, tokenizer: Tokenizer,
+                      streamed: str | None, dtype: torch.dtype, progress) -> tuple[ModelUnderTest, dict]:
+    path = mut.checkpoint
+    heldout = heldout_text(spec.heldout_text)
+    ids = heldout.tokens(tokenizer)
+    if len(ids) < spec.tokens + spec.greedy_prompt:
+        raise TextError(f"{heldout.label}: {len(ids):,} tokens with {path.name}'s tokenizer, fewer than the "
+                        f"{spec.tokens + spec.greedy_prompt} the scenario judges on (tokens + greedy_prompt)")
+    tokens, prompt = heldout_sequences(ids, tokenizer.bos, spec.tokens, spec.greedy_prompt)
+    progress(f"  tokenizer {tokenizer.describe()}; held-out text {heldout.label}: {len(ids):,} tokens")
     progress(f"  dense reference ({str(dtype).removeprefix('torch.')}): {len(tokens)} held-out tokens "
              f"teacher-forced, greedy {spec.greedy_tokens} tokens")
     dense = Engine(model, max_len=max(len(tokens), len(prompt) + spec.greedy_tokens))
     reference = dense_reference(dense, tokens, prompt, spec.greedy_tokens, dtype)
-
-    from flashbench.suite.models.corpus import TRAIN_SPLIT, train_text
-
-    train, where = encode(train_text(), bos=False)[: spec.counts_tokens], TRAIN_SPLIT
-    provenance = counts_provenance(path, model, train, BOS)
-    counts = load_counts(path / COUNTS_FILE, provenance)
-    shipped = counts is not None
-    progress(f"  activation counts on {len(train):,} training tokens ({where}): hot neurons for the hybrid, "
-             f"dead ones for pruning" + (f"; shipped in {COUNTS_FILE}, made from this checkpoint and these tokens"
-                                         if shipped else ""))
-    if not shipped:
-        counts, _ = activation_counts(model, train, model.config.max_positions, BOS)
-    kept, pruning = dead_neuron_pruning(counts, where, len(train))
-    label = (f"predictor (rank {predictor.module.rank}, threshold {predictor.threshold}, "
-             f"{predictor_path.with_suffix('.safetensors').name})")
-    mut = ModelUnderTest(
-        name=path.name, checkpoint=path, work=work / path.name, source="predictor", source_label=label,
-        new_source=lambda: Predictor.load(predictor_path), neuron_counts=counts, tokens=tokens,
-        reference=reference, kept=kept, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
-    )
-    info = {"checkpoint": portable_path(path), "config": model.config.as_dict(), "activation_source": label,
-            "counts": {"text": where, "tokens": len(train), "shipped": shipped}, "pruning": pruning,
+    texts = {"heldout": {"text": heldout.label, "tokens": len(ids)}}
+    mut = replace(mut, tokens=tokens, reference=reference)
+    info = {"checkpoint": portable_path(path), "config": model.config.as_dict(), "tokenizer": tokenizer.describe(),
+            "texts": texts,
             "dense": {"tokens_per_s": reference.tokens_per_s, "teacher_forced_tokens": len(tokens),
                       "greedy_prompt_tokens": len(prompt), "greedy_tokens": len(reference.continuation.tokens),
                       "logit_bound": reference.logit_bound,
-                      "dtype": str(dtype).removeprefix("torch."),
+                      "dtype": str(dtype).removeprefix("torch."), "streamed": streamed,
                       "weights_bytes": sum(p.nbytes for p in model.parameters())}}
-    return mut, info
+    if not model.config.sparse:
+        mut = replace(mut, no_sparsity=f"{model.config.activation} FFN: no activation is exactly zero, so reading "
+                                       "only the active neurons does not apply")
+        progress(f"  {mut.no_sparsity}")
+        return mut, info | {"activation_source": None, "pruning": None}
+
+    train = training_text(spec.train_text)
+    train_ids = train.tokens(tokenizer, spec.counts_tokens)
+    texts["train"] = {"text": train.label, "tokens": len(train_ids)}
+    provenance = counts_provenance(path, model, train_ids, tokenizer.bos)
+    counts = load_counts(path / COUNTS_FILE, provenance)
+    shipped = counts is not None
+    progress(f"  activation counts on {len(train_ids):,} training tokens ({train.label}): hot neurons for the "
+             f"hybrid, dead ones for pruning" + (f"; shipped in {COUNTS_FILE}, made from this checkpoint and these "
+                                                 "tokens" if shipped else ""))
+    if not shipped:
+        counts, _ = activation_counts(model, train_ids, model.config.max_positions, tokenizer.bos)
+    kept, pruning = dead_neuron_pruning(counts, train.label, len(train_ids))
+    source, label, new_source = activation_source(spec, path, model, tokenizer, train, ids, mut.work, progress)
+    texts["train"]["predictor_tokens"] = spec.predictor_tokens if source == "predictor" else None
+    mut = replace(mut, source=source, source_label=label, new_source=new_source, neuron_counts=counts, kept=kept,
+                  pruning=pruning)
+    return mut, info | {"activation_source": label, "pruning": pruning,
+                        "counts": {"text": train.label, "tokens": len(train_ids), "shipped": shipped}}
+
+
+def available_memory() -> int:
+    """Bytes of memory a new allocation can have without swapping: MemAvailable (free memory and page cache the
+    kernel can drop)."""
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def dense_model(spec: ModelSpec, mut: ModelUnderTest, dtype: torch.dtype,
+                progress) -> tuple[Transformer, str | None, Callable[[], None]]:
+    """The dense model that the reference, the activation counts and a predictor's training run on, with what says
+    how it runs (None: all in DRAM) and what closes it. Where the spec asks for it (dense = "streamed"), or where
+    the weights would take more than half the free memory ("auto"), it is the naive flash engine's model over a
+    layout in the checkpoint's own dtype: every neuron of every layer read from flash per pass, the same sums as
+    dense inference, with only the resident weights and one layer's FFN in memory."""
+    config = ModelConfig.load(mut.checkpoint)
+    need = sum(math.prod(s) for s in expected_shapes(config).values()) * dtype.itemsize
+    available = available_memory()
+    if spec.dense == "memory" or (spec.dense == "auto" and need <= available // 2):
+        return Transformer.from_checkpoint(mut.checkpoint, dtype=dtype), None, lambda: None
+    spec_of = LayoutSpec("unbundled", stored_dtype(mut.checkpoint, config))
+    layout = mut.layout(spec_of, progress)
+    engine = FlashEngine(layout, Techniques.naive(compute_dtype=str(dtype).removeprefix("torch.")))
+    how = (f"streamed: the naive flash engine over the {spec_of.name} layout (every neuron read per pass, layer by "
+           f"layer), as {need / 2**30:.1f} GiB of weights " + ("were asked to stream" if spec.dense == "streamed"
+                                                                  else f"exceed half the {available / 2**30:.1f} GiB "
+                                                                       "available"))
+    progress(f"  dense model {how}")
+    return engine.model, how, engine.close
+
+
+def activation_source(spec: ModelSpec, path: Path, model: Transformer, tokenizer: Tokenizer, train: Text,
+                      heldout_ids: list[int], work: Path, progress) -> tuple[str, str, Callable]:
+    """(source name, label, a function making a fresh source) for the "predictor" technique: the oracle where the
+    spec asks for it (exact sparsity, read from flash), else the model's predictor: shipped beside the checkpoint,
+    cached under `work` by an earlier run, or trained now (and cached)."""
+    if spec.source == "oracle":
+        return "oracle", "oracle (the exact active set, computed from the up rows read from flash)", lambda: None
+    shipped = path / "predictor"
+    if shipped.with_suffix(".json").is_file():
+        where = shipped
+    else:
+        train_ids = train.tokens(tokenizer, spec.predictor_tokens)
+        key = hashlib.sha256(f"{counts_provenance(path, model, train_ids, tokenizer.bos)}:{spec.seed}".encode())
+        where = work / f"predictor-{key.hexdigest()[:16]}"
+        if not where.with_suffix(".json").is_file():
+            train_and_cache_predictor(model, train_ids, heldout_ids, tokenizer.bos, train.label, where, spec.seed,
+                                      progress)
+    predictor = Predictor.load(where)
+    label = (f"predictor (rank {predictor.module.rank}, threshold {predictor.threshold}, "
+             f"{where.with_suffix('.safetensors').name})")
+    return "predictor", label, lambda: Predictor.load(where)
+
+
+def train_and_cache_predictor(model: Transformer, train_ids: list[int], heldout_ids: list[int], bos: int | None,
+                              text: str, where: Path, seed: int, progress) -> None:
+    """Train the model's predictors (with progress and an estimate of the time left) and cache them at `where`,
+    atomically: the JSON half, which `Predictor.load` needs, is renamed into place last."""
+    from flashbench.reference.predictor import train_predictor
+
+    c = model.config
+    need = len(train_ids) * c.n_layers * (c.d_model * 4 + c.d_ffn)  # every layer's FFN inputs and active sets
+    progress(f"  no predictor for this checkpoint: training one per layer on {len(train_ids):,} tokens of {text} "
+             f"(the scenario's predictor_tokens), holding {need / 2**30:.2f} GiB of activations; at paper scale on "
+             f"two cores this takes hours: bound it with predictor_tokens, or measure exact sparsity with "
+             f"source = \"oracle\"")
+    available = available_memory()
+    if need > available // 2:
+        raise BudgetError(f"training the predictor on {len(train_ids):,} tokens needs {need / 2**30:.1f} GiB of "
+                          f"activations, more than half the {available / 2**30:.1f} GiB available: lower "
+                          "predictor_tokens or use source = \"oracle\"")
+    t0 = time.perf_counter()
+
+    def layer_done(line: str) -> None:
+        done = int(line.split()[2].rstrip(":")) + 1
+        left = (time.perf_counter() - t0) / done * (c.n_layers - done)
+        progress(f"{line} ({done}/{c.n_layers}; about {left / 60:.1f} min left)")
+
+    predictor = train_predictor(model, train_ids, heldout_ids, bos, seed=seed, progress=layer_done)
+    predictor.metrics["text"] = text
+    where.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".predictor-", dir=where.parent))
+    try:
+        predictor.save(tmp / "p")
+        os.replace(tmp / "p.safetensors", where.with_suffix(".safetensors"))
+        os.replace(tmp / "p.json", where.with_suffix(".json"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    recall = np.mean([m["recall"] for m in predictor.metrics["heldout_layers"]])
+    progress(f"  predictor trained in {(time.perf_counter() - t0) / 60:.1f} min: mean held-out recall {recall:.1%}; "
+             f"cached as {where}")
 
 
 def synthetic_model(spec: ModelSpec, work: Path, progress=print,
@@ -100,6 +224,7 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print,
     reference, so `dtype` plays no part here."""
     from flashbench.reference.sources import Trace as TraceSource
     from flashbench.suite import traces
+    from flashbench.suite.models import byte_tokenizer
     from flashbench.suite.synthetic import shape_config, weight_bytes, write_synthetic
 
     shape = spec.name.removeprefix("synthetic:")
@@ -123,11 +248,12 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print,
     achieved = (np.mean([l["predicted_achieved"] for l in trace.layers]), np.mean([l["new_achieved"] for l in trace.layers]))
     label = (f"trace, profile {profile.name} ({profile.description}); achieved {achieved[0]:.1%} predicted and "
              f"{achieved[1]:.2%} new per token at window {profile.window}, seed {spec.seed}")
-    ids = encode(suite.heldout_text(), bos=False)
+    tokenizer = byte_tokenizer.tokenizer()  # the random model's ids are bytes by construction (`write_synthetic`)
+    ids = tokenizer.encode(suite.heldout_text(), bos=False)
     mut = ModelUnderTest(
         name=f"synthetic-{shape}", checkpoint=checkpoint, work=root, source="trace", source_label=label,
         new_source=lambda: TraceSource(replay), neuron_counts=counts,
-        tokens=heldout_sequences(ids, BOS, spec.tokens)[0],
+        tokens=heldout_sequences(ids, tokenizer.bos, spec.tokens)[0],
         no_reference=("synthetic random weights replaying a trace: the trace is not the model's own active set, "
                       "so its outputs are not comparable with dense inference; agreement is judged on the embedded "
                       "models"),
@@ -141,7 +267,7 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print,
 
 
 def model_name(spec: ModelSpec) -> str:
-    """The name its records are filed under (as `embedded_model` and `synthetic_model` name it)."""
+    """The name its records are filed under (as `checkpoint_model` and `synthetic_model` name it)."""
     if spec.name.startswith("synthetic:"):
         return "synthetic-" + spec.name.removeprefix("synthetic:")
     return suite.model_path(spec.name).name
@@ -277,7 +403,7 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
             progress(f"[model {i}/{len(scenario.models)}] {spec.name}: all {len(rels)} records kept")
             continue
         progress(f"[model {i}/{len(scenario.models)}] {spec.name}")
-        prepare = synthetic_model if spec.name.startswith("synthetic:") else embedded_model
+        prepare = synthetic_model if spec.name.startswith("synthetic:") else checkpoint_model
         model, info = prepare(spec, work, progress, COMPUTE_DTYPES[scenario.settings.compute_dtype])
         budget = int(spec.dram_budget * sum(f.stat().st_size for f in weight_files(model.checkpoint)))
         if spec.engine_within_budget:

@@ -80,6 +80,9 @@ class Technique:
     summary: str
     needs: tuple[str, ...] = ()  # techniques without which this one has no effect
     lossy: bool = False  # its configurations are judged at the approximate tier
+    # It relies on the FFN's exact zeros (a ReLU FFN): it does not apply to a dense (SiLU) FFN, whose every neuron
+    # is active each token. What needs such a technique relies on them too.
+    sparse: bool = False
     # The `Techniques` fields it sets when on, from the run's settings and the model's activation source (the
     # trained predictor, or a trace for synthetic models).
     engine: Callable[[Settings, str], dict] = lambda settings, source: {}
@@ -87,9 +90,9 @@ class Technique:
 
 
 TECHNIQUES: tuple[Technique, ...] = (
-    Technique("hybrid", "keep each layer's most often active neurons resident",
+    Technique("hybrid", "keep each layer's most often active neurons resident", sparse=True,
               engine=lambda s, _: {"hybrid": s.hybrid}),
-    Technique("predictor", "read only the neurons a low-rank predictor expects active", lossy=True,
+    Technique("predictor", "read only the neurons a low-rank predictor expects active", lossy=True, sparse=True,
               engine=lambda s, source: {"source": source, "gap_bytes": s.gap_bytes}),
     Technique("windowing", "keep the neurons of the last k tokens cached and read only the delta",
               needs=("predictor",), engine=lambda s, _: {"window": s.window}),
@@ -100,6 +103,7 @@ TECHNIQUES: tuple[Technique, ...] = (
     Technique("quantization", "store the FFN weights in int8 with per-neuron scales", lossy=True,
               layout={"storage_dtype": "int8"}),
     Technique("pruning", "leave out of the layout the neurons never active on the counting text", lossy=True,
+              sparse=True,
               layout={"pruned": True}),
 )
 
@@ -118,7 +122,7 @@ def technique(name: str) -> Technique:
 
 def describe(names: tuple[str, ...], settings: Settings, source: str) -> list[dict]:
     """The table's rows for `names`, as records carry them: what each needs and switches, with this run's settings."""
-    return [{"name": t.name, "summary": t.summary, "needs": list(t.needs), "lossy": t.lossy,
+    return [{"name": t.name, "summary": t.summary, "needs": list(t.needs), "lossy": t.lossy, "sparse": t.sparse,
              "engine": t.engine(settings, source), "layout": t.layout} for t in map(technique, ordered(names))]
 
 
@@ -143,6 +147,11 @@ class Configuration:
         """No lossy technique: every needed weight read at the checkpoint's precision, only the order of sums may
         differ from dense."""
         return not any(technique(t).lossy for t in self.on)
+
+    @property
+    def sparse(self) -> bool:
+        """It relies on the FFN's exact zeros (a ReLU FFN) through one of its techniques."""
+        return any(technique(t).sparse for t in _closure(set(self.on)))
 
     def engine_settings(self, settings: Settings, source: str) -> Techniques:
         """The engine's switches: every technique off (the naive baseline), then each one on as its row says."""

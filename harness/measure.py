@@ -43,6 +43,7 @@ class ModelUnderTest:
     tokens: list[int]  # the teacher-forced sequence
     reference: DenseReference | None = None
     no_reference: str | None = None  # why there is no agreement check
+    no_sparsity: str | None = None  # why configurations relying on the FFN's exact zeros do not apply (SiLU)
     kept: list[np.ndarray] | None = None  # pruning: the neurons each layer keeps
     pruning: dict | None = None
     whole_read_tokens: int | None = None  # fewer tokens for configurations that read every neuron
@@ -165,6 +166,8 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
         "inactive": list(config.inactive), "exact": config.exact,
         "activation_source": model.source_label if "predictor" in config.on else "all neurons (no prediction)",
     }
+    if config.sparse and model.no_sparsity:
+        return record | {"status": "not-applicable", "error": model.no_sparsity}
     tokens = model.tokens
     if "predictor" not in config.on and model.whole_read_tokens:  # configurations that read every neuron
         tokens = tokens[: model.whole_read_tokens]

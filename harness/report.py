@@ -434,11 +434,23 @@ def _save(fig, path: Path) -> Path:
         raise OSError(e.errno, f"{e.strerror or e}; nothing written", str(path)) from e
     finally:
         Path(tmp).unlink(missing_ok=True)
-        fig.clf()
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # pyplot keeps every figure until it is closed
     return path
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
+
+
+def _texts(model: dict) -> str:
+    """Which tokenizer and texts the model was judged and trained on, and how many of their tokens."""
+    texts = model.get("texts")
+    if not texts:
+        return ""
+    roles = {"heldout": "held-out", "train": "training"}
+    used = [f"{roles.get(role, role)} text {t['text']} ({t['tokens']:,} tokens)" for role, t in texts.items()]
+    return f"Tokenizer: {model.get('tokenizer')}; " + "; ".join(used) + ". "
 
 
 def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
@@ -457,7 +469,8 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
         blocks += [Heading(2, f"Model {model}"),
                    Para(f"Engine measured: {engine}, timed by the harness at every decode step (the latency parts "
                         "are the engine's own report). "
-                        f"Activation source for the predictor technique: {d.get('activation_source', '?')}. "
+                        + _texts(d)
+                        + f"Activation source for the predictor technique: {d.get('activation_source') or 'none'}. "
                         f"Settings: {json.dumps(recs[0]['settings'])}. "
                         + (f"Dense inference (all weights in DRAM) on the same tokens: "
                            f"{d['dense']['tokens_per_s']:.3g} tokens/s. " if d.get("dense") else "")

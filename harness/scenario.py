@@ -6,7 +6,8 @@
     window = 5            # k, for configurations with windowing
     hybrid = 0.25         # fraction of each layer's neurons kept resident, for configurations with the hybrid
     threads = 16          # reader threads
-    storage_dtype = "float16"  # how FFN weights are stored where quantization is off (int8 where it is on)
+    storage_dtype = "float16"  # how FFN weights are stored where quantization is off (int8 where it is on);
+                               # "checkpoint": as the models' checkpoints store them (so naive reads are exact)
     compute_dtype = "float32"  # precision of the engine and its dense reference ("float16": the paper's 16-bit)
     gap_bytes = 0         # merge reads this close (sparse configurations)
     whole_gap_bytes = 1048576  # ... and in configurations that need every non-resident neuron
@@ -33,22 +34,30 @@
     engine_within_budget = false  # true: our engine is held to the budget too (a configuration that cannot fit
                                   # is recorded as such); false: the budget caps the peers, our use is reported
     techniques = ["hybrid", "predictor", ...]  # default: every technique of the table (harness/matrix.py)
+    heldout_text = "my.txt"   # optional: held-out text file (default: suite/data/heldout.txt), beside this file
+    train_text = "train.txt"  # optional: text to count neurons and train a predictor on (default: training plays)
+    source = "predictor"      # or "oracle": exact sparsity, where the model has no predictor and none should be
+                              # trained (one is trained, and cached under --work, where none is beside the model)
+    predictor_tokens = 131072 # at most this many training tokens when a predictor is trained
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from flashbench import suite
 from flashbench.reference.activations import COUNTS_TOKENS
+from flashbench.reference.checkpoint import stored_dtype
+from flashbench.reference.config import ModelConfig
 from flashbench.reference.errors import FlashbenchError
 
 from .agreement import approximate_tier
 from .matrix import Settings, technique_names
 from .peers import PEERS
 from .probe import KIB, ProbeGrid
+from .texts import read_text
 
 SCENARIOS_DIR = suite.SUITE_DIR / "scenarios"
 
@@ -72,10 +81,20 @@ class ModelSpec:
     peer_tokens: int = 8
     dram_budget: float = 0.5  # the peers' DRAM budget for weights, as a fraction of the checkpoint's weight bytes
     engine_within_budget: bool = False  # our engine is held to the same budget
+    heldout_text: str | None = None  # a text file for agreement, perplexity and the timed tokens (default: the
+    # suite's held-out plays); relative to the scenario's folder
+    train_text: str | None = None  # a text file to count hot and dead neurons and train a predictor on (default:
+    # the embedded models' training plays)
+    source: str = "predictor"  # what stands for the predictor technique: the model's predictor, or "oracle"
+    predictor_tokens: int = COUNTS_TOKENS  # at most this many training tokens when a predictor must be trained
+    # The dense model (reference, counts, predictor training): "memory" (all weights in DRAM), "streamed" (the naive
+    # flash engine, layer by layer from a layout in the checkpoint's dtype) or "auto" (streamed where the weights
+    # would take more than half the free memory)
+    dense: str = "auto"
 
     def __post_init__(self):
         for name in ("tokens", "greedy_prompt", "greedy_tokens", "counts_tokens", "seed", "peer_tokens",
-                     "whole_read_tokens"):
+                     "whole_read_tokens", "predictor_tokens"):
             value = getattr(self, name)
             if not (value is None and name == "whole_read_tokens") and (type(value) is not int or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -86,6 +105,13 @@ class ModelSpec:
             raise ValueError(f"engine_within_budget must be true or false, got {self.engine_within_budget!r}")
         if not all(isinstance(t, str) for t in self.techniques + self.peers):
             raise ValueError("techniques and peers must be lists of names")
+        if self.dense not in ("auto", "memory", "streamed"):
+            raise ValueError(f"dense must be \"auto\", \"memory\" or \"streamed\", got {self.dense!r}")
+        if self.source not in ("predictor", "oracle"):
+            raise ValueError(f"source must be \"predictor\" or \"oracle\", got {self.source!r}")
+        for name in ("heldout_text", "train_text"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be the path of a text file, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +162,8 @@ def load(name_or_path: str) -> Scenario:
     if extra:
         raise ScenarioError(f"{path}: unknown key(s) {sorted(extra)}")
     where = f"{path} [engine]"
-    settings = _build(Settings, raw.get("engine", {}), where, approximate=lambda v: approximate_tier(v, where))
+    models_named = [m.get("name") for m in raw.get("models", []) if isinstance(m, dict)]
+    settings = _settings(raw.get("engine", {}), where, models_named)
     probe_table = dict(raw.get("probe", {}))
     fresh_probe = probe_table.pop("fresh", False)
     if not isinstance(fresh_probe, bool):
@@ -144,10 +171,16 @@ def load(name_or_path: str) -> Scenario:
     if "chunk_kib" in probe_table:
         probe_table["chunk_bytes"] = [int(k * KIB) for k in probe_table.pop("chunk_kib")]
     probe = _build(ProbeGrid, probe_table, f"{path} [probe]", chunk_bytes=tuple, threads=tuple, ioengines=tuple)
-    models = tuple(_build(ModelSpec, m, f"{path} [[models]] #{i + 1}", techniques=tuple, peers=tuple)
+
+    def relative(text):  # a text file named in the scenario is found beside it
+        return str(path.parent / text) if isinstance(text, str) else text
+
+    models = tuple(_build(ModelSpec, m, f"{path} [[models]] #{i + 1}", techniques=tuple, peers=tuple,
+                          heldout_text=relative, train_text=relative)
                    for i, m in enumerate(raw.get("models", [])))
     if not models:
         raise ScenarioError(f"{path}: no [[models]]")
+    _check_texts(models)
     for m in models:
         unknown = set(m.techniques) - set(technique_names())
         if unknown:
@@ -160,3 +193,52 @@ def load(name_or_path: str) -> Scenario:
             raise ScenarioError(f"{path}: model {m.name!r}: unknown peers {sorted(set(m.peers) - set(PEERS))}")
     return Scenario(raw.get("name", path.stem), raw.get("description", ""), str(path), settings, probe, models, raw,
                     fresh_probe)
+
+
+def for_model(scenario: Scenario, checkpoint: str, **given: str | None) -> Scenario:
+    """`scenario` with its first [[models]] table applied to the checkpoint folder `checkpoint` (a user's model),
+    and the keys `given` (heldout_text, train_text, source) where not None: `flashbench run --model`. The records'
+    raw scenario says so, so a resumed run must be given the same model."""
+    if not (Path(checkpoint) / "config.json").is_file():
+        raise ScenarioError(f"{checkpoint}: no config.json: --model needs a Hugging Face checkpoint folder "
+                            "(config.json, *.safetensors and the tokenizer files)")
+    table = dict(scenario.raw["models"][0]) | {"name": str(Path(checkpoint).resolve())}
+    for key in ("heldout_text", "train_text"):  # as load() reads them: beside the scenario, unless given here
+        if isinstance(table.get(key), str):
+            table[key] = str(Path(scenario.path).parent / table[key])
+        if given.get(key) is not None:
+            table[key] = str(Path(given[key]).resolve())
+    table |= {k: v for k, v in given.items() if v is not None and not k.endswith("_text")}
+    where = f"{scenario.path} [[models]] #1 for --model {checkpoint}"
+    model = _build(ModelSpec, table, where, techniques=tuple, peers=tuple)
+    _check_texts((model,))
+    settings = _settings(scenario.raw.get("engine", {}), f"{scenario.path} [engine]", [table["name"]])
+    return replace(scenario, settings=settings, models=(model,), raw=scenario.raw | {"models": [table]})
+
+
+def _check_texts(models) -> None:
+    """Every text file a model names can be read as text, before anything runs (TextError names the file)."""
+    for m in models:
+        for text in (m.heldout_text, m.train_text):
+            if text is not None:
+                read_text(text)
+
+
+def _settings(engine: dict, where: str, models: list) -> Settings:
+    """The [engine] table; storage_dtype = "checkpoint" becomes the dtype the models store their FFN weights in (so
+    the layouts hold them exactly), which must then be one dtype for all of them."""
+    engine = dict(engine)
+    if engine.get("storage_dtype") == "checkpoint":
+        dtypes = {str(name): _stored_dtype(name) for name in models if isinstance(name, str)}
+        if len(set(dtypes.values())) != 1:
+            raise ScenarioError(f"{where}: storage_dtype = \"checkpoint\" needs models stored in one dtype; "
+                                f"they store theirs as {dtypes}")
+        engine["storage_dtype"] = dtypes.popitem()[1]
+    return _build(Settings, engine, where, approximate=lambda v: approximate_tier(v, where))
+
+
+def _stored_dtype(name: str) -> str:
+    if name.startswith("synthetic:"):
+        return "float16"  # written so by `write_synthetic`
+    path = suite.model_path(name)
+    return stored_dtype(path, ModelConfig.load(path))

@@ -31,7 +31,7 @@ from flashbench import suite
 from flashbench.reference import Engine, Transformer
 from flashbench.reference.checkpoint import weight_files
 from flashbench.reference.errors import FlashbenchError
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.reference.tokenizer import Tokenizer
 
 from .agreement import (APPROXIMATE, Check, DenseReference, agreement, checks, dense_reference, exact_tier, greedy,
                         heldout_sequences, judge, teacher_forced)
@@ -132,12 +132,14 @@ def performance_offset(case: Case, heldout: int, seed: int) -> int:
 
 
 def dense_run(case: Case, seed: int) -> DenseRun:
-    ids = encode(suite.heldout_text(), bos=False)
-    tokens, prompt = heldout_sequences(ids, BOS, case.tokens, case.greedy_prompt, case.offset)
-    engine = Engine(Transformer.from_checkpoint(case.checkpoint))
+    model = Transformer.from_checkpoint(case.checkpoint)
+    tokenizer = Tokenizer.load(case.checkpoint, model.config)
+    ids = tokenizer.encode(suite.heldout_text(), bos=False)
+    tokens, prompt = heldout_sequences(ids, tokenizer.bos, case.tokens, case.greedy_prompt, case.offset)
+    engine = Engine(model)
     reference = dense_reference(engine, tokens, prompt, case.greedy_tokens, torch.float32)
     start = performance_offset(case, len(ids), seed)
-    timed = heldout_sequences(ids, BOS, case.tokens, offset=start)[0]
+    timed = heldout_sequences(ids, tokenizer.bos, case.tokens, offset=start)[0]
     return DenseRun(reference, start, timed, teacher_forced(engine, timed))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,18 +35,24 @@ def recorded_activations(model: Transformer):
             h.remove()
 
 
+def context_windows(tokens: list[int], context: int, bos: int | None) -> Iterator[list[int]]:
+    """`tokens` cut into sequences of at most `context` positions, each starting with `bos` where the model's
+    tokenizer has one, as at inference."""
+    start = [bos] if bos is not None else []
+    step = context - len(start)
+    for i in range(0, len(tokens), step):
+        yield start + tokens[i : i + step]
+
+
 @torch.inference_mode()
 def activation_counts(model: Transformer, tokens: list[int], context: int, bos: int | None = None) -> tuple[np.ndarray, int]:
     """Per layer and neuron, on how many tokens of `tokens` its ReLU output was non-zero: [n_layers, d_ffn], and
-    the number of positions seen. The text is cut into windows of `context` positions (each starting with `bos`
-    if given), as at inference."""
-    step = context - (bos is not None)
+    the number of positions seen, over `context_windows`."""
     counts = torch.zeros(model.config.n_layers, model.config.d_ffn, dtype=torch.int64)
     positions = 0
     device = next(model.parameters()).device
-    for start in range(0, len(tokens), step):
-        window = tokens[start : start + step]
-        ids = torch.tensor([([bos] if bos is not None else []) + window], device=device)
+    for window in context_windows(tokens, context, bos):
+        ids = torch.tensor([window], device=device)
         with recorded_activations(model) as acts:
             model(ids)
         for layer, a in enumerate(acts):

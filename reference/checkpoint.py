@@ -14,11 +14,12 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -140,6 +141,27 @@ def load_state_dict(checkpoint_dir: str | Path, config: ModelConfig) -> dict[str
     return state
 
 
+def stored_dtype(checkpoint_dir: str | Path, config: ModelConfig) -> str:
+    """The dtype the checkpoint stores its FFN weights in ("float32", "float16" or "bfloat16"), from the
+    safetensors headers (no weights read): a flash layout in this dtype holds them exactly."""
+    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    wanted = hf_name("layers.0.ffn.up.weight", config.arch)
+    for path in weight_files(Path(checkpoint_dir)):
+        try:
+            with safe_open(str(path), framework="pt") as st:
+                if wanted in st.keys():
+                    dtype = st.get_slice(wanted).get_dtype()
+                    break
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
+    else:
+        raise CheckpointError(f"{checkpoint_dir}: no tensor {wanted!r} in its weight files")
+    for name, code in names.items():
+        if dtype == code:
+            return name
+    raise CheckpointError(f"{path}: tensor {wanted!r} is stored as {dtype}, not a float type the suite reads")
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, f, v = config.d_model, config.d_ffn, config.vocab_size
     kv = config.n_kv_heads * config.head_dim
@@ -149,25 +171,30 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if config.arch == "opt":
         shapes["pos_embed.weight"] = (config.max_positions + 2, d)  # OPT offsets positions by 2
         shapes["final_norm.bias"] = (d,)
-    linears = {"attn.q": (d, d), "attn.k": (kv, d), "attn.v": (kv, d), "attn.o": (d, d), "ffn.up": (f, d), "ffn.down": (d, f)}
+    # (shape, has a bias)
+    linears = {"attn.q": ((d, d), config.qkv_bias), "attn.k": ((kv, d), config.qkv_bias),
+               "attn.v": ((kv, d), config.qkv_bias), "attn.o": ((d, d), config.out_bias),
+               "ffn.up": ((f, d), config.bias), "ffn.down": ((d, f), config.bias)}
     if config.gated:
-        linears["ffn.gate"] = (f, d)
+        linears["ffn.gate"] = ((f, d), config.bias)
     for i in range(config.n_layers):
         for norm in ("attn_norm", "ffn_norm"):
             shapes[f"layers.{i}.{norm}.weight"] = (d,)
             if config.arch == "opt":
                 shapes[f"layers.{i}.{norm}.bias"] = (d,)
-        for name, shape in linears.items():
+        for name, (shape, bias) in linears.items():
             shapes[f"layers.{i}.{name}.weight"] = shape
-            if config.bias:
+            if bias:
                 shapes[f"layers.{i}.{name}.bias"] = (shape[0],)
     return shapes
 
 
 def save_checkpoint(
-    out_dir: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+    out_dir: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+    tokenizer: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write `config.json` + `model.safetensors` in HF format, atomically (temp dir + rename)."""
+    """Write `config.json` + `model.safetensors` in HF format, atomically (temp dir + rename); `tokenizer(dir)`
+    writes the model's tokenizer files beside them first."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -179,8 +206,10 @@ def save_checkpoint(
     }
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer(tmp)
     if out_dir.exists():
-        for f in ("config.json", "model.safetensors"):
+        for f in [p.name for p in tmp.iterdir()]:
             (out_dir / f).unlink(missing_ok=True)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
@@ -210,9 +239,10 @@ def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtyp
             f.write(load(name).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def save_checkpoint_streaming(out_dir: str | Path, config: ModelConfig, load, dtype: torch.dtype = torch.float16) -> Path:
+def save_checkpoint_streaming(out_dir: str | Path, config: ModelConfig, load, dtype: torch.dtype = torch.float16,
+                              tokenizer: Callable[[Path], None] | None = None) -> Path:
     """Write an HF checkpoint whose tensors come one at a time from `load(our_name)`, never all in memory (for
-    paper-scale synthetic models); atomically (temp dir + rename)."""
+    paper-scale synthetic models); atomically (temp dir + rename), with `tokenizer(dir)`'s files."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise CheckpointError(f"{out_dir}: already exists")
@@ -225,6 +255,8 @@ def save_checkpoint_streaming(out_dir: str | Path, config: ModelConfig, load, dt
                                     dtype, lambda h: load(theirs[h]))
         hf = config.to_hf() | {"torch_dtype": str(dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer(tmp)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,7 +33,7 @@ from .cache import NeuronCache, RegatherCache
 from .engine import Engine
 from .errors import BudgetError
 from .layout import FlashLayout, decode_layer_file, decode_records
-from .model import Transformer
+from .model import Transformer, activation
 from .reader import FlashReader, ReadStats, aligned_buffer
 from .sources import ActivationSource, AllNeurons, Oracle
 
@@ -127,6 +127,7 @@ class FlashFFN(nn.Module):
         self.record_of = np.full(d_ffn, -1, dtype=np.int64)
         self.record_of[self.stored] = np.arange(len(self.stored))
         self.gated = "gate" in g.vectors
+        self.act = activation(shared.layout.config)  # a module: in naive reads, its output is every neuron's
         dtype = shared.techniques.torch_dtype
         if shared.techniques.memory == "regather":
             self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None, dtype)
@@ -249,14 +250,14 @@ class FlashFFN(nn.Module):
         return self._ffn(xs, [(weights, self._bias(self.stored))])
 
     def _ffn(self, xs: torch.Tensor, parts: list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]) -> torch.Tensor:
-        """The FFN summed over groups of neurons' rows (weights, up bias): down(relu(up x + b)), or
-        down(relu(gate x) * up x) if gated. The sum over neurons may be split anywhere: ReLU acts per neuron."""
+        """The FFN summed over groups of neurons' rows (weights, up bias): down(act(up x + b)), or
+        down(act(gate x) * up x) if gated. The sum over neurons may be split anywhere: act acts per neuron."""
         out = None
         for weights, up_bias in parts:
             h = xs @ weights["gate" if self.gated else "up"].t()
             if up_bias is not None:
                 h = h + up_bias
-            h = F.relu(h)
+            h = self.act(h[None])[0]  # hooked as the dense FFN's is: [1, T, n]
             if self.gated:
                 h = h * (xs @ weights["up"].t())
             part = _down(h, weights["down"])
@@ -317,6 +318,8 @@ class FlashEngine(Engine):
     def _build(self, layout: FlashLayout, techniques: Techniques, reader: FlashReader, source, neuron_counts,
                dram_budget: int | None, max_len: int | None, resident: dict, biases: dict) -> None:
         config, g, dtype = layout.config, layout.geometry, techniques.torch_dtype
+        if not techniques.reads_whole_layers:
+            config.require_relu(f"{layout.path}: techniques {techniques}")
         if source is None:
             source = self._default_source(techniques, layout, reader, biases)
         if techniques.source != source.name:

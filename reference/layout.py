@@ -339,7 +339,6 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     if out_dir.exists():
         raise LayoutError(f"{out_dir}: already exists; remove it or choose another output directory")
     config = ModelConfig.load(checkpoint_dir)
-    config.require_relu(str(checkpoint_dir / "config.json"))
     source = _TensorSource(checkpoint_dir, config)
     origin = {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)}
     return write_layout(config, source.get, origin, out_dir, layout, dtype, progress, keep, pruning)

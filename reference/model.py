@@ -1,4 +1,4 @@
-"""The transformer shared by the dense and the flash engines: OPT and Llama with a gated ReLU FFN.
+"""The transformer shared by the dense and the flash engines: OPT, and Llama (Mistral, Qwen2) with a gated FFN.
 
 Everything here is ordinary dense PyTorch. The FFN is the seam: each `Block` calls `self.ffn(x)`, and the flash
 engine swaps that module for one that loads only the active neurons from flash. Attention, norms, positions and
@@ -66,10 +66,10 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, kv = config.d_model, config.n_kv_heads * config.head_dim
-        self.q = nn.Linear(d, d, bias=config.bias)
-        self.k = nn.Linear(d, kv, bias=config.bias)
-        self.v = nn.Linear(d, kv, bias=config.bias)
-        self.o = nn.Linear(d, d, bias=config.bias)
+        self.q = nn.Linear(d, d, bias=config.qkv_bias)
+        self.k = nn.Linear(d, kv, bias=config.qkv_bias)
+        self.v = nn.Linear(d, kv, bias=config.qkv_bias)
+        self.o = nn.Linear(d, d, bias=config.out_bias)
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.rope = config.arch == "llama"
 
@@ -94,12 +94,15 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class FFN(nn.Module):
-    """The dense FFN: down(relu(up x)) for OPT, down(relu(gate x) * up x) for gated Llama.
+def activation(config: ModelConfig) -> nn.Module:
+    """The FFN's activation, a module of its own so that its output can be hooked (its non-zero entries, with ReLU,
+    are the layer's active set)."""
+    return nn.ReLU() if config.activation == "relu" else nn.SiLU()
 
-    `act` is a module of its own so that training and measurement can hook the ReLU output, whose non-zero
-    entries are the layer's active set.
-    """
+
+class FFN(nn.Module):
+    """The dense FFN: down(act(up x)) for OPT, down(act(gate x) * up x) for the Llama family; act is ReLU or
+    SiLU."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -107,7 +110,7 @@ class FFN(nn.Module):
         self.up = nn.Linear(d, f, bias=config.bias)
         self.gate = nn.Linear(d, f, bias=config.bias) if config.gated else None
         self.down = nn.Linear(f, d, bias=config.bias)
-        self.act = nn.ReLU()
+        self.act = activation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
@@ -133,7 +136,6 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, ffn: Callable[[int], nn.Module] | None = None):
         """`ffn(layer)` makes each layer's FFN module: the dense `FFN` by default, the flash engine's otherwise."""
         super().__init__()
-        config.require_relu("model config")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         if config.arch == "opt":
@@ -192,7 +194,6 @@ class Transformer(nn.Module):
                         dtype: torch.dtype = torch.float32) -> "Transformer":
         """Load an HF checkpoint; weights in any stored float dtype are held and computed in `dtype`."""
         config = ModelConfig.load(checkpoint_dir)
-        config.require_relu(str(Path(checkpoint_dir) / "config.json"))  # before reading any weights
         state = load_state_dict(checkpoint_dir, config)
         model = cls(config)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)

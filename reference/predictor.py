@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .activations import context_windows
 from .errors import CheckpointError
 from .model import Transformer
 
@@ -77,9 +78,9 @@ class Predictor:
 
 
 @torch.inference_mode()
-def collect(model: Transformer, tokens: list[int], context: int, bos: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: the FFN inputs [N, d] and whether each neuron was active [N, f] over `tokens` (windows of
-    `context` positions, each starting with `bos`, as at inference)."""
+def collect(model: Transformer, tokens: list[int], context: int, bos: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: the FFN inputs [N, d] and whether each neuron was active [N, f] over `tokens`, in
+    `context_windows` as at inference."""
     n = model.config.n_layers
     inputs: list[list[torch.Tensor]] = [[] for _ in range(n)]
     active: list[list[torch.Tensor]] = [[] for _ in range(n)]
@@ -88,8 +89,8 @@ def collect(model: Transformer, tokens: list[int], context: int, bos: int) -> li
         hooks.append(block.ffn.register_forward_pre_hook(lambda _m, args, i=i: inputs[i].append(args[0][0].clone())))
         hooks.append(block.ffn.act.register_forward_hook(lambda _m, _a, out, i=i: active[i].append(out[0] > 0)))
     try:
-        for start in range(0, len(tokens), context - 1):
-            model(torch.tensor([[bos] + tokens[start : start + context - 1]]))
+        for window in context_windows(tokens, context, bos):
+            model(torch.tensor([window]))
     finally:
         for h in hooks:
             h.remove()
@@ -117,7 +118,7 @@ def evaluate(predictor: Predictor, layer: int, x: torch.Tensor, active: torch.Te
     )
 
 
-def train_predictor(model: Transformer, train_tokens: list[int], heldout_tokens: list[int], bos: int,
+def train_predictor(model: Transformer, train_tokens: list[int], heldout_tokens: list[int], bos: int | None,
                     rank: int = 64, epochs: int = 4, batch: int = 1024, lr: float = 3e-3, threshold: float = 0.5,
                     seed: int = 0, progress=print) -> Predictor:
     """Train every layer's predictor on `train_tokens`, then measure it on `heldout_tokens`."""

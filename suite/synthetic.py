@@ -20,7 +20,8 @@ from flashbench.reference import ModelConfig
 from flashbench.reference.checkpoint import expected_shapes, save_checkpoint_streaming
 from flashbench.reference.errors import FlashbenchError
 from flashbench.reference.layout import FlashLayout, write_layout
-from flashbench.reference.tokenizer import BOS, EOS, PAD
+from flashbench.suite.models import byte_tokenizer
+from flashbench.suite.models.byte_tokenizer import BOS, EOS, PAD
 
 SHAPES = {
     "opt-1.3b": ModelConfig(arch="opt", vocab_size=50272, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=32,
@@ -62,7 +63,8 @@ def write_synthetic(shape: str, out_dir: str | Path, seed: int = 0, dtype: torch
 def write_random_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0,
                             dtype: torch.dtype = torch.float16) -> Path:
     shapes = expected_shapes(config)
-    return save_checkpoint_streaming(out_dir, config, lambda name: random_tensor(name, shapes[name], seed), dtype)
+    return save_checkpoint_streaming(out_dir, config, lambda name: random_tensor(name, shapes[name], seed), dtype,
+                                     tokenizer=byte_tokenizer.write)
 
 
 def write_random_layout(config: ModelConfig, out_dir: str | Path, seed: int = 0, layout: str = "bundled",

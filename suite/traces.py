@@ -54,7 +54,7 @@ def embedded_profile(model: str, window: int = 5) -> TraceProfile:
     from flashbench import suite
     from flashbench.reference import Transformer
     from flashbench.reference.predictor import Predictor
-    from flashbench.reference.tokenizer import encode
+    from flashbench.suite.models.byte_tokenizer import encode
 
     path = suite.model_path(model)
     transformer = Transformer.from_checkpoint(path)

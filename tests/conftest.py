@@ -7,7 +7,9 @@ import torch
 
 from flashbench.reference import ModelConfig, Transformer
 from flashbench.reference.checkpoint import save_checkpoint
-from flashbench.reference.tokenizer import BOS, EOS, PAD, VOCAB_SIZE
+from flashbench.suite.models import byte_tokenizer
+from flashbench.suite.models.byte_tokenizer import BOS, EOS, PAD, VOCAB_SIZE
+from tests.families import FAMILIES, write_family_checkpoint
 
 
 def tiny_config(arch: str, **overrides) -> ModelConfig:
@@ -38,5 +40,17 @@ def tiny_checkpoint(request, tmp_path_factory):
     overrides = {"n_kv_heads": 2} if arch == "llama" else {}
     model = random_model(tiny_config(arch, **overrides))
     path = tmp_path_factory.mktemp(f"tiny-{arch}") / "ckpt"
-    save_checkpoint(path, model.config, model.state_dict())
+    save_checkpoint(path, model.config, model.state_dict(), tokenizer=byte_tokenizer.write)
     return path
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family_checkpoint(request, tmp_path_factory):
+    """A random checkpoint of each supported family, saved by transformers, with a BPE tokenizer of its own."""
+    return write_family_checkpoint(request.param, tmp_path_factory.mktemp(request.param) / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def silu_checkpoint(tmp_path_factory):
+    """A Llama checkpoint with the ordinary SiLU-gated FFN (dense activations)."""
+    return write_family_checkpoint("llama-silu", tmp_path_factory.mktemp("llama-silu") / "ckpt")

@@ -9,7 +9,7 @@ from flashbench.harness.cli import main
 from flashbench.reference import Transformer
 from flashbench.reference.activations import (COUNTS_FILE, activation_counts, counts_provenance, load_counts,
                                               save_counts)
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.suite.models.byte_tokenizer import BOS, encode
 from flashbench.suite.models.corpus import train_text
 
 COUNTING_TOKENS = 131072  # the default scenario's counts_tokens

@@ -12,7 +12,7 @@ from flashbench.reference import Engine, Transformer
 from flashbench.reference.activations import activation_counts
 from flashbench.reference.flash import BudgetError, FlashEngine, Techniques
 from flashbench.reference.layout import convert
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.suite.models.byte_tokenizer import BOS, encode
 from tests.exactness import within_exact_bound
 
 PROMPT = encode(suite.heldout_text())[:32]

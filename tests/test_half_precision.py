@@ -10,7 +10,7 @@ from flashbench.reference import Engine, Transformer
 from flashbench.reference.flash import FlashEngine, Techniques
 from flashbench.reference.layout import convert
 from flashbench.reference.sources import Oracle
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.suite.models.byte_tokenizer import BOS, encode
 from tests.exactness import note
 
 TOKENS = [BOS] + encode(suite.heldout_text(), bos=False)[:48]
@@ -97,13 +97,13 @@ def test_the_exact_tier_widens_with_the_rounding_unit_only():
 
 def test_the_main_job_judges_a_float16_run_against_a_float16_dense_reference(tmp_path):
     from flashbench.harness.adapters import EngineSUT
-    from flashbench.harness.main_job import embedded_model
+    from flashbench.harness.main_job import checkpoint_model
     from flashbench.harness.matrix import Configuration, Settings
     from flashbench.harness.measure import measure
     from flashbench.harness.scenario import ModelSpec
 
     spec = ModelSpec("shakespeare-opt", tokens=16, greedy_prompt=8, greedy_tokens=8, counts_tokens=2048)
-    mut, info = embedded_model(spec, tmp_path, progress=lambda _: None, dtype=torch.float16)
+    mut, info = checkpoint_model(spec, tmp_path, progress=lambda _: None, dtype=torch.float16)
     assert info["dense"]["dtype"] == "float16"
     settings = Settings(compute_dtype="float16", threads=4)
     engine = lambda: EngineSUT(mut, progress=lambda _: None)  # noqa: E731

@@ -13,7 +13,7 @@ from flashbench.reference import Engine, Transformer
 from flashbench.reference.flash import FlashEngine, Techniques
 from flashbench.reference.layout import convert
 from flashbench.reference.predictor import LowRankPredictor, Predictor, collect, evaluate, train_predictor
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.suite.models.byte_tokenizer import BOS, encode
 
 HELDOUT = encode(suite.heldout_text(), bos=False)
 
@@ -58,7 +58,7 @@ def test_a_missing_predictor_is_reported_with_its_path(tmp_path):
 def test_predictor_train_command_writes_the_predictor_and_its_metrics(tiny_checkpoint, tmp_path, capsys):
     text = tmp_path / "train.txt"
     text.write_text(suite.heldout_text()[:3000])
-    args = ["predictor", "train", str(tiny_checkpoint), "--out", str(tmp_path / "p"), "--text", str(text),
+    args = ["predictor", "train", str(tiny_checkpoint), "--out", str(tmp_path / "p"), "--train-text", str(text),
             "--rank", "4", "--epochs", "1"]
     assert main(args) == 0
     assert "precision" in capsys.readouterr().out

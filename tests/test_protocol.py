@@ -13,7 +13,7 @@ from flashbench import suite
 from flashbench.harness.adapters import ReferenceSUT
 from flashbench.harness.agreement import APPROXIMATE, LOGIT_ULPS, logit_bound
 from flashbench.harness.validate import load_cases, validate
-from flashbench.reference.tokenizer import BOS
+from flashbench.suite.models.byte_tokenizer import BOS
 
 PROTOCOL = (suite.SUITE_DIR / "conformance" / "PROTOCOL.md").read_text()
 EXAMPLE = suite.SUITE_DIR / "conformance" / "example_sut.py"

@@ -13,7 +13,7 @@ from flashbench.reference.activations import activation_counts, ever_active
 from flashbench.reference.flash import FlashEngine, Techniques
 from flashbench.reference.layout import FlashLayout, LayoutError, convert, decode_records, ffn_file
 from flashbench.reference.reader import FlashReader
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.suite.models.byte_tokenizer import BOS, encode
 from tests.exactness import within_exact_bound
 
 TOKENS = encode(suite.heldout_text())[:96]

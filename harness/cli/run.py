@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="the main job: probe, technique matrix, report",
                        description="Run a scenario (default: the embedded models through the whole technique "
                        "matrix, beside the storage probe) and write reports/<run-id>/: records and the report.")
-    p.add_argument("--scenario", default="default", help="scenario name in suite/scenarios/ or a TOML path "
-                   "(default: default)")
+    p.add_argument("--scenario", default=None, help="scenario name in suite/scenarios/ or a TOML path "
+                   "(default: default; with --model: model)")
+    p.add_argument("--model", help="measure this checkpoint folder (yours: config.json, safetensors, tokenizer "
+                   "files) with the scenario's first [[models]] table instead of the scenario's models")
+    p.add_argument("--text", help="with --model: the held-out text file (agreement, perplexity, timed tokens)")
+    p.add_argument("--train-text", help="with --model: the text to count hot and dead neurons and train a "
+                   "predictor on (default: the embedded models' training plays)")
+    p.add_argument("--source", choices=("predictor", "oracle"), help="with --model: what stands for the predictor "
+                   "technique (default: the model's predictor, trained first if there is none)")
     p.add_argument("--reports", default=str(REPO_ROOT / "reports"), help="reports folder (default: reports/)")
     p.add_argument("--run-id", default=None, help="name of the run's folder (default: a timestamp)")
     p.add_argument("--work", default=str(REPO_ROOT / ".work"), help="where flash layouts and the probe file go "
@@ -32,9 +40,15 @@ def cmd_run(args) -> int:
     meant to be exact disagrees with dense inference (a lossy one outside its tolerance is a finding, reported)."""
     from ..main_job import run_scenario
     from ..report import write_report
-    from ..scenario import load
+    from ..scenario import for_model, load
 
-    scenario = load(args.scenario)
+    scenario = load(args.scenario or ("model" if args.model else "default"))
+    if args.model:
+        scenario = for_model(scenario, args.model, heldout_text=args.text, train_text=args.train_text,
+                             source=args.source)
+    elif args.text or args.train_text or args.source:
+        raise UsageError("--text, --train-text and --source go with --model; a scenario names its texts in its "
+                         "[[models]] tables (heldout_text, train_text, source)")
     if args.resume and not args.run_id:
         raise UsageError("--resume needs the --run-id of the interrupted run")
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
@@ -57,8 +71,10 @@ def cmd_run(args) -> int:
         index = run_scenario(scenario, out_dir, Path(args.work), fresh_probe=args.fresh_probe, resume=args.resume,
                              sut=sut)
     except KeyboardInterrupt:
+        given = [f"--{key.replace('_', '-')} {shlex.quote(value)}" for key in ("scenario", "model", "text",
+                 "train_text", "source") if (value := getattr(args, key))]
         print(f"\ninterrupted: the records finished so far are whole in {out_dir / 'records'}; finish the run "
-              f"with: flashbench run --scenario {args.scenario} --run-id {run_id} --resume", file=sys.stderr)
+              f"with: flashbench run {' '.join(given + ['--run-id', run_id])} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     for path in write_report(out_dir):
         print(f"wrote {path}")

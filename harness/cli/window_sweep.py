@@ -6,10 +6,10 @@ from pathlib import Path
 
 from flashbench import suite
 from flashbench.reference.layout import DTYPES, LAYOUTS
-from flashbench.reference.tokenizer import encode
 
 from ..records import REPO_ROOT, provenance, write_json_atomic
-from .common import EXIT_OK, add_pruning_args, pruning_from_args
+from ..texts import heldout_text
+from .common import EXIT_OK, add_pruning_args, add_text_arg, load_tokenizer, pruning_from_args
 
 
 def add_parser(sub) -> None:
@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--work", default=str(REPO_ROOT / ".work"), help="where the flash directory is made (not tmpfs)")
     p.add_argument("--json", help="also write the points as JSON to this path")
     add_pruning_args(p)
+    add_text_arg(p)
     p.set_defaults(func=cmd_window_sweep)
 
 
@@ -44,7 +45,8 @@ def cmd_window_sweep(args) -> int:
     predictor_path = Path(args.predictor) if args.predictor else path / "predictor"
     Predictor.load(predictor_path)  # fail early, with the path, if it is missing
     windows = list(range(args.max_window + 1))
-    tokens = encode(suite.heldout_text())[: args.tokens]
+    text = heldout_text(args.text)
+    tokens = load_tokenizer(path).encode(text.text)[: args.tokens]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="window-sweep-", dir=work))
@@ -62,6 +64,6 @@ def cmd_window_sweep(args) -> int:
     if args.json:
         write_json_atomic(Path(args.json), {"model": str(path), "layout": args.layout,
                                             "storage_dtype": args.storage_dtype, "source": "predictor",
-                                            "tokens": len(tokens), "pruning": pruning, **provenance(),
-                                            "points": [vars(p) for p in points]})
+                                            "text": text.label, "tokens": len(tokens), "pruning": pruning,
+                                            **provenance(), "points": [vars(p) for p in points]})
     return EXIT_OK

@@ -8,7 +8,7 @@ import torch
 from flashbench import suite
 from flashbench.reference.flash import FlashEngine, Techniques
 from flashbench.reference.predictor import Predictor
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.suite.models.byte_tokenizer import BOS, encode
 
 TECHNIQUES = Techniques(source="predictor", window=5, threads=16)
 

@@ -19,7 +19,7 @@ from flashbench import suite
 from flashbench.harness.records import write_json_atomic
 from flashbench.reference import Transformer
 from flashbench.reference.activations import recorded_activations
-from flashbench.reference.tokenizer import BOS, encode
+from flashbench.suite.models.byte_tokenizer import BOS, encode
 
 from .corpus import HELDOUT_PLAYS, VALIDATION_PLAYS
 
@@ -74,7 +74,7 @@ enough to ship, real enough that its active sets, predictors and windows behave 
 | context | {c["max_positions"]} positions |
 | parameters | {card["parameters"]:,} |
 | stored as | {card["dtype"]} safetensors, {card["bytes"] / 2**20:.1f} MiB |
-| tokenizer | bytes 0-255, then 256 `<pad>`, 257 `<bos>`, 258 `<eos>` (`flashbench.reference.tokenizer`) |
+| tokenizer | `tokenizer.json`: bytes 0-255, then 256 `<pad>`, 257 `<bos>`, 258 `<eos>` (`flashbench.suite.models.byte_tokenizer`) |
 
 ## Data
 

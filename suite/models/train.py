@@ -28,7 +28,8 @@ from flashbench.reference.activations import recorded_activations
 from flashbench.reference.checkpoint import save_checkpoint
 from flashbench.reference.config import ModelConfig
 from flashbench.reference.model import Transformer
-from flashbench.reference.tokenizer import BOS, EOS, PAD, VOCAB_SIZE
+from flashbench.suite.models import byte_tokenizer
+from flashbench.suite.models.byte_tokenizer import BOS, EOS, PAD, VOCAB_SIZE
 
 
 @dataclass
@@ -159,7 +160,8 @@ def train(cfg: TrainConfig) -> dict:
                   f"active {' '.join(f'{a:.3f}' for a in active)}", flush=True)
             if val < best["val_loss"]:
                 best = entry
-                save_checkpoint(out, model.config, model.state_dict(), dtype=getattr(torch, cfg.save_dtype))
+                save_checkpoint(out, model.config, model.state_dict(), dtype=getattr(torch, cfg.save_dtype),
+                                tokenizer=byte_tokenizer.write)
         if last:
             stopped_early = step < cfg.steps - 1
             break

@@ -1,0 +1,107 @@
+"""`flashbench run --model PATH [--text FILE]`: a user's checkpoint, with its own tokenizer and text, through the
+matrix, records and report as the embedded models go; a SiLU one with its sparse configurations not applicable."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flashbench import suite
+from flashbench.harness.cli import main
+from tests.exactness import within_exact_bound
+from tests.families import write_family_checkpoint
+
+from .tiny import scenario
+
+TECHNIQUES = 'techniques = ["hybrid", "predictor", "quantization"]\npeers = []\npredictor_tokens = 4096'
+
+
+@pytest.fixture
+def run(monkeypatch, tmp_path):
+    """`flashbench run --model` with a small scenario: (exit code, the run folder)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "s.toml").write_text(scenario("model", tokens=12, engine='storage_dtype = "checkpoint"',
+                                              model=TECHNIQUES))
+
+    def go(*args: str, run_id: str = "r"):
+        code = main(["run", "--scenario", str(tmp_path / "s.toml"), "--reports", str(tmp_path / "reports"),
+                     "--run-id", run_id, "--work", str(tmp_path / "work"), *args])
+        return code, tmp_path / "reports" / run_id
+
+    return go
+
+
+def records(run_dir: Path) -> dict[str, dict]:
+    index = json.loads((run_dir / "run.json").read_text())
+    recs = [json.loads((run_dir / "records" / rel).read_text()) for rel in index["records"]]
+    return {r.get("configuration", r["kind"]): r for r in recs}
+
+
+@pytest.fixture(scope="module")
+def bpe_opt(tmp_path_factory):
+    return write_family_checkpoint("opt", tmp_path_factory.mktemp("bpe-opt") / "ckpt")
+
+
+def test_a_users_checkpoint_runs_end_to_end_on_its_tokenizer_and_text_training_its_predictor_once(
+        run, bpe_opt, tmp_path, capsys):
+    text = tmp_path / "mine.txt"
+    text.write_text(suite.heldout_text()[20000:30000])
+    code, run_dir = run("--model", str(bpe_opt), "--text", str(text), "--train-text", str(text))
+    assert code == 0
+    recs = records(run_dir)
+    model = recs["model"]
+    assert model["texts"]["heldout"]["text"] == str(text) and model["texts"]["train"]["text"] == str(text)
+    assert 0 < model["texts"]["heldout"]["tokens"] < len(text.read_text())  # BPE: fewer tokens than characters
+    assert "tokenizer.json (512 tokens" in model["tokenizer"]
+    assert recs["naive"]["agreement"]["passed"], "stored as the checkpoint is, naive reads are exact"
+    assert {r["status"] for r in recs.values() if r["kind"] == "configuration"} == {"measured"}
+    assert f"held-out text {text}" in (run_dir / "report.md").read_text()
+    assert "training one per layer" in capsys.readouterr().out
+    assert run("--model", str(bpe_opt), "--text", str(text), "--train-text", str(text), run_id="again")[0] == 0
+    assert "training one per layer" not in capsys.readouterr().out, "the trained predictor is cached"
+
+
+def test_a_silu_checkpoints_sparse_configurations_are_recorded_not_applicable_with_the_reason(run, silu_checkpoint):
+    code, run_dir = run("--model", str(silu_checkpoint))
+    assert code == 0
+    recs = records(run_dir)
+    assert recs["naive"]["status"] == "measured" and recs["naive"]["agreement"]["passed"]
+    assert recs["quantization"]["status"] == "measured"
+    for name in ("hybrid", "predictor", "hybrid+predictor"):
+        assert recs[name]["status"] == "not-applicable"
+        assert "silu FFN: no activation is exactly zero" in recs[name]["error"]
+
+
+@pytest.mark.parametrize("content, problem", [(b"", "empty"), (b"\xff\xfe bad", "not UTF-8 text")])
+def test_a_bad_text_file_exits_2_naming_it_and_leaves_no_run(run, bpe_opt, tmp_path, capsys, content, problem):
+    text = tmp_path / "bad.txt"
+    text.write_bytes(content)
+    code, run_dir = run("--model", str(bpe_opt), "--text", str(text))
+    assert code == 2 and f"{text}: {problem}" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_text_options_without_a_model_are_refused(run, tmp_path, capsys):
+    assert run("--text", str(tmp_path / "t.txt"))[0] == 2
+    assert "--text, --train-text and --source go with --model" in capsys.readouterr().err
+
+
+@pytest.mark.exactness
+def test_a_streamed_dense_model_is_the_dense_model(tiny_checkpoint, tmp_path):
+    """dense = "streamed" (automatic where the weights would not fit): the reference, the activation counts and a
+    predictor's training run on the naive flash engine, layer by layer, and give dense inference's results."""
+    import numpy as np
+    import torch
+
+    from flashbench.harness.main_job import checkpoint_model
+    from flashbench.harness.scenario import ModelSpec
+
+    def prepare(dense: str):
+        spec = ModelSpec(name=str(tiny_checkpoint), tokens=24, greedy_prompt=8, greedy_tokens=8,
+                         counts_tokens=2048, source="oracle", dense=dense)
+        return checkpoint_model(spec, tmp_path / dense, progress=lambda _: None)
+
+    (memory, _), (streamed, info) = prepare("memory"), prepare("streamed")
+    assert info["dense"]["streamed"].startswith("streamed: the naive flash engine over the unbundled-float32 layout")
+    assert within_exact_bound(streamed.reference.logits, memory.reference.logits)
+    assert np.abs(streamed.neuron_counts - memory.neuron_counts).sum() <= 1e-3 * memory.neuron_counts.sum()
