@@ -290,6 +290,11 @@ def whole_records(records_dir: Path, scenario: Scenario) -> dict[str, dict]:
             if rec.get("schema") != SCHEMA or rec.get("scenario", {}).get("raw") != scenario.raw:
                 raise RecordError(f"{path}: a record of another scenario or schema: resume with the scenario the "
                                  f"run started with ({rec.get('scenario', {}).get('path')})")
+            computed = rec.get("settings", {}).get("compute_dtype", scenario.settings.compute_dtype)
+            if computed != scenario.settings.compute_dtype:
+                raise RecordError(f"{path}: computed in {computed}, and compute_dtype \"auto\" chose "
+                                  f"{scenario.settings.compute_dtype} for this run: resuming would mix two precisions "
+                                  "in one run; start a new run instead")
             if rec.get("git", {}).get("commit") != commit:
                 raise RecordError(f"{path}: measured at commit {rec.get('git', {}).get('commit')}, this checkout is "
                                  f"at {commit}: resuming would mix two versions of the code in one run; start a "
@@ -348,7 +353,8 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
     where = storage_of(work)
     storage = asdict(where) | {"in_memory": where.in_memory, "directory": portable_path(work.resolve())}
     header = {"schema": SCHEMA, "run_id": out_dir.name,
-              "scenario": {"name": scenario.name, "path": portable_path(scenario.path), "raw": scenario.raw},
+              "scenario": {"name": scenario.name, "path": portable_path(scenario.path), "raw": scenario.raw,
+                           "compute": scenario.compute},
               "machine": machine_info() | {"storage": storage}, "versions": versions(), "git": git_commit()}
     records_dir = out_dir / "records"
     written: list[str] = []

@@ -205,7 +205,8 @@ def _header(index: dict, probe: dict | None) -> list:
     blocks = [
         Heading(1, f"flashbench report: {index['run_id']}"),
         Para(f"Scenario {sc['name']} ({sc['path']}), {index['seconds']:.0f} s. "
-             f"Commit {g.get('commit') or 'unknown'}{' (with uncommitted changes)' if g.get('dirty') else ''}."),
+             f"Commit {g.get('commit') or 'unknown'}{' (with uncommitted changes)' if g.get('dirty') else ''}."
+             + (f" Compute dtype \"auto\": {sc['compute']['why']}." if sc.get("compute") else "")),
         Table(["machine", ""], [
             ["CPU", f"{m['cpu']} ({m['cores']} cores)"], ["RAM", _bytes(m["ram_bytes"])],
             ["kernel", m["kernel"]], ["storage", f"{storage.get('device', '?')} ({storage.get('filesystem', '?')}, "
@@ -472,8 +473,8 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
                         + _texts(d)
                         + f"Activation source for the predictor technique: {d.get('activation_source') or 'none'}. "
                         f"Settings: {json.dumps(recs[0]['settings'])}. "
-                        + (f"Dense inference (all weights in DRAM) on the same tokens: "
-                           f"{d['dense']['tokens_per_s']:.3g} tokens/s. " if d.get("dense") else "")
+                        + (f"Dense inference ({d['dense'].get('streamed') or 'all weights in DRAM'}) on the same "
+                           f"tokens: {d['dense']['tokens_per_s']:.3g} tokens/s. " if d.get("dense") else "")
                         + _budget(recs, peers.get(model, [])) + _prerequisites(recs))]
         blocks += _techniques_table(d.get("techniques"))
         blocks += _table2(model, by) + _table3(model, by, _all_name(recs))

@@ -8,7 +8,8 @@
     threads = 16          # reader threads
     storage_dtype = "float16"  # how FFN weights are stored where quantization is off (int8 where it is on);
                                # "checkpoint": as the models' checkpoints store them (so naive reads are exact)
-    compute_dtype = "float32"  # precision of the engine and its dense reference ("float16": the paper's 16-bit)
+    compute_dtype = "float32"  # precision of the engine and its dense reference ("float16": the paper's 16-bit;
+                               # "auto": the 16-bit dtype this CPU multiplies fastest, measured when it loads)
     gap_bytes = 0         # merge reads this close (sparse configurations)
     whole_gap_bytes = 1048576  # ... and in configurations that need every non-resident neuron
     [engine.approximate]  # optional: limits of the approximate tier to replace (max_mean_kl, min_top1_agreement,
@@ -54,6 +55,7 @@ from flashbench.reference.config import ModelConfig
 from flashbench.reference.errors import FlashbenchError
 
 from .agreement import approximate_tier
+from .compute import measure_rates
 from .matrix import Settings, technique_names
 from .peers import PEERS
 from .probe import KIB, ProbeGrid
@@ -124,6 +126,7 @@ class Scenario:
     models: tuple[ModelSpec, ...]
     raw: dict = field(default_factory=dict)  # the file as read, for the records
     fresh_probe: bool = False  # measure the probe in every run: fio fractions become same-run ratios
+    compute: dict | None = None  # compute_dtype = "auto": the rates measured and the dtype they chose
 
 
 def scenario_path(name_or_path: str) -> Path:
@@ -163,7 +166,7 @@ def load(name_or_path: str) -> Scenario:
         raise ScenarioError(f"{path}: unknown key(s) {sorted(extra)}")
     where = f"{path} [engine]"
     models_named = [m.get("name") for m in raw.get("models", []) if isinstance(m, dict)]
-    settings = _settings(raw.get("engine", {}), where, models_named)
+    settings, compute = _settings(raw.get("engine", {}), where, models_named)
     probe_table = dict(raw.get("probe", {}))
     fresh_probe = probe_table.pop("fresh", False)
     if not isinstance(fresh_probe, bool):
@@ -192,7 +195,7 @@ def load(name_or_path: str) -> Scenario:
         if set(m.peers) - set(PEERS):
             raise ScenarioError(f"{path}: model {m.name!r}: unknown peers {sorted(set(m.peers) - set(PEERS))}")
     return Scenario(raw.get("name", path.stem), raw.get("description", ""), str(path), settings, probe, models, raw,
-                    fresh_probe)
+                    fresh_probe, compute)
 
 
 def for_model(scenario: Scenario, checkpoint: str, **given: str | None) -> Scenario:
@@ -212,8 +215,9 @@ def for_model(scenario: Scenario, checkpoint: str, **given: str | None) -> Scena
     where = f"{scenario.path} [[models]] #1 for --model {checkpoint}"
     model = _build(ModelSpec, table, where, techniques=tuple, peers=tuple)
     _check_texts((model,))
-    settings = _settings(scenario.raw.get("engine", {}), f"{scenario.path} [engine]", [table["name"]])
-    return replace(scenario, settings=settings, models=(model,), raw=scenario.raw | {"models": [table]})
+    settings, compute = _settings(scenario.raw.get("engine", {}), f"{scenario.path} [engine]", [table["name"]])
+    return replace(scenario, settings=settings, models=(model,), raw=scenario.raw | {"models": [table]},
+                   compute=compute)
 
 
 def _check_texts(models) -> None:
@@ -224,21 +228,38 @@ def _check_texts(models) -> None:
                 read_text(text)
 
 
-def _settings(engine: dict, where: str, models: list) -> Settings:
-    """The [engine] table; storage_dtype = "checkpoint" becomes the dtype the models store their FFN weights in (so
-    the layouts hold them exactly), which must then be one dtype for all of them."""
-    engine = dict(engine)
+def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | None]:
+    """The [engine] table, and what compute_dtype = "auto" measured. storage_dtype = "checkpoint" becomes the dtype
+    the models store their FFN weights in (so the layouts hold them exactly), which must then be one dtype for all
+    of them; compute_dtype = "auto" the 16-bit dtype this CPU multiplies fastest at the largest model's FFN shape
+    (harness/compute.py)."""
+    engine, compute = dict(engine), None
+    names = [name for name in models if isinstance(name, str)]
     if engine.get("storage_dtype") == "checkpoint":
-        dtypes = {str(name): _stored_dtype(name) for name in models if isinstance(name, str)}
+        dtypes = {name: _stored_dtype(name) for name in names}
         if len(set(dtypes.values())) != 1:
             raise ScenarioError(f"{where}: storage_dtype = \"checkpoint\" needs models stored in one dtype; "
                                 f"they store theirs as {dtypes}")
         engine["storage_dtype"] = dtypes.popitem()[1]
-    return _build(Settings, engine, where, approximate=lambda v: approximate_tier(v, where))
+    if engine.get("compute_dtype") == "auto" and names:
+        shape = max(((c.d_ffn, c.d_model) for c in map(_model_config, names)), key=lambda s: s[0] * s[1])
+        compute = measure_rates(shape).as_dict()
+        engine["compute_dtype"] = compute["chosen"]
+    return _build(Settings, engine, where, approximate=lambda v: approximate_tier(v, where)), compute
+
+
+def _model_config(name: str) -> ModelConfig:
+    if name.startswith("synthetic:"):
+        from flashbench.suite.synthetic import shape_config
+
+        try:
+            return shape_config(name.removeprefix("synthetic:"))
+        except FlashbenchError as e:
+            raise ScenarioError(str(e)) from e
+    return ModelConfig.load(suite.model_path(name))
 
 
 def _stored_dtype(name: str) -> str:
     if name.startswith("synthetic:"):
         return "float16"  # written so by `write_synthetic`
-    path = suite.model_path(name)
-    return stored_dtype(path, ModelConfig.load(path))
+    return stored_dtype(suite.model_path(name), _model_config(name))

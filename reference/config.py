@@ -90,8 +90,8 @@ class ModelConfig:
         """Sparse reads need a ReLU FFN: a SiLU FFN's neurons are all active, each a little."""
         if not self.sparse:
             raise CheckpointError(f"{where}: activation {self.activation!r} is dense (no neuron's output is exactly "
-                                  "zero): only the naive configuration, which reads every neuron, applies; sparse "
-                                  "reads need a ReLU FFN")
+                                  "zero): what relies on exact zeros (sparse reads, activation counts, predictors, "
+                                  "pruning) needs a ReLU FFN; naive reads and quantization apply")
 
     # ---- Hugging Face config.json ------------------------------------------------------------
 

@@ -34,8 +34,14 @@ def test_the_naive_flash_engine_reproduces_dense_inference_of_a_silu_model(silu_
 @pytest.mark.parametrize("techniques", [Techniques(source="oracle"), Techniques(source="all", hybrid=0.25)])
 def test_sparse_reads_refuse_a_silu_model_saying_why(silu_checkpoint, tmp_path, techniques):
     flash = convert(silu_checkpoint, tmp_path / "flash", "bundled", "float32")
-    with pytest.raises(CheckpointError, match="activation 'silu' is dense .* only the naive configuration"):
+    with pytest.raises(CheckpointError, match="activation 'silu' is dense .* needs a ReLU FFN; naive reads"):
         FlashEngine(flash, techniques, neuron_counts=torch.ones(2, 192, dtype=torch.int64).numpy())
+
+
+@pytest.mark.parametrize("command", [["predictor", "train"], ["model", "counts"]])
+def test_what_counts_exact_zeros_refuses_a_silu_checkpoint_with_exit_2(silu_checkpoint, command, capsys):
+    assert main([*command, str(silu_checkpoint)]) == 2
+    assert "activation 'silu' is dense" in capsys.readouterr().err
 
 
 def test_generate_and_check_dense_run_on_a_silu_checkpoint(silu_checkpoint, capsys):

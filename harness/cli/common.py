@@ -52,6 +52,7 @@ def pruning_from_args(checkpoint: Path, args) -> tuple[list[np.ndarray] | None, 
     if not args.prune_dead:
         return None, None
     _, model, tokenizer = load_model(str(checkpoint))
+    model.config.require_relu(f"{checkpoint}: --prune-dead")
     text = training_text(args.train_text)
     ids = text.tokens(tokenizer, args.prune_tokens)
     print(f"finding dead neurons: {len(ids):,} tokens of {text.label}")

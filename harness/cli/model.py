@@ -82,6 +82,7 @@ def cmd_model_counts(args) -> int:
     from ..texts import training_text
 
     path, model, tokenizer = load_model(args.model)
+    model.config.require_relu(f"{path}: activation counts")
     text = training_text(args.train_text)
     train = text.tokens(tokenizer, args.tokens)
     out = Path(args.out) if args.out else path / COUNTS_FILE

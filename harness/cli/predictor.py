@@ -34,6 +34,7 @@ def cmd_predictor_train(args) -> int:
     from flashbench.reference.predictor import train_predictor
 
     path, model, tokenizer = load_model(args.model)
+    model.config.require_relu(f"{path}: predictor training")
     train_tokens = training_text(args.train_text).tokens(tokenizer, args.tokens)
     heldout = heldout_text(args.text).tokens(tokenizer)
     out = Path(args.out) if args.out else path / "predictor"

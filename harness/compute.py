@@ -1,0 +1,78 @@
+"""The machine's compute rate per dtype, and `compute_dtype = "auto"`: the 16-bit type this CPU multiplies fastest.
+
+A decode step is matrix-vector products over weights, so the rate that matters is weight bytes per second of one
+`torch.mv` at the model's FFN shape, with the engine's threads. It depends on the CPU as much as on the dtype: on
+an Intel Xeon with AMX and avx512_bf16, bfloat16 ran 4.5x faster than float16 (torch 2.13, 2 threads, 16384x4096);
+elsewhere float16 may be the faster. "auto" measures both here and takes the faster; exactness is then judged
+against dense inference in that dtype, as for any compute dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from flashbench.reference.flash import COMPUTE_DTYPES
+
+HALF = ("float16", "bfloat16")
+FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "f16c")  # what decides the 16-bit kernels' speed
+SECONDS = 0.15  # per dtype, after a warm-up product
+
+
+@dataclass(frozen=True)
+class ComputeRates:
+    shape: tuple[int, int]  # [rows, columns] of the matrix multiplied: one FFN projection
+    threads: int
+    gb_per_s: dict[str, float]  # dtype -> matrix bytes multiplied per second
+    cpu_flags: tuple[str, ...]  # those of FLAGS the CPU has
+
+    def fastest_half(self) -> str:
+        return max(HALF, key=lambda d: self.gb_per_s[d])
+
+    def why(self) -> str:
+        """The choice, with the rates it came from."""
+        rates = ", ".join(f"{d} {self.gb_per_s[d]:.1f} GB/s" for d in COMPUTE_DTYPES)
+        flags = ", ".join(self.cpu_flags) or "none of " + ", ".join(FLAGS)
+        return (f"{self.fastest_half()}: the faster 16-bit matrix-vector product here ({rates}; one "
+                f"{self.shape[0]}x{self.shape[1]} matrix, {self.threads} threads; CPU flags: {flags})")
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"chosen": self.fastest_half(), "why": self.why()}
+
+
+def cpu_flags() -> tuple[str, ...]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return tuple(f for f in FLAGS if f in have)
+
+
+@torch.inference_mode()
+def measure_rates(shape: tuple[int, int], threads: int | None = None) -> ComputeRates:
+    """Weight bytes per second of `torch.mv` on a [rows, columns] matrix, in every compute dtype."""
+    threads = threads or torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(shape, generator=g)
+        x32 = torch.randn(shape[1], generator=g)
+        rates = {}
+        for name, dtype in COMPUTE_DTYPES.items():
+            w, x = base.to(dtype), x32.to(dtype)
+            torch.mv(w, x)  # warm-up: the first call picks and loads the kernel
+            n, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < SECONDS:
+                torch.mv(w, x)
+                n += 1
+            rates[name] = w.nbytes * n / elapsed / 1e9
+            del w
+    finally:
+        torch.set_num_threads(before)
+    return ComputeRates(tuple(shape), threads, rates, cpu_flags())
