@@ -57,6 +57,8 @@ METRICS = {m.name: m for m in (
     Metric("speedup_over_naive", RATIO, True, "speedup over naive", _speedup),
     Metric("fio_fraction", RATIO, True, "fraction of fio",
            lambda rec, naive: (rec.get("fio_reference") or {}).get("ratio")),
+    Metric("bound_ratio", RATIO, False, "latency / machine bound",
+           lambda rec, naive: (rec.get("bound") or {}).get("ratio")),
     Metric("tokens_per_s", TIME, True, "tokens/s", lambda rec, naive: rec["metrics"]["tokens_per_s"]),
 )}
 VERDICTS = "verdicts"
@@ -76,7 +78,8 @@ class Rule:
         kind = METRICS[self.metric].kind
         if kind == COUNTER:
             return f"{self.metric}: must not grow" + (f" by more than {self.tolerance:.0%}" if self.tolerance else "")
-        return f"{self.metric}: may fall by at most {self.tolerance:.0%}"
+        worse = "fall" if METRICS[self.metric].higher_is_better else "grow"
+        return f"{self.metric}: may {worse} by at most {self.tolerance:.0%}"
 
 
 def parse_rules(text: str) -> list[Rule]:
@@ -225,9 +228,12 @@ def _counter_gate(rule: Rule, key: str, base: float | None, cand: float | None) 
 
 
 def _timed_gate(rule: Rule, model: str, configurations: list[str], base: float, cand: float) -> str | None:
-    if cand < base * (1 - rule.tolerance):
-        return (f"{model}: {rule.metric} (geometric mean over {len(configurations)} configurations) fell from "
-                f"{base:.3g} to {cand:.3g} ({cand / base - 1:+.1%}; {rule})")
+    higher_is_better = METRICS[rule.metric].higher_is_better
+    worse = cand < base * (1 - rule.tolerance) if higher_is_better else cand > base * (1 + rule.tolerance)
+    if worse:
+        return (f"{model}: {rule.metric} (geometric mean over {len(configurations)} configurations) "
+                f"{'fell' if higher_is_better else 'grew'} from {base:.3g} to {cand:.3g} ({cand / base - 1:+.1%}; "
+                f"{rule})")
     return None
 
 
@@ -253,7 +259,7 @@ def compare(base: RunRecords, cand: RunRecords, rules: list[Rule]) -> Comparison
     if timed and not same:
         raise CompareError(f"--fail-on {', '.join(timed)}: a raw time, and the runs come from different machines "
                            f"({describe_machine(base.index)} / {describe_machine(cand.index)}); gate the same-run "
-                           "ratios (speedup_over_naive, fio_fraction) instead")
+                           "ratios (speedup_over_naive, fio_fraction, bound_ratio) instead")
     out = Comparison(str(base.path), str(cand.path), same, [str(r) for r in rules])
     for (model, name), b in base.configurations.items():
         key = f"{model}/{name}"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from flashbench.reference.config import ModelConfig
 from flashbench.reference.flash import COMPUTE_DTYPES
 
 HALF = ("float16", "bfloat16")
@@ -76,3 +77,29 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None) -> Compute
     finally:
         torch.set_num_threads(before)
     return ComputeRates(tuple(shape), threads, rates, cpu_flags())
+
+
+def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: str, config: ModelConfig) -> dict | None:
+    """The machine's bound on one decode step of a configuration, from its own exact counters: the bytes it reads per
+    token at fio's bandwidth for its mean read size and parallelism, plus the weight bytes it multiplies per token
+    (attention projections, LM head, and the FFN rows of the neurons in its products) at this CPU's matrix-vector
+    rate in its compute dtype. The engine reads and then computes, one after the other, so the bound is the sum;
+    the ratio of the measured step (the harness's clock) to it says how far the configuration is from what this
+    machine could do. None where the engine reports no product counter, or it reads but the probe has no point."""
+    per_token = metrics.get("per_token", {})
+    if "neurons_multiplied" not in per_token or "harness_ms" not in metrics:
+        return None
+    read = per_token.get("bytes_read") or 0.0
+    if read and not (fio and fio.get("bandwidth_bytes_s")):
+        return None
+    d, kv = config.d_model, config.n_kv_heads * config.head_dim
+    resident = config.n_layers * (2 * d * d + 2 * kv * d) + config.vocab_size * d  # elements every token multiplies
+    ffn = per_token["neurons_multiplied"] * (3 if config.gated else 2) * d
+    multiplied = (resident + ffn) * COMPUTE_DTYPES[dtype].itemsize
+    io_ms = read / fio["bandwidth_bytes_s"] * 1e3 if read else 0.0
+    compute_ms = multiplied / (rates.gb_per_s[dtype] * 1e9) * 1e3
+    measured = metrics["harness_ms"]["mean"]
+    return {"io_ms": io_ms, "compute_ms": compute_ms, "ms": io_ms + compute_ms, "measured_ms": measured,
+            "ratio": measured / (io_ms + compute_ms), "bytes_multiplied": multiplied,
+            "mv_bytes_s": rates.gb_per_s[dtype] * 1e9, "fio_bytes_s": fio["bandwidth_bytes_s"] if read else None,
+            "sequential": "reads, then compute (no overlap in this engine)"}

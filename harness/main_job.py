@@ -43,6 +43,7 @@ from flashbench.reference.tokenizer import Tokenizer
 
 from .agreement import dense_reference, heldout_sequences
 from .adapters import EngineSUT
+from .compute import measure_rates
 from .matrix import LayoutSpec, describe, effective, matrix, ordered, technique_names
 from .measure import ModelUnderTest, measure
 from .peers import measure_peer
@@ -411,6 +412,11 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
         progress(f"[model {i}/{len(scenario.models)}] {spec.name}")
         prepare = synthetic_model if spec.name.startswith("synthetic:") else checkpoint_model
         model, info = prepare(spec, work, progress, COMPUTE_DTYPES[scenario.settings.compute_dtype])
+        config = ModelConfig.load(model.checkpoint)
+        model = replace(model, rates=measure_rates((config.d_ffn, config.d_model)))
+        rates = ", ".join(f"{d} {r:.1f} GB/s" for d, r in model.rates.gb_per_s.items())
+        progress(f"  matrix-vector rates at {config.d_ffn}x{config.d_model} (the compute bound's): {rates}")
+        info = info | {"compute_rates": model.rates.as_dict()}
         budget = int(spec.dram_budget * sum(f.stat().st_size for f in weight_files(model.checkpoint)))
         if spec.engine_within_budget:
             progress(f"  the engine within the DRAM budget: {budget:,} bytes ({spec.dram_budget:.0%} of the "

@@ -18,11 +18,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from flashbench.reference.config import ModelConfig
 from flashbench.reference.flash import BudgetError, TokenStats
 from flashbench.reference.layout import FlashLayout, LayoutError, checkpoint_hash, convert
 from flashbench.reference.sources import ActivationSource
 
 from .agreement import DenseReference, greedy, judge
+from .compute import ComputeRates, latency_bound
 from .matrix import Configuration, LayoutSpec, Settings, ordered
 from .probe import Probe
 from .stats import spread
@@ -44,6 +46,7 @@ class ModelUnderTest:
     reference: DenseReference | None = None
     no_reference: str | None = None  # why there is no agreement check
     no_sparsity: str | None = None  # why configurations relying on the FFN's exact zeros do not apply (SiLU)
+    rates: ComputeRates | None = None  # this CPU's matrix-vector rates at the model's FFN shape: the compute bound
     kept: list[np.ndarray] | None = None  # pruning: the neurons each layer keeps
     pruning: dict | None = None
     whole_read_tokens: int | None = None  # fewer tokens for configurations that read every neuron
@@ -110,7 +113,8 @@ def token_metrics(steps: list[TokenStats]) -> dict:
                "predictor": ms(lambda s: s.predictor_s), "compute": ms(lambda s: s.compute_s),
                "total": ms(lambda s: s.total_s)},
         "per_token": {"bytes_read": bytes_read / n, "bytes_requested": sum(s.io.bytes_requested for s in steps) / n,
-                      "reads": reads / n, "neurons": sum(s.io.records for s in steps) / n},
+                      "reads": reads / n, "neurons": sum(s.io.records for s in steps) / n,
+                      "neurons_multiplied": sum(s.multiplied for s in steps) / n},
         "totals": {"bytes_read": bytes_read, "reads": reads, "neurons": sum(s.io.records for s in steps)},
         "read_bandwidth_bytes_s": bytes_read / io_s if io_s else None,
         "mean_read_bytes": bytes_read / reads if reads else None,
@@ -198,11 +202,15 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
     finally:
         raw.close()
     metrics = metrics_of(step_seconds, before, after)
+    fio = fio_reference(metrics, settings.threads, probe) if "mean_read_bytes" in metrics else None
+    bound = (latency_bound(metrics, fio, model.rates, settings.compute_dtype, ModelConfig.load(model.checkpoint))
+             if model.rates is not None else None)
     return record | {
         "status": "measured",
         "engine": after.get("engine"), "layout": after.get("layout"),
         "metrics": metrics,
-        "fio_reference": fio_reference(metrics, settings.threads, probe) if "mean_read_bytes" in metrics else None,
+        "fio_reference": fio,
+        "bound": bound,
         "dram": after.get("dram"),
         "sut_reported": {k: v for k, v in after.items() if k not in ("decode_steps", "engine", "layout", "dram")},
         "agreement": verdict if verdict is not None else {"not_applicable": model.no_reference},

@@ -288,6 +288,26 @@ def _table3(model: str, recs: dict[str, dict], all_name: str | None) -> list:
             Table(["configuration", "ours (ms)", "ours speedup", "paper (ms)"], rows)]
 
 
+def _bound_table(recs: list[dict]) -> list:
+    """Each configuration's step against the machine's bound (harness/compute.py): a roofline for flash inference."""
+    bounded = [r for r in recs if r["status"] == "measured" and r.get("bound")]
+    if not bounded:
+        return []
+    rates = bounded[0]["bound"]
+    rows = [[r["configuration"], f"{b['measured_ms']:.2f}", f"{b['io_ms']:.2f}", f"{b['compute_ms']:.2f}",
+             f"{b['ms']:.2f}", f"{b['ratio']:.2f}x"] for r in bounded for b in [r["bound"]]]
+    return [Heading(3, "Latency against the machine's bound"),
+            Para("The bound of a decode step is its bytes read per token at fio's bandwidth for its mean read size "
+                 "and thread count, plus the weight bytes it multiplies per token (attention, LM head, the FFN rows "
+                 "of the neurons in its products) at this CPU's matrix-vector rate in its compute dtype "
+                 f"({rates['mv_bytes_s'] / 1e9:.1f} GB/s, measured at the model's FFN shape in this run): the engine "
+                 "reads, then computes, so the two add. Measured on the harness's clock; the ratio is how far the "
+                 "configuration is from what this machine could do (`flashbench compare --fail-on bound_ratio:10%` "
+                 "gates on it)."),
+            Table(["configuration", "measured ms", "I/O bound ms", "compute bound ms", "bound ms", "measured / bound"],
+                  rows)]
+
+
 def _matrix_table(recs: list[dict]) -> Table:
     naive = _by_name(recs).get("naive")
     rows = []
@@ -477,7 +497,7 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
                            f"tokens: {d['dense']['tokens_per_s']:.3g} tokens/s. " if d.get("dense") else "")
                         + _budget(recs, peers.get(model, [])) + _prerequisites(recs))]
         blocks += _techniques_table(d.get("techniques"))
-        blocks += _table2(model, by) + _table3(model, by, _all_name(recs))
+        blocks += _table2(model, by) + _table3(model, by, _all_name(recs)) + _bound_table(recs)
         blocks += [Heading(3, "Technique matrix"),
                    Para("Per decode step: tokens/s and its ratio to the naive run of this invocation; latency parts, "
                         "mean (p90), in ms; bytes and read operations per token (exact counters); effective read "

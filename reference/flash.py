@@ -91,6 +91,7 @@ class TokenStats:
     predictor_s: float = 0.0
     io: ReadStats = field(default_factory=ReadStats)  # the reader's counters; io.records = neurons loaded
     cached: int = 0  # neurons in DRAM after the pass (hot ones included), all layers
+    multiplied: int = 0  # neurons in the pass's FFN products (their rows multiplied), all layers
     window_shrinks: int = 0
 
     @property
@@ -198,6 +199,7 @@ class FlashFFN(nn.Module):
         self.peak_rows = max(self.peak_rows, self.cache.n)
         cached = self.cache.matrices()
         sh.stats.memory_s += time.perf_counter() - t0
+        sh.stats.multiplied += self.cache.n
 
         out = self._ffn(xs, [cached])
         t0 = time.perf_counter()
@@ -219,6 +221,7 @@ class FlashFFN(nn.Module):
             parts.append(self.cache.matrices())
         self.peak_rows = max(self.peak_rows, self.cache.n)
         self.shared.stats.cached += self.cache.n
+        self.shared.stats.multiplied += len(delta) + self.cache.n
         return self._ffn(xs, parts)
 
     def _evict_before(self, position: int) -> None:
@@ -247,6 +250,7 @@ class FlashFFN(nn.Module):
         t0 = time.perf_counter()
         weights = decode_layer_file(buffer, self.geometry, sh.techniques.torch_dtype)
         sh.stats.memory_s += time.perf_counter() - t0
+        sh.stats.multiplied += len(self.stored)
         return self._ffn(xs, [(weights, self._bias(self.stored))])
 
     def _ffn(self, xs: torch.Tensor, parts: list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]) -> torch.Tensor:

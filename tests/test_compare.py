@@ -90,6 +90,12 @@ def test_a_slower_reader_fails_on_speedup_over_naive(runs, capsys):
     assert "bytes_per_token" not in out.out.split("REGRESSED")[1]  # the same reads, only slower
 
 
+def test_a_slower_reader_is_further_from_the_machines_bound_and_compare_gates_on_it(runs, capsys):
+    code, out = compare(capsys, runs["base"], runs["slow"], "--fail-on", "bound_ratio:50%")
+    assert code == 1
+    assert "shakespeare-opt: bound_ratio (geometric mean over 3 configurations) grew from" in out.out
+
+
 def test_a_more_io_hungry_engine_fails_on_bytes_per_token(runs, capsys):
     code, out = compare(capsys, runs["base"], runs["hungry"], "--fail-on", EASY)
     assert code == 1

@@ -41,3 +41,34 @@ def test_resuming_records_computed_in_another_dtype_than_auto_now_chose_is_refus
         {"schema": SCHEMA, "scenario": {"raw": now.raw}, "settings": {"compute_dtype": "float16"}}))
     with pytest.raises(RecordError, match="computed in float16, and compute_dtype \"auto\" chose bfloat16"):
         whole_records(tmp_path / "records", now)
+
+
+def test_the_bound_adds_the_reads_at_fios_bandwidth_and_the_products_at_the_matrix_vector_rate():
+    from flashbench.harness.compute import latency_bound
+    from flashbench.reference import ModelConfig
+
+    config = ModelConfig(arch="opt", vocab_size=100, d_model=10, n_layers=2, n_heads=2, n_kv_heads=2, d_ffn=40,
+                         max_positions=16)
+    rates = ComputeRates((40, 10), 2, {"float32": 1.0, "float16": 2.0, "bfloat16": 0.5}, ())  # GB/s
+    metrics = {"per_token": {"bytes_read": 2e6, "neurons_multiplied": 50}, "harness_ms": {"mean": 6.0}}
+    bound = latency_bound(metrics, {"bandwidth_bytes_s": 1e9}, rates, "float16", config)
+    multiplied = (2 * (4 * 10 * 10) + 100 * 10 + 50 * 2 * 10) * 2  # attention, LM head, FFN rows; 2 bytes each
+    assert bound["io_ms"] == pytest.approx(2.0) and bound["compute_ms"] == pytest.approx(multiplied / 2e9 * 1e3)
+    assert bound["ratio"] == pytest.approx(6.0 / (2.0 + multiplied / 2e6))
+    assert latency_bound(metrics, None, rates, "float16", config) is None  # it reads, but no probe point to bound
+
+
+def test_the_engine_counts_the_neurons_it_multiplies(tiny_checkpoint, tmp_path):
+    """The compute bound's counter: every stored neuron in a naive pass, the loaded ones without a window."""
+    from flashbench.reference.flash import FlashEngine, Techniques
+    from flashbench.reference.layout import convert
+
+    layout = convert(tiny_checkpoint, tmp_path / "flash", "bundled", "float32")
+    c = layout.config
+    with FlashEngine(layout, Techniques.naive(threads=2)) as naive:
+        naive.prefill([1, 2, 3])
+        assert naive.history[-1].multiplied == c.n_layers * c.d_ffn
+    with FlashEngine(layout, Techniques(source="oracle", threads=2)) as sparse:
+        sparse.prefill([1, 2, 3])
+        step = sparse.history[-1]
+        assert 0 < step.multiplied == step.io.records < c.n_layers * c.d_ffn
