@@ -21,6 +21,7 @@ from flashbench.reference.flash import COMPUTE_DTYPES
 HALF = ("float16", "bfloat16")
 FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "f16c")  # what decides the 16-bit kernels' speed
 SECONDS = 0.15  # per dtype, after a warm-up product
+READ_BYTES = 256 << 20  # the memory-bandwidth read: far past any CPU cache, so it reads DRAM
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ComputeRates:
     threads: int
     gb_per_s: dict[str, float]  # dtype -> matrix bytes multiplied per second
     cpu_flags: tuple[str, ...]  # those of FLAGS the CPU has
+    read_gb_per_s: float | None = None  # memory bandwidth: one pass summing a 256 MiB float32 array
 
     def fastest_half(self) -> str:
         return max(HALF, key=lambda d: self.gb_per_s[d])
@@ -56,7 +58,8 @@ def cpu_flags() -> tuple[str, ...]:
 
 @torch.inference_mode()
 def measure_rates(shape: tuple[int, int], threads: int | None = None) -> ComputeRates:
-    """Weight bytes per second of `torch.mv` on a [rows, columns] matrix, in every compute dtype."""
+    """Weight bytes per second of `torch.mv` on a [rows, columns] matrix, in every compute dtype, and the memory
+    bandwidth of one summing pass over an array larger than any cache (the rate weights could stream at)."""
     threads = threads or torch.get_num_threads()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -74,9 +77,14 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None) -> Compute
                 n += 1
             rates[name] = w.nbytes * n / elapsed / 1e9
             del w
+        array = torch.ones(READ_BYTES // 4)
+        array.sum()
+        t0 = time.perf_counter()
+        array.sum()
+        read = array.nbytes / (time.perf_counter() - t0) / 1e9
     finally:
         torch.set_num_threads(before)
-    return ComputeRates(tuple(shape), threads, rates, cpu_flags())
+    return ComputeRates(tuple(shape), threads, rates, cpu_flags(), read)
 
 
 def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: str, config: ModelConfig) -> dict | None:
@@ -102,4 +110,5 @@ def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: s
     return {"io_ms": io_ms, "compute_ms": compute_ms, "ms": io_ms + compute_ms, "measured_ms": measured,
             "ratio": measured / (io_ms + compute_ms), "bytes_multiplied": multiplied,
             "mv_bytes_s": rates.gb_per_s[dtype] * 1e9, "fio_bytes_s": fio["bandwidth_bytes_s"] if read else None,
+            "read_bytes_s": rates.read_gb_per_s and rates.read_gb_per_s * 1e9,
             "sequential": "reads, then compute (no overlap in this engine)"}

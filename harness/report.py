@@ -300,7 +300,9 @@ def _bound_table(recs: list[dict]) -> list:
             Para("The bound of a decode step is its bytes read per token at fio's bandwidth for its mean read size "
                  "and thread count, plus the weight bytes it multiplies per token (attention, LM head, the FFN rows "
                  "of the neurons in its products) at this CPU's matrix-vector rate in its compute dtype "
-                 f"({rates['mv_bytes_s'] / 1e9:.1f} GB/s, measured at the model's FFN shape in this run): the engine "
+                 f"({rates['mv_bytes_s'] / 1e9:.1f} GB/s, measured at the model's FFN shape in this run"
+                 + (f"; memory bandwidth {read / 1e9:.1f} GB/s" if (read := rates.get("read_bytes_s")) else "")
+                 + "): the engine "
                  "reads, then computes, so the two add. Measured on the harness's clock; the ratio is how far the "
                  "configuration is from what this machine could do (`flashbench compare --fail-on bound_ratio:10%` "
                  "gates on it)."),
@@ -441,6 +443,21 @@ def _plots(probe: dict | None, configs: dict[str, list[dict]], out: Path) -> dic
         ax.set(xscale="log", xlabel="KiB per token", title=f"{model}: bytes read from flash per token")
         ax.legend(fontsize=8)
         paths[f"bytes-{model}"] = _save(fig, out / f"bytes-{model}.png")
+        bounded = [r for r in measured if r.get("bound")]
+        if bounded:
+            names = [r["configuration"] for r in bounded]
+            fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.5))
+            y = list(range(len(names)))
+            io, compute = [r["bound"]["io_ms"] for r in bounded], [r["bound"]["compute_ms"] for r in bounded]
+            ax.barh([i - 0.2 for i in y], io, height=0.4, label="bound: reads at fio's bandwidth")
+            ax.barh([i - 0.2 for i in y], compute, height=0.4, left=io, label="bound: products at the mv rate")
+            ax.barh([i + 0.2 for i in y], [r["bound"]["measured_ms"] for r in bounded], height=0.4,
+                    label="measured (harness clock)")
+            ax.set_yticks(y, names)
+            ax.invert_yaxis()
+            ax.set(xscale="log", xlabel="ms per decode step", title=f"{model}: each step against the machine's bound")
+            ax.legend(fontsize=8)
+            paths[f"bound-{model}"] = _save(fig, out / f"bound-{model}.png")
     return paths
 
 
@@ -508,7 +525,9 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
                    _matrix_table(recs)]
         blocks += _agreement_table(recs) + _all_but_one(recs) + _peers_section(recs, peers.get(model, []))
         for key, caption in ((f"latency-{model}", "per-token latency by part, per configuration"),
-                             (f"bytes-{model}", "bytes read per token (whole blocks) and the records' own bytes")):
+                             (f"bytes-{model}", "bytes read per token (whole blocks) and the records' own bytes"),
+                             (f"bound-{model}", "each decode step against the machine's bound (reads, then "
+                                                "products), a roofline for flash inference")):
             if key in plots:
                 blocks.append(Figure(plots[key], f"{model}: {caption}."))
     frame = pd.json_normalize([r for recs in configs.values() for r in recs], sep=".")

@@ -59,10 +59,10 @@ def test_counters_and_reference_are_filled_for_every_configuration(run):
 def test_report_has_every_section_and_a_self_contained_html(run):
     md = (run["dir"] / "report.md").read_text()
     for section in ("## Summary", "## Storage probe", "Table 2 shape", "Table 3 shape", "### Technique matrix",
-                    "### Agreement with dense inference", "### All but one"):
+                    "### Agreement with dense inference", "### All but one", "### Latency against the machine's bound"):
         assert section in md
     html = (run["dir"] / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3 and 'src="http' not in html
+    assert html.count("data:image/png;base64,") == 4 and 'src="http' not in html  # bandwidth, latency, bytes, bound
     csv = (run["dir"] / "results.csv").read_text().splitlines()
     assert len(csv) == 1 + len(matrix()) and "metrics.tokens_per_s" in csv[0]
 
