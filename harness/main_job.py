@@ -137,7 +137,7 @@ def dense_model(spec: ModelSpec, mut: ModelUnderTest, dtype: torch.dtype,
                 progress) -> tuple[Transformer, str | None, Callable[[], None]]:
     """The dense model that the reference, the activation counts and a predictor's training run on, with what says
     how it runs (None: all in DRAM) and what closes it. Where the spec asks for it (dense = "streamed"), or where
-    the weights would take more than half the free memory ("auto"), it is the naive flash engine's model over a
+    the weights would take more than half the available memory ("auto"), it is the naive flash engine's model over a
     layout in the checkpoint's own dtype: every neuron of every layer read from flash per pass, the same sums as
     dense inference, with only the resident weights and one layer's FFN in memory."""
     config = ModelConfig.load(mut.checkpoint)

@@ -455,8 +455,8 @@ def _plots(probe: dict | None, configs: dict[str, list[dict]], out: Path) -> dic
                     label="measured (harness clock)")
             ax.set_yticks(y, names)
             ax.invert_yaxis()
-            ax.set(xscale="log", xlabel="ms per decode step", title=f"{model}: each step against the machine's bound")
-            ax.legend(fontsize=8)
+            ax.set(xlabel="ms per decode step", title=f"{model}: each step against the machine's bound")
+            ax.legend(fontsize=8, loc="best")
             paths[f"bound-{model}"] = _save(fig, out / f"bound-{model}.png")
     return paths
 

@@ -40,6 +40,8 @@
     source = "predictor"      # or "oracle": exact sparsity, where the model has no predictor and none should be
                               # trained (one is trained, and cached under --work, where none is beside the model)
     predictor_tokens = 131072 # at most this many training tokens when a predictor is trained
+    dense = "auto"            # the dense reference all in DRAM ("memory"), streamed from flash layer by layer
+                              # ("streamed"), or streamed where the weights would take half the available memory
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class ModelSpec:
     predictor_tokens: int = COUNTS_TOKENS  # at most this many training tokens when a predictor must be trained
     # The dense model (reference, counts, predictor training): "memory" (all weights in DRAM), "streamed" (the naive
     # flash engine, layer by layer from a layout in the checkpoint's dtype) or "auto" (streamed where the weights
-    # would take more than half the free memory)
+    # would take more than half the available memory)
     dense: str = "auto"
 
     def __post_init__(self):
