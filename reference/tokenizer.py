@@ -12,6 +12,7 @@ token first, Qwen2's none. `bos` is that token, or None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,15 +58,15 @@ class Tokenizer:
                 backend = tokenizers.Tokenizer.from_file(str(path))
             except Exception as e:  # the Rust parser raises plain Exceptions
                 raise CheckpointError(f"{path}: not a tokenizer the tokenizers package can read ({e})") from e
-            source = path
+            source, bos = path, _bos_of(lambda text, special: backend.encode(text, add_special_tokens=special).ids)
         elif any(all((checkpoint_dir / f).is_file() for f in files) for files in SLOW_TOKENIZER_FILES):
-            backend, source = _converted(checkpoint_dir), checkpoint_dir
+            (backend, bos), source = _converted(checkpoint_dir), checkpoint_dir
         else:
             expected = " or ".join(" + ".join(files) for files in ((TOKENIZER_FILE,), *SLOW_TOKENIZER_FILES))
             raise CheckpointError(f"{checkpoint_dir}: no tokenizer ({expected}): the suite turns text into tokens "
                                   "with the checkpoint's own tokenizer; copy its tokenizer files from where the "
                                   "model came from")
-        tok = cls(backend, source, _bos_of(backend), config.eos_token_id)
+        tok = cls(backend, source, bos, config.eos_token_id)
         if tok.eos is None:
             tok = cls(backend, source, tok.bos, _special_id(backend, ("</s>", "<|endoftext|>", "<eos>")))
         if tok.vocab_size > config.vocab_size:
@@ -75,10 +76,9 @@ class Tokenizer:
         return tok
 
 
-def _bos_of(backend: tokenizers.Tokenizer) -> int | None:
-    """The token the post-processor puts before a single text, if it puts exactly one there."""
-    plain = backend.encode("a", add_special_tokens=False).ids
-    full = backend.encode("a", add_special_tokens=True).ids
+def _bos_of(encode: Callable[[str, bool], list[int]]) -> int | None:
+    """The token the tokenizer puts before a single text (`encode(text, special_tokens)`), if exactly one."""
+    plain, full = encode("a", False), encode("a", True)
     if len(full) != len(plain) + 1 or full[1:] != plain:
         return None
     return full[0]
@@ -91,8 +91,9 @@ def _special_id(backend: tokenizers.Tokenizer, names: tuple[str, ...]) -> int | 
     return None
 
 
-def _converted(checkpoint_dir: Path) -> tokenizers.Tokenizer:
-    """A slow tokenizer's files made into a fast one by transformers, offline."""
+def _converted(checkpoint_dir: Path) -> tuple[tokenizers.Tokenizer, int | None]:
+    """A slow tokenizer's files made into a fast one by transformers, offline, and its BOS as transformers applies
+    it (tokenizer_config.json's add_bos_token, which the fast tokenizer's own post-processor may not carry)."""
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
@@ -104,4 +105,4 @@ def _converted(checkpoint_dir: Path) -> tokenizers.Tokenizer:
         raise CheckpointError(f"{checkpoint_dir}: transformers cannot read its tokenizer files ({e})") from e
     if not hasattr(tok, "backend_tokenizer"):
         raise CheckpointError(f"{checkpoint_dir}: transformers read its tokenizer but has no fast version of it")
-    return tok.backend_tokenizer
+    return tok.backend_tokenizer, _bos_of(lambda text, special: tok(text, add_special_tokens=special)["input_ids"])

@@ -85,3 +85,14 @@ def test_a_tokenizer_larger_than_the_models_embedding_is_refused(bpe_opt, tmp_pa
     with pytest.raises(CheckpointError, match=r"tokenizer.json: the tokenizer has 600 tokens but the model's "
                                               r"embedding only 520 rows"):
         tokenizer_of(small)
+
+
+def test_a_checkpoint_with_only_vocab_and_merges_is_read_through_transformers(bpe_opt, tmp_path):
+    pytest.importorskip("transformers")
+    slow = tmp_path / "slow"
+    shutil.copytree(bpe_opt, slow)
+    (slow / "tokenizer.json").unlink()
+    bpe_tokenizer("</s>", "</s>").model.save(str(slow))  # vocab.json + merges.txt, as GPT-2-style repositories ship
+    converted = tokenizer_of(slow)
+    assert converted.source == slow
+    assert converted.encode(SONNET, bos=False) == tokenizer_of(bpe_opt).encode(SONNET, bos=False)
