@@ -109,6 +109,10 @@ class ModelConfig:
                                       f"{', '.join(ACTIVATIONS)})")
             return ACTIVATIONS[name]
 
+        def token_id(key: str) -> int | None:
+            value = hf.get(key)  # Llama 3 lists several EOS ids: a generation ends at the first here
+            return (value[0] if value else None) if isinstance(value, list) else value
+
         model_type = hf.get("model_type")
         if model_type == "opt":
             if not hf.get("do_layer_norm_before", True):
@@ -130,9 +134,9 @@ class ModelConfig:
                 activation=activation("activation_function"),
                 norm_eps=1e-5,  # OPT's nn.LayerNorm default; OPTConfig has no eps key
                 tie_embeddings=hf.get("tie_word_embeddings", True),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
-                pad_token_id=hf.get("pad_token_id"),
+                bos_token_id=token_id("bos_token_id"),
+                eos_token_id=token_id("eos_token_id"),
+                pad_token_id=token_id("pad_token_id"),
             )
         elif model_type in FAMILIES:
             if hf.get("mlp_bias"):
@@ -168,9 +172,9 @@ class ModelConfig:
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
                 rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                 tie_embeddings=hf.get("tie_word_embeddings", False),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
-                pad_token_id=hf.get("pad_token_id"),
+                bos_token_id=token_id("bos_token_id"),
+                eos_token_id=token_id("eos_token_id"),
+                pad_token_id=token_id("pad_token_id"),
                 model_type=model_type,
                 attention_bias=attention_bias,
                 sliding_window=window,

@@ -71,3 +71,7 @@ def test_heads_that_do_not_divide_the_hidden_size_are_refused():
     hf = tiny_config("llama").to_hf() | {"num_attention_heads": 5}
     with pytest.raises(CheckpointError, match="not divisible"):
         ModelConfig.from_hf(hf)
+
+
+def test_a_list_of_eos_ids_ends_generation_at_the_first():
+    assert ModelConfig.from_hf(tiny_config("llama").to_hf() | {"eos_token_id": [7, 9]}).eos_token_id == 7
