@@ -28,8 +28,8 @@ def load_model(model: str) -> tuple[Path, Transformer, Tokenizer]:
     if not path.is_dir():
         known = ", ".join(suite.EMBEDDED_MODELS)
         raise UsageError(f"{path}: no such checkpoint directory (embedded models: {known})")
-    dense = Transformer.from_checkpoint(path)
-    return path, dense, Tokenizer.load(path, dense.config)
+    tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer is told at once
+    return path, Transformer.from_checkpoint(path), tokenizer
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
