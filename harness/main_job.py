@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -196,10 +197,10 @@ def train_and_cache_predictor(model: Transformer, train_ids: list[int], heldout_
         raise BudgetError(f"training the predictor on {len(train_ids):,} tokens needs {need / 2**30:.1f} GiB of "
                           f"activations, more than half the {available / 2**30:.1f} GiB available: lower "
                           "predictor_tokens or use source = \"oracle\"")
-    t0 = time.perf_counter()
+    t0, layers = time.perf_counter(), itertools.count(1)
 
-    def layer_done(line: str) -> None:
-        done = int(line.split()[2].rstrip(":")) + 1
+    def layer_done(line: str) -> None:  # train_predictor reports each layer once, in order
+        done = next(layers)
         left = (time.perf_counter() - t0) / done * (c.n_layers - done)
         progress(f"{line} ({done}/{c.n_layers}; about {left / 60:.1f} min left)")
 

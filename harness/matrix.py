@@ -150,8 +150,9 @@ class Configuration:
 
     @property
     def sparse(self) -> bool:
-        """It relies on the FFN's exact zeros (a ReLU FFN) through one of its techniques."""
-        return any(technique(t).sparse for t in _closure(set(self.on)))
+        """It relies on the FFN's exact zeros (a ReLU FFN) through one of its techniques (`on` holds what they
+        need, so a technique needing a sparse one is caught with it)."""
+        return any(technique(t).sparse for t in self.on)
 
     def engine_settings(self, settings: Settings, source: str) -> Techniques:
         """The engine's switches: every technique off (the naive baseline), then each one on as its row says."""

@@ -293,15 +293,15 @@ def _bound_table(recs: list[dict]) -> list:
     bounded = [r for r in recs if r["status"] == "measured" and r.get("bound")]
     if not bounded:
         return []
-    rates = bounded[0]["bound"]
+    first = bounded[0]["bound"]  # the run's rates, the same in every record of the model
     rows = [[r["configuration"], f"{b['measured_ms']:.2f}", f"{b['io_ms']:.2f}", f"{b['compute_ms']:.2f}",
              f"{b['ms']:.2f}", f"{b['ratio']:.2f}x"] for r in bounded for b in [r["bound"]]]
     return [Heading(3, "Latency against the machine's bound"),
             Para("The bound of a decode step is its bytes read per token at fio's bandwidth for its mean read size "
                  "and thread count, plus the weight bytes it multiplies per token (attention, LM head, the FFN rows "
                  "of the neurons in its products) at this CPU's matrix-vector rate in its compute dtype "
-                 f"({rates['mv_bytes_s'] / 1e9:.1f} GB/s, measured at the model's FFN shape in this run"
-                 + (f"; memory bandwidth {read / 1e9:.1f} GB/s" if (read := rates.get("read_bytes_s")) else "")
+                 f"({first['mv_bytes_s'] / 1e9:.1f} GB/s, measured at the model's FFN shape in this run"
+                 + (f"; memory bandwidth {read / 1e9:.1f} GB/s" if (read := first.get("read_bytes_s")) else "")
                  + "): the engine "
                  "reads, then computes, so the two add. Measured on the harness's clock; the ratio is how far the "
                  "configuration is from what this machine could do (`flashbench compare --fail-on bound_ratio:10%` "

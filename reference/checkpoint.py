@@ -144,7 +144,6 @@ def load_state_dict(checkpoint_dir: str | Path, config: ModelConfig) -> dict[str
 def stored_dtype(checkpoint_dir: str | Path, config: ModelConfig) -> str:
     """The dtype the checkpoint stores its FFN weights in ("float32", "float16" or "bfloat16"), from the
     safetensors headers (no weights read): a flash layout in this dtype holds them exactly."""
-    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
     wanted = hf_name("layers.0.ffn.up.weight", config.arch)
     for path in weight_files(Path(checkpoint_dir)):
         try:
@@ -156,9 +155,9 @@ def stored_dtype(checkpoint_dir: str | Path, config: ModelConfig) -> str:
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
     else:
         raise CheckpointError(f"{checkpoint_dir}: no tensor {wanted!r} in its weight files")
-    for name, code in names.items():
-        if dtype == code:
-            return name
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    if dtype in names:
+        return names[dtype]
     raise CheckpointError(f"{path}: tensor {wanted!r} is stored as {dtype}, not a float type the suite reads")
 
 

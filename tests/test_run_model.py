@@ -91,7 +91,6 @@ def test_a_streamed_dense_model_is_the_dense_model(tiny_checkpoint, tmp_path):
     """dense = "streamed" (automatic where the weights would not fit): the reference, the activation counts and a
     predictor's training run on the naive flash engine, layer by layer, and give dense inference's results."""
     import numpy as np
-    import torch
 
     from flashbench.harness.main_job import checkpoint_model
     from flashbench.harness.scenario import ModelSpec
