@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+PEERS_STAMP := $(VENV)/.installed-peers
+
+.PHONY: setup peers run test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +16,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-run: setup
+# The peers that are other projects (llama.cpp, AirLLM): optional, `make test` skips their tests without them.
+# llama-cpp-python compiles llama.cpp for this CPU (its multimodal library left out: the peer decodes text).
+$(PEERS_STAMP): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -e '.[llama,airllm]'
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+run: setup peers
 	$(BIN)/flashbench run
 
 # The whole suite on the machine's own kernels, then the exactness tests again under every other CPU kernel path it

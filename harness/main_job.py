@@ -5,7 +5,7 @@ reports/<run-id>/
   records/probe.json             the storage probe (fio, or the labelled fallback)
   records/<model>/model.json     the model: checkpoint, activation source, dense reference speed, trace profile
   records/<model>/<config>.json  one per configuration of the matrix
-  records/<model>/peer-<peer>.json  each peer (mmap under a memory cgroup, accelerate disk offload), or why skipped
+  records/<model>/peer-<peer>.json  each peer (llama.cpp, our mmap emulation, accelerate, AirLLM), or why not run
 Every record carries the machine, versions, git commit, scenario, seeds and every parameter. Records are
 written atomically, so an interrupted run leaves whole records and no run.json; `flashbench run --resume` keeps
 them and measures the rest.
@@ -418,7 +418,8 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
         rates = ", ".join(f"{d} {r:.1f} GB/s" for d, r in model.rates.gb_per_s.items())
         progress(f"  matrix-vector rates at {config.d_ffn}x{config.d_model} (the compute bound's): {rates}")
         info = info | {"compute_rates": model.rates.as_dict()}
-        budget = int(spec.dram_budget * sum(f.stat().st_size for f in weight_files(model.checkpoint)))
+        weights = sum(f.stat().st_size for f in weight_files(model.checkpoint))
+        budget = int(spec.dram_budget * weights)
         if spec.engine_within_budget:
             progress(f"  the engine within the DRAM budget: {budget:,} bytes ({spec.dram_budget:.0%} of the "
                      f"checkpoint)")
@@ -445,11 +446,14 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
                 continue
             progress(f"  peer {peer}: {spec.peer_tokens} tokens, DRAM budget {budget:,} bytes "
                      f"({spec.dram_budget:.0%} of the checkpoint)")
-            result = measure_peer(peer, model.checkpoint, budget, model.tokens[:8], spec.peer_tokens)
+            result = measure_peer(peer, model.checkpoint, budget, model.tokens[:8], spec.peer_tokens,
+                                  work=model.work, origin=model.checkpoint_sha256,
+                                  dtype=scenario.settings.storage_dtype, reference=model.reference, progress=progress,
+                                  timeout_s=600 + 60 * weights / 2**30)  # a peer that copies 13 GB first needs long
             write(f"{name}/peer-{peer}.json", {"kind": "peer", "model": name, "spec": asdict(spec)}
-                  | asdict(result))
+                  | asdict(result) | {"model_file": result.model_file and portable_path(Path(result.model_file))})
             progress(f"  peer {peer}: " + (f"{result.tokens_per_s:.3g} tokens/s" if result.status == "measured"
-                                           else f"skipped: {result.reason}"))
+                                           else f"not run: {result.reason}"))
 
     index = header | {"kind": "run", "started": started, "seconds": time.time() - started, "records": written,
                       "kept_from_interrupted_run": sorted(set(finished) & set(written)),

@@ -90,10 +90,16 @@ class ModelUnderTest:
                                               pruning=self.pruning if spec.pruned else None)
         return self.layouts[spec.name]
 
-    def _matches(self, layout: FlashLayout, kept: list[np.ndarray] | None) -> bool:
+    @property
+    def checkpoint_sha256(self) -> str:
+        """The checkpoint's hash (computed once: at paper scale it reads 13 GB), which every converted copy of it
+        (flash layouts, a peer's GGUF) records as its origin."""
         if self._checkpoint_hash is None:
             self._checkpoint_hash = checkpoint_hash(self.checkpoint)
-        if layout.origin.get("sha256") != self._checkpoint_hash or (layout.kept is None) != (kept is None):
+        return self._checkpoint_hash
+
+    def _matches(self, layout: FlashLayout, kept: list[np.ndarray] | None) -> bool:
+        if layout.origin.get("sha256") != self.checkpoint_sha256 or (layout.kept is None) != (kept is None):
             return False
         return kept is None or all(np.array_equal(a, b) for a, b in zip(layout.kept, kept))
 

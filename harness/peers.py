@@ -1,13 +1,20 @@
-"""Peers measured in the same run: what people do today when a model does not fit in DRAM.
+"""Peers measured in the same run: what people run today when a model does not fit in DRAM.
 
-- `mmap`: dense inference over the checkpoint's weights memory-mapped in their stored fp16 (what llama.cpp does),
-  inside a memory cgroup capped at the DRAM budget, so the page cache cannot keep the whole model and every token
-  faults the evicted weights back in from storage;
+Each peer decodes greedily from the same prompt, inside a memory cgroup capped at the DRAM budget (so the page cache
+cannot keep the whole model, and every token faults evicted weights back in from storage), with the page cache
+dropped first, timed per token with the same clock (`time.perf_counter` around each decode step):
+
+- `llama.cpp`: llama.cpp itself (`llama-cpp-python`) on the checkpoint converted to GGUF at the storage precision
+  (`llama_cpp_peer`), weights memory-mapped, its threads on every core;
+- `mmap`: ours, an emulation of llama.cpp's approach: our dense engine over the checkpoint's weights memory-mapped
+  as stored;
 - `accelerate`: Hugging Face transformers with accelerate's disk offload (`offload_folder`, `max_memory` at the
-  budget) on the same checkpoint.
+  budget);
+- `airllm`: AirLLM, which streams one layer at a time from a per-layer copy of the checkpoint it writes.
 
-Each peer runs in a subprocess of its own (`python -m flashbench.harness.peers`), so its memory is its own and a
-crash is a skipped peer, not a failed run. A peer the platform cannot run is skipped with the reason.
+Each peer runs in a subprocess of its own (`python -m flashbench.harness.peers`), so its memory is its own, and a
+peer that cannot run (not installed, an architecture it lacks, a crash, a timeout) is a "not-run" record with the
+reason, never a failed run. Nothing is downloaded: the subprocess runs with the Hugging Face hub offline.
 """
 
 from __future__ import annotations
@@ -21,10 +28,20 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
-PEERS = ("mmap", "accelerate")
+from . import llama_cpp_peer
+
+# name -> what it is (the report's words); the order is the report's
+PEERS = {
+    "llama.cpp": "llama.cpp (llama-cpp-python) on a GGUF of the checkpoint, weights memory-mapped",
+    "mmap": "ours: our dense engine over the memory-mapped weights, an emulation of llama.cpp's approach",
+    "accelerate": "transformers with accelerate's disk offload",
+    "airllm": "AirLLM: one layer at a time from its per-layer copy of the checkpoint",
+}
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
@@ -32,8 +49,13 @@ ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 @dataclass
 class PeerResult:
     peer: str
-    status: str  # "measured" or "skipped"
-    reason: str | None = None
+    status: str  # "measured" or "not-run"
+    reason: str | None = None  # why it did not run
+    tool: str | None = None  # what ran, with its version
+    threads: int | None = None  # the compute threads it ran with
+    model_file: str | None = None  # what it read the weights from, where not the checkpoint itself
+    speed_only: str | None = None  # why its outputs are not the checkpoint's (it counts for speed only)
+    dense_check: dict | None = None  # its teacher-forced logits against dense inference, where comparable
     tokens: int = 0
     token_ms: list[float] | None = None
     tokens_per_s: float | None = None
@@ -42,6 +64,10 @@ class PeerResult:
     peak_bytes: int | None = None  # the cgroup's peak usage (anonymous + page cache)
     read_bytes: int | None = None  # bytes the process read from storage (/proc/self/io read_bytes)
     major_faults: int | None = None
+
+
+class NotRun(Exception):
+    """A peer that cannot run here, and why (becomes its "not-run" record)."""
 
 
 # ---- the memory cap ----------------------------------------------------------------------------------------------
@@ -102,7 +128,7 @@ def drop_page_cache() -> bool:
         return False
 
 
-def _io_counters() -> tuple[int | None, int | None]:
+def _io_counters() -> tuple[int | None, int]:
     import resource
 
     read = None
@@ -115,7 +141,73 @@ def _io_counters() -> tuple[int | None, int | None]:
     return read, resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 
 
-# ---- the mmap peer -----------------------------------------------------------------------------------------------
+class Meter:
+    """One peer's measurement inside its cgroup: `start` after a warm-up pass (caps the group, starts the /proc
+    counters), `stop` with the decode steps' seconds (fills the result)."""
+
+    def __init__(self, group: Path, result: PeerResult):
+        self.group, self.result = group, result
+        self.read0, self.faults0 = None, 0
+
+    def start(self, note: str = "") -> None:
+        limit = cap(self.group, self.result.dram_budget_bytes)
+        self.result.cgroup = (f"{self.group}: limit {limit:,} bytes = anonymous memory + budget + "
+                              f"{SLACK_BYTES >> 20} MiB slack for temporaries{note}")
+        self.read0, self.faults0 = _io_counters()
+
+    def stop(self, seconds: list[float]) -> None:
+        read, faults = _io_counters()
+        r = self.result
+        r.peak_bytes = int((self.group / "memory.max_usage_in_bytes").read_text())
+        r.read_bytes = read - self.read0 if read is not None and self.read0 is not None else None
+        r.major_faults = faults - self.faults0
+        r.tokens, r.token_ms = len(seconds), [t * 1e3 for t in seconds]
+        r.tokens_per_s = len(seconds) / sum(seconds) if seconds else None
+
+
+@contextmanager
+def capped(result: PeerResult) -> Iterator[Meter]:
+    """A fresh memory cgroup for this process, with the page cache dropped: cached pages stay charged to whoever
+    read them first (the run that wrote the checkpoint), out of the cap's reach, so they are dropped and the peer
+    faults every weight in and pays for it. Left and removed afterwards."""
+    remove_stale_groups()
+    group, where = enter_cgroup(f"flashbench-{result.peer.replace('.', '')}-{os.getpid()}")
+    if group is None:
+        raise NotRun(where)
+    result.cgroup = where
+    try:
+        drop_page_cache()
+        yield Meter(group, result)
+    finally:
+        leave_and_remove(group)
+
+
+def greedy_steps(step, first, tokens: int) -> list[float]:
+    """The seconds of each of `tokens - 1` greedy decode steps; `step(token)` returns the next token."""
+    seconds, token = [], first
+    for _ in range(tokens - 1):
+        t0 = time.perf_counter()
+        token = step(token)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+# ---- the peers, each run in its own process ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerInput:
+    """What a peer is given: the checkpoint (or the file made from it that it runs on), the DRAM budget, the prompt,
+    how many tokens to decode, the storage precision, and (llama.cpp, on a comparable checkpoint) dense inference's
+    teacher-forced tokens and logits to check its own against."""
+
+    checkpoint: Path
+    budget: int
+    prompt: list[int]
+    tokens: int
+    dtype: str = "float16"
+    model_file: Path | None = None
+    reference: Path | None = None  # a .pt of {"tokens", "logits", "tie_margin"}
 
 
 def mmap_state(checkpoint: Path, config) -> dict:
@@ -143,24 +235,17 @@ def mmap_state(checkpoint: Path, config) -> dict:
     return state
 
 
-def run_mmap(checkpoint: Path, budget: int, prompt: list[int], tokens: int) -> PeerResult:
+def run_mmap(given: PeerInput) -> PeerResult:
     import torch
 
-    from flashbench.reference import Engine, ModelConfig, Transformer, generate
+    from flashbench.reference import Engine, ModelConfig, Transformer
     from flashbench.reference.model import rope_tables
 
-    result = PeerResult("mmap", "measured", dram_budget_bytes=budget)
-    remove_stale_groups()
-    group, where = enter_cgroup(f"flashbench-mmap-{os.getpid()}")
-    result.cgroup = where
-    if group is None:
-        return PeerResult("mmap", "skipped", reason=where, dram_budget_bytes=budget)
-    try:
-        # Cached pages stay charged to whoever read them first (here: the run that wrote the checkpoint), and the
-        # cap would not reach them: drop them, so that this group faults every weight in and pays for it.
-        drop_page_cache()
-        config = ModelConfig.load(checkpoint)
-        state = mmap_state(checkpoint, config)
+    result = PeerResult("mmap", "measured", tool=f"flashbench dense engine, torch {torch.__version__}",
+                        threads=torch.get_num_threads(), dram_budget_bytes=given.budget)
+    with capped(result) as meter:
+        config = ModelConfig.load(given.checkpoint)
+        state = mmap_state(given.checkpoint, config)
         dtype = next(iter(state.values())).dtype
         with torch.device("meta"):
             model = Transformer(config)
@@ -168,106 +253,169 @@ def run_mmap(checkpoint: Path, budget: int, prompt: list[int], tokens: int) -> P
         model.load_state_dict(state, strict=True, assign=True)
         if config.arch != "opt":
             model.rope_cos, model.rope_sin = (t.to(dtype) for t in rope_tables(config))
-        engine = Engine(model.eval(), max_len=len(prompt) + tokens + 1)
-        engine.prefill(prompt)  # a warm-up pass: every allocation a token makes has been made once
-        limit = cap(group, budget)
-        result.cgroup = (f"{where}: limit {limit:,} bytes = anonymous memory + budget + {SLACK_BYTES >> 20} MiB "
-                         "slack for temporaries")
-        read0, faults0 = _io_counters()
-        gen = generate(engine, prompt, tokens)
-        read1, faults1 = _io_counters()
-        result.tokens = len(gen.token_seconds)
-        result.token_ms = [s * 1e3 for s in gen.token_seconds]
-        result.tokens_per_s = len(gen.token_seconds) / sum(gen.token_seconds) if gen.token_seconds else None
-        result.peak_bytes = int((group / "memory.max_usage_in_bytes").read_text())
-        result.read_bytes = read1 - read0 if read0 is not None else None
-        result.major_faults = faults1 - faults0
-    finally:
-        leave_and_remove(group)
+        engine = Engine(model.eval(), max_len=len(given.prompt) + given.tokens + 1)
+        first = int(engine.prefill(given.prompt)[-1].argmax())  # a warm-up pass: every allocation made once
+        meter.start()
+        meter.stop(greedy_steps(lambda t: int(engine.step(t).argmax()), first, given.tokens))
     return result
 
 
-# ---- the accelerate peer -----------------------------------------------------------------------------------------
-
-
-def run_accelerate(checkpoint: Path, budget: int, prompt: list[int], tokens: int) -> PeerResult:
+def run_accelerate(given: PeerInput) -> PeerResult:
     try:
+        import accelerate
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError as e:
-        return PeerResult("accelerate", "skipped", reason=f"transformers/accelerate not installed ({e})")
-    result = PeerResult("accelerate", "measured", dram_budget_bytes=budget)
-    remove_stale_groups()
-    group, where = enter_cgroup(f"flashbench-accelerate-{os.getpid()}")
-    if group is None:
-        return PeerResult("accelerate", "skipped", reason=where, dram_budget_bytes=budget)
-    try:
-        drop_page_cache()  # as for the mmap peer: every page it reads is charged to its group
-        with tempfile.TemporaryDirectory(prefix="flashbench-offload-") as offload:
-            model = AutoModelForCausalLM.from_pretrained(
-                checkpoint, device_map="auto", max_memory={"cpu": budget}, offload_folder=offload,
-                torch_dtype=torch.float16, local_files_only=True)
-            ids = torch.tensor([prompt])
-            with torch.inference_mode():
-                model(ids, use_cache=True)  # a warm-up pass
-                # The same rule as the mmap peer. Where accelerate holds its in-DRAM weights as anonymous memory they
-                # are counted twice (in the anonymous memory and the budget): generous to the peer, never to us.
-                limit = cap(group, budget)
-                result.cgroup = (f"{where}: limit {limit:,} bytes = anonymous memory + budget + {SLACK_BYTES >> 20} "
-                                 "MiB slack (weights accelerate keeps as tensors may count twice: in its favour)")
-                read0, faults0 = _io_counters()
-                times = []
-                out = model(ids, use_cache=True)
-                for _ in range(tokens - 1):
-                    nxt = out.logits[:, -1:].argmax(-1)
-                    t0 = time.perf_counter()
-                    out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
-                    times.append(time.perf_counter() - t0)
-                read1, faults1 = _io_counters()
-                result.peak_bytes = int((group / "memory.max_usage_in_bytes").read_text())
-    finally:
-        leave_and_remove(group)
-    result.tokens = len(times)
-    result.token_ms = [s * 1e3 for s in times]
-    result.tokens_per_s = len(times) / sum(times) if times else None
-    result.read_bytes = read1 - read0 if read0 is not None else None
-    result.major_faults = faults1 - faults0
+        raise NotRun(f"transformers/accelerate not installed ({e})") from e
+    result = PeerResult("accelerate", "measured", tool=f"accelerate {accelerate.__version__}",
+                        threads=torch.get_num_threads(), dram_budget_bytes=given.budget)
+    with capped(result) as meter, tempfile.TemporaryDirectory(prefix="flashbench-offload-") as offload:
+        model = AutoModelForCausalLM.from_pretrained(
+            given.checkpoint, device_map="auto", max_memory={"cpu": given.budget}, offload_folder=offload,
+            dtype=getattr(torch, given.dtype), local_files_only=True)
+        # The same rule as the others. Where accelerate holds its in-DRAM weights as anonymous memory they are
+        # counted twice (in the anonymous memory and the budget): generous to the peer, never to us.
+        _hf_decode(model, given, meter, " (weights accelerate keeps as tensors may count twice: in its favour)")
     return result
 
 
-# ---- running a peer in its own process ---------------------------------------------------------------------------
+def _hf_decode(model, given: PeerInput, meter: Meter, note: str = "") -> None:
+    """Greedy decoding through a transformers-style forward with a KV cache (accelerate, AirLLM): a warm-up
+    prefill, the cap, then the prefill again and the decode steps, each timed."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    ids = torch.tensor([given.prompt])
+    model(ids, use_cache=True)  # a warm-up pass
+    meter.start(note)
+    out = model(ids, use_cache=True)
+    cache = out.past_key_values
+
+    def step(token: int) -> int:
+        nonlocal cache
+        out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    meter.stop(greedy_steps(step, int(out.logits[0, -1].argmax()), given.tokens))
 
 
-def measure_peer(peer: str, checkpoint: Path, budget: int, prompt: list[int], tokens: int,
-                 timeout_s: float = 600) -> PeerResult:
-    """Run `peer` in a subprocess and return what it measured, or a skipped result with the reason."""
-    with tempfile.TemporaryDirectory(prefix="flashbench-peer-") as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "flashbench.harness.peers", peer, str(checkpoint), "--budget", str(budget),
-               "--prompt", ",".join(map(str, prompt)), "--tokens", str(tokens), "--out", str(out)]
+def run_llama_cpp(given: PeerInput) -> PeerResult:
+    try:
+        tool = llama_cpp_peer.version()
+    except ImportError as e:
+        raise NotRun(f"llama-cpp-python is not installed ({e}): `make peers` builds it (about 2.5 min)") from e
+    from flashbench.reference.config import ModelConfig
+
+    result = PeerResult("llama.cpp", "measured", tool=tool, threads=llama_cpp_peer.threads(),
+                        model_file=str(given.model_file), dram_budget_bytes=given.budget,
+                        speed_only=llama_cpp_peer.speed_only(ModelConfig.load(given.checkpoint)))
+    with capped(result) as meter:
+        llm = llama_cpp_peer.load(given.model_file, n_ctx=len(given.prompt) + given.tokens)
+        first = llama_cpp_peer.next_token(llm, given.prompt)  # the prefill, as the warm-up pass
+        meter.start()
+        meter.stop(greedy_steps(lambda t: llama_cpp_peer.next_token(llm, [t]), first, given.tokens))
+    if given.reference is not None and result.speed_only is None:
+        result.dense_check = dense_check(given.model_file, given.reference)
+    return result
+
+
+def dense_check(gguf: Path, reference: Path) -> dict:
+    """llama.cpp's teacher-forced logits against dense inference's on the same tokens: a second independent check
+    of the dense path (transformers is the first), at the GGUF's precision."""
+    import torch
+
+    from .agreement import agreement
+
+    ref = torch.load(reference)
+    theirs = llama_cpp_peer.score(gguf, ref["tokens"])
+    a = agreement(ref["logits"], theirs, ref["tokens"][1:], ref["tie_margin"])
+    return asdict(a) | {"perplexity_ratio": a.perplexity_ratio, "kv_cache": "float32",
+                        "reference_dtype": ref["dtype"]}
+
+
+def run_airllm(given: PeerInput) -> PeerResult:
+    try:
+        from importlib.metadata import version
+
+        import torch
+        from airllm import AutoModel
+    except ImportError as e:
+        raise NotRun(f"airllm is not installed ({e}): `make peers` installs it") from e
+    result = PeerResult("airllm", "measured", tool=f"airllm {version('airllm')}", threads=torch.get_num_threads(),
+                        model_file=str(given.model_file), dram_budget_bytes=given.budget)
+    with capped(result) as meter:
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            model = AutoModel.from_pretrained(str(given.checkpoint), device="cpu", dtype=getattr(torch, given.dtype),
+                                              layer_shards_saving_path=str(given.model_file), prefetching=False)
+        except (RuntimeError, ValueError, KeyError) as e:  # an architecture it does not know
+            raise NotRun(f"AirLLM cannot load it: {str(e).splitlines()[0][:300]}") from e
+        _hf_decode(model, given, meter)
+    return result
+
+
+RUNNERS = {"llama.cpp": run_llama_cpp, "mmap": run_mmap, "accelerate": run_accelerate, "airllm": run_airllm}
+
+
+# ---- running a peer from the harness -----------------------------------------------------------------------------
+
+
+def measure_peer(peer: str, checkpoint: Path, budget: int, prompt: list[int], tokens: int, *, work: Path,
+                 origin: str, dtype: str = "float16", reference=None, timeout_s: float = 600,
+                 progress=None) -> PeerResult:
+    """Prepare what `peer` runs on (llama.cpp: a GGUF under `work`, converted once per `origin`, the checkpoint's
+    hash; AirLLM: its per-layer copy there), run it in a subprocess, and return what it measured, or a not-run
+    result with the reason. `reference` (a DenseReference) lets llama.cpp check its logits on a comparable model."""
+    import torch
+
+    model_file = None
+    with tempfile.TemporaryDirectory(prefix="flashbench-peer-") as tmp:
+        ref_file = None
+        if peer == "llama.cpp":
+            try:
+                model_file = llama_cpp_peer.gguf_for(checkpoint, origin, work, dtype, progress)
+            except ImportError as e:
+                return PeerResult(peer, "not-run", reason=f"gguf is not installed ({e}): `make peers` installs it",
+                                  dram_budget_bytes=budget)
+            except llama_cpp_peer.NotRunnable as e:
+                return PeerResult(peer, "not-run", reason=str(e), dram_budget_bytes=budget)
+            if reference is not None:
+                ref_file = Path(tmp) / "reference.pt"
+                torch.save({"tokens": reference.tokens, "logits": reference.logits, "tie_margin": reference.tie_margin,
+                            "dtype": str(reference.dtype).removeprefix("torch.")}, ref_file)
+        elif peer == "airllm":
+            model_file = work / f"airllm-{origin[:16]}"
+        given = PeerInput(checkpoint, budget, prompt, tokens, dtype, model_file, ref_file)
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "flashbench.harness.peers", peer, "--input",
+               json.dumps(asdict(given), default=str), "--out", str(out)]
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # never a download
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         except subprocess.TimeoutExpired:
-            return PeerResult(peer, "skipped", reason=f"did not finish within {timeout_s:.0f} s",
+            return PeerResult(peer, "not-run", reason=f"did not finish within {timeout_s:.0f} s",
                               dram_budget_bytes=budget)
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return PeerResult(peer, "skipped", reason=f"failed (exit {proc.returncode}): {' | '.join(tail)}",
+            return PeerResult(peer, "not-run", reason=f"failed (exit {proc.returncode}): {' | '.join(tail)[:500]}",
                               dram_budget_bytes=budget)
         return PeerResult(**json.loads(out.read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flashbench.harness.peers")
-    p.add_argument("peer", choices=PEERS)
-    p.add_argument("checkpoint")
-    p.add_argument("--budget", type=int, required=True, help="DRAM budget for the weights, bytes")
-    p.add_argument("--prompt", required=True, help="token ids, comma-separated")
-    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("peer", choices=list(PEERS))
+    p.add_argument("--input", required=True, help="a PeerInput as JSON")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    run = run_mmap if args.peer == "mmap" else run_accelerate
-    result = run(Path(args.checkpoint), args.budget, [int(t) for t in args.prompt.split(",")], args.tokens)
+    fields = json.loads(args.input)
+    for key in ("checkpoint", "model_file", "reference"):
+        fields[key] = Path(fields[key]) if fields[key] is not None else None
+    given = PeerInput(**fields)
+    try:
+        result = RUNNERS[args.peer](given)
+    except NotRun as e:
+        result = PeerResult(args.peer, "not-run", reason=str(e), dram_budget_bytes=given.budget)
     Path(args.out).write_text(json.dumps(asdict(result)))
     return 0
 

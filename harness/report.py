@@ -562,10 +562,23 @@ def _prerequisites(recs: list[dict]) -> str:
     return ("Prerequisites: " + "; ".join(notes) + ".") if notes else ""
 
 
-def _peer_ratio(full: dict | None, peer: dict | None) -> str:
-    if not full or full["status"] != "measured" or not peer or peer["status"] != "measured" or not peer["tokens_per_s"]:
-        return "-" if not peer or peer["status"] == "measured" else "skipped"
-    return f"{full['metrics']['tokens_per_s'] / peer['tokens_per_s']:.2f}x"
+def _peer_ratio(ours: dict | None, peer: dict | None) -> str:
+    """Our configuration's tokens/s over the peer's; "not run" where the peer did not run."""
+    if not peer:
+        return "-"
+    if peer["status"] != "measured" or not peer["tokens_per_s"]:
+        return "not run"
+    if not ours or ours["status"] != "measured":
+        return "-"
+    return f"{ours['metrics']['tokens_per_s'] / peer['tokens_per_s']:.2f}x"
+
+
+def _peer_name(peer: str) -> str:
+    return "mmap (ours)" if peer == "mmap" else peer  # the emulation is labelled as ours in every table
+
+
+def _per_token(p: dict, key: str, fmt) -> str:
+    return fmt(p[key] / p["tokens"]) if p.get(key) is not None and p.get("tokens") else "-"
 
 
 def _peers_section(recs: list[dict], peers: list[dict]) -> list:
@@ -573,25 +586,49 @@ def _peers_section(recs: list[dict], peers: list[dict]) -> list:
         return []
     by = _by_name(recs)
     full, naive = by.get(_all_name(recs) or ""), by.get("naive")
-    rows = []
+    rows, notes = [], []
     for p in peers:
         if p["status"] != "measured":
-            rows.append([p["peer"], f"skipped: {p['reason']}", "-", "-", "-", "-", "-", _bytes(p["dram_budget_bytes"]),
-                         p.get("cgroup") or "-"])
+            rows.append([_peer_name(p["peer"]), p.get("tool") or "-", "not run", "-", "-", "-", "-", "-", "-", "-",
+                         "-", _bytes(p["dram_budget_bytes"])])
+            notes.append(f"{_peer_name(p['peer'])} not run: {p['reason']}")
             continue
         ms = sum(p["token_ms"]) / len(p["token_ms"]) if p["token_ms"] else None
-        naive_ratio = _peer_ratio(naive, p)
-        rows.append([p["peer"], "measured", _f(p["tokens_per_s"], ".2f"), _f(ms, ".1f"), _peer_ratio(full, p),
-                     naive_ratio, _bytes(p["read_bytes"] / p["tokens"]) if p.get("read_bytes") is not None and p["tokens"] else "-",
-                     _bytes(p["dram_budget_bytes"]), p.get("cgroup") or "-"])
-    return [Heading(3, "Peers on the same checkpoint"),
-            Para("mmap: dense inference over the memory-mapped fp16 weights (as llama.cpp does), in a memory cgroup "
-                 "capped at the DRAM budget; accelerate: transformers with accelerate's disk offload, max_memory at "
-                 "the budget. Both decode greedily from the same prompt; 'all / peer' is the all-combined "
-                 "configuration's tokens/s over the peer's. The cap leaves 32 MiB for temporaries: a model smaller "
-                 "than that (the embedded ones) is not constrained by it and its peers run from DRAM."),
-            Table(["peer", "status", "tokens/s", "ms / token", "all / peer", "naive / peer", "read / token",
-                   "DRAM budget", "cap"], rows)]
+        rows.append([_peer_name(p["peer"]), p.get("tool") or "-", "speed only" if p.get("speed_only") else "measured",
+                     _f(p.get("threads"), "d"), _f(p["tokens_per_s"], ".3g"), _f(ms, ".1f"), _peer_ratio(full, p),
+                     _peer_ratio(naive, p), _per_token(p, "read_bytes", _bytes),
+                     _per_token(p, "major_faults", lambda x: f"{x:,.0f}"), _bytes(p.get("peak_bytes")),
+                     _bytes(p["dram_budget_bytes"])])
+        if p.get("speed_only"):
+            notes.append(f"{_peer_name(p['peer'])}: {p['speed_only']}")
+        if c := p.get("dense_check"):
+            notes.append(f"{_peer_name(p['peer'])}'s teacher-forced logits against dense inference ({c['reference_dtype']}), "
+                         f"{c['tokens']} tokens, its KV cache in {c['kv_cache']}: max |logit difference| "
+                         f"{c['max_abs_logit_diff']:.3g}, top-1 agreement {c['top1_agreement']:.1%}, KL "
+                         f"{c['mean_kl']:.3g} nats, perplexity ratio {c['perplexity_ratio']:.5f}")
+    caps = sorted({p["cgroup"] for p in peers if p["status"] == "measured" and p.get("cgroup")})
+    blocks = [Heading(3, "Peers on the same checkpoint"),
+            Para("Each peer decodes greedily from the same prompt in a memory cgroup capped at the DRAM budget, the "
+                 "page cache dropped first, each decode step timed with the same clock; read and major faults per "
+                 "token are the peer process's own (/proc/self/io, getrusage). 'all / peer' and 'naive / peer' are "
+                 "our all-combined and naive configurations' tokens/s over the peer's. llama.cpp runs a GGUF of "
+                 "the checkpoint at the storage precision, memory-mapped; mmap (ours) is our dense engine over the "
+                 "memory-mapped weights, an emulation of llama.cpp's approach; accelerate is transformers with "
+                 "disk offload; AirLLM streams one layer at a time. The cap leaves 32 MiB for temporaries: a model "
+                 "smaller than that (the embedded ones) is not constrained by it and its peers run from DRAM."),
+            Table(["peer", "tool", "status", "threads", "tokens/s", "ms / token", "all / peer", "naive / peer",
+                   "read / token", "major faults / token", "peak memory", "DRAM budget"], rows)]
+    if notes:
+        blocks.append(Para("; ".join(notes) + "."))
+    if caps:
+        blocks.append(Para("Caps: " + "; ".join(caps) + "."))
+    return blocks
+
+
+def _mmap_peer(peer: dict[str, dict]) -> dict | None:
+    """The mmap peer the summary compares with: llama.cpp where it ran, else our emulation."""
+    real = peer.get("llama.cpp")
+    return real if real and real["status"] == "measured" else peer.get("mmap")
 
 
 def _summary(configs: dict[str, list[dict]], peers: dict[str, list[dict]]) -> list:
@@ -600,6 +637,7 @@ def _summary(configs: dict[str, list[dict]], peers: dict[str, list[dict]]) -> li
         by = _by_name(recs)
         naive, full = by.get("naive"), by.get(_all_name(recs) or "")
         peer = {p["peer"]: p for p in peers.get(model, [])}
+        mmap = _mmap_peer(peer)
         measured = [r for r in recs if r["status"] == "measured"]
         best = max(measured, key=lambda r: r["metrics"]["tokens_per_s"], default=None)
         verdicts = [r["agreement"] for r in measured if "passed" in r["agreement"]]
@@ -607,13 +645,14 @@ def _summary(configs: dict[str, list[dict]], peers: dict[str, list[dict]]) -> li
         rows.append([
             model, _f(naive and naive.get("metrics", {}).get("tokens_per_s"), ".3g"),
             _f(full and full.get("metrics", {}).get("tokens_per_s"), ".3g"), _speedup(full, naive) if full else "-",
-            _peer_ratio(full, peer.get("mmap")), _peer_ratio(full, peer.get("accelerate")),
+            _peer_ratio(full, mmap) + (f" ({_peer_name(mmap['peer'])})" if mmap else ""),
+            _peer_ratio(full, peer.get("accelerate")),
             f"{best['configuration']} ({best['metrics']['tokens_per_s']:.3g})" if best else "-",
             f"{sum(v['passed'] for v in verdicts)}/{len(verdicts)}" if verdicts else "n/a",
             ", ".join(exact_fail) or "none",
         ])
     return [Heading(2, "Summary"),
-            Table(["model", "naive tokens/s", "all combined tokens/s", "all / naive", "all / mmap", "all / accelerate",
+            Table(["model", "naive tokens/s", "all combined tokens/s", "all / naive", "all / mmap peer", "all / accelerate",
                    "fastest (tokens/s)",
                    "agreement passed", "exact configurations failing"], rows)]
 

@@ -29,7 +29,7 @@
     counts_tokens = 131072    # training tokens whose activations choose hot (hybrid) and dead (pruning) neurons
     whole_read_tokens = 8     # optional: fewer tokens for configurations that read every neuron (naive, hybrid)
     profile = "paper-opt-6.7b"  # synthetic models: the trace profile ("embedded-<model>" scales a measured one)
-    peers = ["mmap", "accelerate"]  # peers measured on the same checkpoint, capped at the DRAM budget
+    peers = ["llama.cpp", "mmap", "accelerate", "airllm"]  # peers on the same checkpoint, capped at the DRAM budget
     peer_tokens = 8
     dram_budget = 0.5         # fraction of the checkpoint's weight bytes
     engine_within_budget = false  # true: our engine is held to the budget too (a configuration that cannot fit
@@ -81,7 +81,7 @@ class ModelSpec:
     whole_read_tokens: int | None = None  # fewer tokens for configurations reading every neuron (default: tokens)
     profile: str | None = None  # synthetic models: the trace profile
     seed: int = 0
-    peers: tuple[str, ...] = ("mmap", "accelerate")
+    peers: tuple[str, ...] = ("llama.cpp", "mmap", "accelerate", "airllm")
     peer_tokens: int = 8
     dram_budget: float = 0.5  # the peers' DRAM budget for weights, as a fraction of the checkpoint's weight bytes
     engine_within_budget: bool = False  # our engine is held to the same budget

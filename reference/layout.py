@@ -292,7 +292,7 @@ def checkpoint_hash(checkpoint_dir: Path) -> str:
 # ---- conversion ------------------------------------------------------------------------------------------------
 
 
-class _TensorSource:
+class TensorSource:
     """Tensors of a checkpoint read one at a time, by our name (streaming: nothing else held in memory)."""
 
     def __init__(self, checkpoint_dir: Path, config: ModelConfig):
@@ -339,7 +339,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     if out_dir.exists():
         raise LayoutError(f"{out_dir}: already exists; remove it or choose another output directory")
     config = ModelConfig.load(checkpoint_dir)
-    source = _TensorSource(checkpoint_dir, config)
+    source = TensorSource(checkpoint_dir, config)
     origin = {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)}
     return write_layout(config, source.get, origin, out_dir, layout, dtype, progress, keep, pruning)
 

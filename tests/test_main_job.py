@@ -9,7 +9,7 @@ from flashbench.harness.matrix import matrix
 
 from .tiny import scenario
 
-SCENARIO = scenario("tiny", tokens=24, window=2, engine="hybrid = 0.25", model='peers = ["mmap"]')
+SCENARIO = scenario("tiny", tokens=24, window=2, engine="hybrid = 0.25", model='peers = ["llama.cpp", "mmap"]')
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,15 @@ def test_report_has_every_section_and_a_self_contained_html(run):
     assert html.count("data:image/png;base64,") == 4 and 'src="http' not in html  # bandwidth, latency, bytes, bound
     csv = (run["dir"] / "results.csv").read_text().splitlines()
     assert len(csv) == 1 + len(matrix()) and "metrics.tokens_per_s" in csv[0]
+
+
+def test_a_peer_that_cannot_run_is_a_labelled_not_run_record(run):
+    """llama.cpp has no OPT: the run goes on, its record and the report say why; our emulation is labelled ours."""
+    peer = {r["peer"]: r for r in records(run) if r["kind"] == "peer"}
+    assert peer["llama.cpp"]["status"] == "not-run" and "model_type 'opt'" in peer["llama.cpp"]["reason"]
+    assert peer["mmap"]["status"] == "measured" and run["code"] == 0
+    md = (run["dir"] / "report.md").read_text()
+    assert "llama.cpp not run: llama.cpp has no architecture" in md and "| mmap (ours) |" in md
 
 
 def test_report_can_be_rebuilt_from_the_records(run, capsys):
