@@ -61,6 +61,7 @@ class PeerResult:
     tokens_per_s: float | None = None
     dram_budget_bytes: int | None = None
     cgroup: str | None = None  # where and how the cap was enforced, or why it was not
+    limit_bytes: int | None = None  # the cgroup's limit: anonymous memory after the warm-up + budget + slack
     peak_bytes: int | None = None  # the cgroup's peak usage (anonymous + page cache)
     read_bytes: int | None = None  # bytes the process read from storage (/proc/self/io read_bytes)
     major_faults: int | None = None
@@ -150,7 +151,7 @@ class Meter:
         self.read0, self.faults0 = None, 0
 
     def start(self, note: str = "") -> None:
-        limit = cap(self.group, self.result.dram_budget_bytes)
+        limit = self.result.limit_bytes = cap(self.group, self.result.dram_budget_bytes)
         self.result.cgroup = (f"{self.group}: limit {limit:,} bytes = anonymous memory + budget + "
                               f"{SLACK_BYTES >> 20} MiB slack for temporaries{note}")
         self.read0, self.faults0 = _io_counters()
@@ -280,15 +281,13 @@ def run_accelerate(given: PeerInput) -> PeerResult:
 
 
 def _hf_decode(model, given: PeerInput, meter: Meter, note: str = "") -> None:
-    """Greedy decoding through a transformers-style forward with a KV cache (accelerate, AirLLM): a warm-up
-    prefill, the cap, then the prefill again and the decode steps, each timed."""
+    """Greedy decoding through a transformers-style forward with a KV cache (accelerate, AirLLM): the prefill as
+    the warm-up pass, then the cap and the decode steps, each timed."""
     import torch
 
     torch.set_grad_enabled(False)
-    ids = torch.tensor([given.prompt])
-    model(ids, use_cache=True)  # a warm-up pass
+    out = model(torch.tensor([given.prompt]), use_cache=True)
     meter.start(note)
-    out = model(ids, use_cache=True)
     cache = out.past_key_values
 
     def step(token: int) -> int:

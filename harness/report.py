@@ -590,7 +590,7 @@ def _peers_section(recs: list[dict], peers: list[dict]) -> list:
     for p in peers:
         if p["status"] != "measured":
             rows.append([_peer_name(p["peer"]), p.get("tool") or "-", "not run", "-", "-", "-", "-", "-", "-", "-",
-                         "-", _bytes(p["dram_budget_bytes"])])
+                         "-", _bytes(p["dram_budget_bytes"]), "-"])
             notes.append(f"{_peer_name(p['peer'])} not run: {p['reason']}")
             continue
         ms = sum(p["token_ms"]) / len(p["token_ms"]) if p["token_ms"] else None
@@ -598,7 +598,7 @@ def _peers_section(recs: list[dict], peers: list[dict]) -> list:
                      _f(p.get("threads"), "d"), _f(p["tokens_per_s"], ".3g"), _f(ms, ".1f"), _peer_ratio(full, p),
                      _peer_ratio(naive, p), _per_token(p, "read_bytes", _bytes),
                      _per_token(p, "major_faults", lambda x: f"{x:,.0f}"), _bytes(p.get("peak_bytes")),
-                     _bytes(p["dram_budget_bytes"])])
+                     _bytes(p["dram_budget_bytes"]), _bytes(p.get("limit_bytes"))])
         if p.get("speed_only"):
             notes.append(f"{_peer_name(p['peer'])}: {p['speed_only']}")
         if c := p.get("dense_check"):
@@ -606,22 +606,23 @@ def _peers_section(recs: list[dict], peers: list[dict]) -> list:
                          f"{c['tokens']} tokens, its KV cache in {c['kv_cache']}: max |logit difference| "
                          f"{c['max_abs_logit_diff']:.3g}, top-1 agreement {c['top1_agreement']:.1%}, KL "
                          f"{c['mean_kl']:.3g} nats, perplexity ratio {c['perplexity_ratio']:.5f}")
-    caps = sorted({p["cgroup"] for p in peers if p["status"] == "measured" and p.get("cgroup")})
-    blocks = [Heading(3, "Peers on the same checkpoint"),
-            Para("Each peer decodes greedily from the same prompt in a memory cgroup capped at the DRAM budget, the "
-                 "page cache dropped first, each decode step timed with the same clock; read and major faults per "
-                 "token are the peer process's own (/proc/self/io, getrusage). 'all / peer' and 'naive / peer' are "
-                 "our all-combined and naive configurations' tokens/s over the peer's. llama.cpp runs a GGUF of "
-                 "the checkpoint at the storage precision, memory-mapped; mmap (ours) is our dense engine over the "
-                 "memory-mapped weights, an emulation of llama.cpp's approach; accelerate is transformers with "
-                 "disk offload; AirLLM streams one layer at a time. The cap leaves 32 MiB for temporaries: a model "
-                 "smaller than that (the embedded ones) is not constrained by it and its peers run from DRAM."),
-            Table(["peer", "tool", "status", "threads", "tokens/s", "ms / token", "all / peer", "naive / peer",
-                   "read / token", "major faults / token", "peak memory", "DRAM budget"], rows)]
+    blocks = [
+        Heading(3, "Peers on the same checkpoint"),
+        Para("Each peer decodes greedily from the same prompt in a memory cgroup capped at the DRAM budget, the "
+             "page cache dropped first, each decode step timed with the same clock; read and major faults per "
+             "token are the peer process's own (/proc/self/io, getrusage). 'all / peer' and 'naive / peer' are "
+             "our all-combined and naive configurations' tokens/s over the peer's. llama.cpp runs a GGUF of "
+             "the checkpoint at the storage precision, memory-mapped; mmap (ours) is our dense engine over the "
+             "memory-mapped weights, an emulation of llama.cpp's approach; accelerate is transformers with "
+             "disk offload; AirLLM streams one layer at a time. The cgroup limit is the peer's anonymous memory "
+             "after a warm-up pass + the budget + 32 MiB for temporaries (weights accelerate keeps as tensors "
+             "may count twice: in its favour); a model smaller than the slack (the embedded ones) is not "
+             "constrained by it and its peers run from DRAM."),
+        Table(["peer", "tool", "status", "threads", "tokens/s", "ms / token", "all / peer", "naive / peer",
+              "read / token", "major faults / token", "peak memory", "DRAM budget", "cgroup limit"], rows),
+    ]
     if notes:
         blocks.append(Para("; ".join(notes) + "."))
-    if caps:
-        blocks.append(Para("Caps: " + "; ".join(caps) + "."))
     return blocks
 
 

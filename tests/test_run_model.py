@@ -1,7 +1,9 @@
 """`flashbench run --model PATH [--text FILE]`: a user's checkpoint, with its own tokenizer and text, through the
 matrix, records and report as the embedded models go; a SiLU one with its sparse configurations not applicable."""
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,25 @@ def test_a_silu_checkpoints_sparse_configurations_are_recorded_not_applicable_wi
     for name in ("hybrid", "predictor", "hybrid+predictor"):
         assert recs[name]["status"] == "not-applicable"
         assert "silu FFN: no activation is exactly zero" in recs[name]["error"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
+                    reason="llama-cpp-python and gguf are not installed: `make peers` builds them (about 2.5 min)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="the peers' memory cgroup needs root")
+def test_llama_cpp_on_a_silu_checkpoint_is_a_second_check_of_dense_inference(silu_checkpoint, monkeypatch, tmp_path):
+    """Stored in float32 and converted so, llama.cpp's logits stay within the exact bound of ours, in the record
+    and the report."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "s.toml").write_text(scenario("model", tokens=12, engine='storage_dtype = "checkpoint"',
+                                              model='techniques = []\npeers = ["llama.cpp"]'))
+    assert main(["run", "--scenario", str(tmp_path / "s.toml"), "--reports", str(tmp_path / "reports"),
+                 "--run-id", "r", "--work", str(tmp_path / "work"), "--model", str(silu_checkpoint)]) == 0
+    recs = records(tmp_path / "reports" / "r")
+    peer, bound = recs["peer"], recs["model"]["dense"]["logit_bound"]
+    assert peer["status"] == "measured" and peer["speed_only"] is None and peer["model_file"].endswith("float32.gguf")
+    assert peer["dense_check"]["tokens"] == 11 and peer["dense_check"]["max_abs_logit_diff"] <= bound
+    assert "llama.cpp's teacher-forced logits against dense inference (float32)" in (
+        tmp_path / "reports" / "r" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("content, problem", [(b"", "empty"), (b"\xff\xfe bad", "not UTF-8 text")])
