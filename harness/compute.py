@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from flashbench.reference.config import ModelConfig
+from flashbench.reference.device import host_to_device_rate, resolve
 from flashbench.reference.flash import COMPUTE_DTYPES
 
 HALF = ("float16", "bfloat16")
@@ -31,6 +32,8 @@ class ComputeRates:
     gb_per_s: dict[str, float]  # dtype -> matrix bytes multiplied per second
     cpu_flags: tuple[str, ...]  # those of FLAGS the CPU has
     read_gb_per_s: float | None = None  # memory bandwidth: one pass summing a 256 MiB float32 array
+    device: str = "cpu"  # where the products ran (the engine's device)
+    host_to_device_gb_per_s: float | None = None  # on a GPU: a copy from pinned host memory (what reads must cross)
 
     def fastest_half(self) -> str:
         return max(HALF, key=lambda d: self.gb_per_s[d])
@@ -39,8 +42,10 @@ class ComputeRates:
         """The choice, with the rates it came from."""
         rates = ", ".join(f"{d} {self.gb_per_s[d]:.1f} GB/s" for d in COMPUTE_DTYPES)
         flags = ", ".join(self.cpu_flags) or "none of " + ", ".join(FLAGS)
+        where = (f"{self.threads} threads; CPU flags: {flags}" if self.device == "cpu"
+                 else f"on {self.device}, {torch.cuda.get_device_name(self.device)}")
         return (f"{self.fastest_half()}: the faster 16-bit matrix-vector product here ({rates}; one "
-                f"{self.shape[0]}x{self.shape[1]} matrix, {self.threads} threads; CPU flags: {flags})")
+                f"{self.shape[0]}x{self.shape[1]} matrix, {where})")
 
     def as_dict(self) -> dict:
         return asdict(self) | {"chosen": self.fastest_half(), "why": self.why()}
@@ -57,9 +62,12 @@ def cpu_flags() -> tuple[str, ...]:
 
 
 @torch.inference_mode()
-def measure_rates(shape: tuple[int, int], threads: int | None = None) -> ComputeRates:
-    """Weight bytes per second of `torch.mv` on a [rows, columns] matrix, in every compute dtype, and the memory
-    bandwidth of one summing pass over an array larger than any cache (the rate weights could stream at)."""
+def measure_rates(shape: tuple[int, int], threads: int | None = None, device: str = "cpu") -> ComputeRates:
+    """Weight bytes per second of `torch.mv` on a [rows, columns] matrix, in every compute dtype, on the engine's
+    device, and the memory bandwidth of one summing pass over an array larger than any cache (the rate weights could
+    stream at); on a GPU also the host-to-device copy rate."""
+    where = resolve(device)
+    sync = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)  # noqa: E731
     threads = threads or torch.get_num_threads()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -69,29 +77,34 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None) -> Compute
         x32 = torch.randn(shape[1], generator=g)
         rates = {}
         for name, dtype in COMPUTE_DTYPES.items():
-            w, x = base.to(dtype), x32.to(dtype)
+            w, x = base.to(device=where, dtype=dtype), x32.to(device=where, dtype=dtype)
             torch.mv(w, x)  # warm-up: the first call picks and loads the kernel
+            sync()
             n, t0 = 0, time.perf_counter()
             while (elapsed := time.perf_counter() - t0) < SECONDS:
                 torch.mv(w, x)
+                sync()
                 n += 1
             rates[name] = w.nbytes * n / elapsed / 1e9
             del w
-        array = torch.ones(READ_BYTES // 4)
+        array = torch.ones(READ_BYTES // 4, device=where)
         array.sum()
+        sync()
         t0 = time.perf_counter()
         array.sum()
+        sync()
         read = array.nbytes / (time.perf_counter() - t0) / 1e9
     finally:
         torch.set_num_threads(before)
-    return ComputeRates(tuple(shape), threads, rates, cpu_flags(), read)
+    return ComputeRates(tuple(shape), threads, rates, cpu_flags(), read, str(where), host_to_device_rate(where))
 
 
 def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: str, config: ModelConfig) -> dict | None:
     """The machine's bound on one decode step of a configuration, from its own exact counters: the bytes it reads per
     token at fio's bandwidth for its mean read size and parallelism, plus the weight bytes it multiplies per token
     (attention projections, LM head, and the FFN rows of the neurons in its products) at this CPU's matrix-vector
-    rate in its compute dtype. The engine reads and then computes, one after the other, so the bound is the sum;
+    rate in its compute dtype; on a GPU, the bytes read cross to the device at the measured copy rate too. The
+    engine reads and then computes, one after the other, so the bound is the sum;
     the ratio of the measured step (the harness's clock) to it says how far the configuration is from what this
     machine could do. None where the engine reports no product counter, or it reads but the probe has no point."""
     per_token = metrics.get("per_token", {})
@@ -105,10 +118,13 @@ def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: s
     ffn = per_token["neurons_multiplied"] * (3 if config.gated else 2) * d
     multiplied = (resident + ffn) * COMPUTE_DTYPES[dtype].itemsize
     io_ms = read / fio["bandwidth_bytes_s"] * 1e3 if read else 0.0
+    h2d = rates.host_to_device_gb_per_s
+    copy_ms = read / (h2d * 1e9) * 1e3 if read and h2d else 0.0
     compute_ms = multiplied / (rates.gb_per_s[dtype] * 1e9) * 1e3
-    measured = metrics["harness_ms"]["mean"]
-    return {"io_ms": io_ms, "compute_ms": compute_ms, "ms": io_ms + compute_ms, "measured_ms": measured,
-            "ratio": measured / (io_ms + compute_ms), "bytes_multiplied": multiplied,
+    measured, bound = metrics["harness_ms"]["mean"], io_ms + copy_ms + compute_ms
+    return {"io_ms": io_ms, "copy_ms": copy_ms, "compute_ms": compute_ms, "ms": bound, "measured_ms": measured,
+            "ratio": measured / bound, "bytes_multiplied": multiplied,
             "mv_bytes_s": rates.gb_per_s[dtype] * 1e9, "fio_bytes_s": fio["bandwidth_bytes_s"] if read else None,
             "read_bytes_s": rates.read_gb_per_s and rates.read_gb_per_s * 1e9,
-            "sequential": "reads, then compute (no overlap in this engine)"}
+            "sequential": "reads, then compute (no overlap in this engine)" if not h2d else
+                          "reads, then the copy to the device, then compute (no overlap in this engine)"}

@@ -36,6 +36,7 @@ from flashbench.reference.activations import (COUNTS_FILE, activation_counts, co
                                               load_counts)
 from flashbench.reference.checkpoint import expected_shapes, stored_dtype, weight_files
 from flashbench.reference.config import ModelConfig
+from flashbench.reference.device import exact_float32, resolve
 from flashbench.reference.errors import CheckpointError
 from flashbench.reference.flash import COMPUTE_DTYPES, BudgetError, FlashEngine, Techniques
 from flashbench.reference.predictor import Predictor
@@ -55,10 +56,11 @@ from .texts import Text, TextError, heldout_text, training_text
 from .sut import Guarded, SUTError, SystemUnderTest
 
 
-def checkpoint_model(spec: ModelSpec, work: Path, progress=print,
-                     dtype: torch.dtype = torch.float32) -> tuple[ModelUnderTest, dict]:
+def checkpoint_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu") -> tuple[ModelUnderTest, dict]:
     """An HF checkpoint, embedded or the user's, with its own tokenizer and the spec's texts: the dense reference
-    (computing in `dtype`, as the engine does), its activation source (`activation_source`), hot and dead neurons.
+    (computing in `dtype` on `device`, as the engine does), its activation source (`activation_source`), hot and
+    dead neurons.
     A dense (SiLU) FFN has neither: its sparse configurations are recorded as not applicable."""
     path = suite.model_path(spec.name)
     if not (path / "config.json").is_file():
@@ -70,15 +72,15 @@ def checkpoint_model(spec: ModelSpec, work: Path, progress=print,
         new_source=lambda: None, neuron_counts=np.zeros((config.n_layers, config.d_ffn), np.int64),
         tokens=[], whole_read_tokens=spec.whole_read_tokens,
     )
-    model, streamed, close = dense_model(spec, mut, dtype, progress)
+    model, streamed, close = dense_model(spec, mut, dtype, device, progress)
     try:
-        return _checkpoint_model(spec, mut, model, tokenizer, streamed, dtype, progress)
+        return _checkpoint_model(spec, mut, model, tokenizer, streamed, dtype, device, progress)
     finally:
         close()
 
 
 def _checkpoint_model(spec: ModelSpec, mut: ModelUnderTest, model: Transformer, tokenizer: Tokenizer,
-                      streamed: str | None, dtype: torch.dtype, progress) -> tuple[ModelUnderTest, dict]:
+                      streamed: str | None, dtype: torch.dtype, device: str, progress) -> tuple[ModelUnderTest, dict]:
     path = mut.checkpoint
     heldout = heldout_text(spec.heldout_text)
     ids = heldout.tokens(tokenizer)
@@ -87,10 +89,15 @@ def _checkpoint_model(spec: ModelSpec, mut: ModelUnderTest, model: Transformer, 
                         f"{spec.tokens + spec.greedy_prompt} the scenario judges on (tokens + greedy_prompt)")
     tokens, prompt = heldout_sequences(ids, tokenizer.bos, spec.tokens, spec.greedy_prompt)
     progress(f"  tokenizer {tokenizer.describe()}; held-out text {heldout.label}: {len(ids):,} tokens")
-    progress(f"  dense reference ({str(dtype).removeprefix('torch.')}): {len(tokens)} held-out tokens "
+    progress(f"  dense reference ({str(dtype).removeprefix('torch.')} on {device}): {len(tokens)} held-out tokens "
              f"teacher-forced, greedy {spec.greedy_tokens} tokens")
+    exact_float32(resolve(device))
+    if not streamed:
+        model.to(device)  # the reference runs where the engine does (a streamed model is already there)
     dense = Engine(model, max_len=max(len(tokens), len(prompt) + spec.greedy_tokens))
     reference = dense_reference(dense, tokens, prompt, spec.greedy_tokens, dtype)
+    if not streamed:
+        model.to("cpu")  # activation counts and a predictor's training run on the host
     texts = {"heldout": {"text": heldout.label, "tokens": len(ids)}}
     mut = replace(mut, tokens=tokens, reference=reference)
     info = {"checkpoint": portable_path(path), "config": model.config.as_dict(), "tokenizer": tokenizer.describe(),
@@ -98,7 +105,7 @@ def _checkpoint_model(spec: ModelSpec, mut: ModelUnderTest, model: Transformer, 
             "dense": {"tokens_per_s": reference.tokens_per_s, "teacher_forced_tokens": len(tokens),
                       "greedy_prompt_tokens": len(prompt), "greedy_tokens": len(reference.continuation.tokens),
                       "logit_bound": reference.logit_bound,
-                      "dtype": str(dtype).removeprefix("torch."), "streamed": streamed,
+                      "dtype": str(dtype).removeprefix("torch."), "device": device, "streamed": streamed,
                       "weights_bytes": sum(p.nbytes for p in model.parameters())}}
     if not model.config.sparse:
         mut = replace(mut, no_sparsity=f"{model.config.activation} FFN: no activation is exactly zero, so reading "
@@ -134,7 +141,7 @@ def available_memory() -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def dense_model(spec: ModelSpec, mut: ModelUnderTest, dtype: torch.dtype,
+def dense_model(spec: ModelSpec, mut: ModelUnderTest, dtype: torch.dtype, device: str,
                 progress) -> tuple[Transformer, str | None, Callable[[], None]]:
     """The dense model that the reference, the activation counts and a predictor's training run on, with what says
     how it runs (None: all in DRAM) and what closes it. Where the spec asks for it (dense = "streamed"), or where
@@ -148,7 +155,7 @@ def dense_model(spec: ModelSpec, mut: ModelUnderTest, dtype: torch.dtype,
         return Transformer.from_checkpoint(mut.checkpoint, dtype=dtype), None, lambda: None
     spec_of = LayoutSpec("unbundled", stored_dtype(mut.checkpoint, config))
     layout = mut.layout(spec_of, progress)
-    engine = FlashEngine(layout, Techniques.naive(compute_dtype=str(dtype).removeprefix("torch.")))
+    engine = FlashEngine(layout, Techniques.naive(compute_dtype=str(dtype).removeprefix("torch."), device=device))
     how = (f"streamed: the naive flash engine over the {spec_of.name} layout (every neuron read per pass, layer by "
            f"layer), as {need / 2**30:.1f} GiB of weights " + ("were asked to stream" if spec.dense == "streamed"
                                                                   else f"exceed half the {available / 2**30:.1f} GiB "
@@ -219,11 +226,11 @@ def train_and_cache_predictor(model: Transformer, train_ids: list[int], heldout_
              f"cached as {where}")
 
 
-def synthetic_model(spec: ModelSpec, work: Path, progress=print,
-                    dtype: torch.dtype = torch.float32) -> tuple[ModelUnderTest, dict]:
+def synthetic_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dtype = torch.float32,
+                    device: str = "cpu") -> tuple[ModelUnderTest, dict]:
     """A paper-scale random-weight model (written once per shape and seed, then reused) replaying a trace; the
     trace's first `tokens` sets are replayed, the next `counts_tokens` choose hot and dead neurons. It has no dense
-    reference, so `dtype` plays no part here."""
+    reference, so `dtype` and `device` play no part here."""
     from flashbench.reference.sources import Trace as TraceSource
     from flashbench.suite import traces
     from flashbench.suite.models import byte_tokenizer
@@ -412,9 +419,10 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
             continue
         progress(f"[model {i}/{len(scenario.models)}] {spec.name}")
         prepare = synthetic_model if spec.name.startswith("synthetic:") else checkpoint_model
-        model, info = prepare(spec, work, progress, COMPUTE_DTYPES[scenario.settings.compute_dtype])
+        model, info = prepare(spec, work, progress, COMPUTE_DTYPES[scenario.settings.compute_dtype],
+                              scenario.settings.device)
         config = ModelConfig.load(model.checkpoint)
-        model = replace(model, rates=measure_rates((config.d_ffn, config.d_model)))
+        model = replace(model, rates=measure_rates((config.d_ffn, config.d_model), device=scenario.settings.device))
         rates = ", ".join(f"{d} {r:.1f} GB/s" for d, r in model.rates.gb_per_s.items())
         progress(f"  matrix-vector rates at {config.d_ffn}x{config.d_model} (the compute bound's): {rates}")
         info = info | {"compute_rates": model.rates.as_dict()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from flashbench.reference.device import NAME as DEVICE_NAME
 from flashbench.reference.flash import COMPUTE_DTYPES, Techniques
 from flashbench.reference.layout import DTYPES
 
@@ -35,6 +36,7 @@ class Settings:
     storage_dtype: str = "float16"  # how the FFN weights are stored without quantization (int8 with it)
     # The precision the engine (and the dense reference it is judged against) holds weights and computes in.
     compute_dtype: str = "float32"
+    device: str = "cpu"  # where the engine computes: "cpu", or "cuda" (weights, caches and compute on the GPU)
     gap_bytes: int = 0  # the reader merges reads this close, reading the bytes between (sparse configurations)
     # Configurations that need every neuron not kept resident (the hybrid alone): one long read past a hot neuron's
     # bytes costs less than two reads, so these merge reads up to this far apart.
@@ -55,6 +57,8 @@ class Settings:
                              f"technique), got {self.storage_dtype!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if not isinstance(self.approximate, Tolerance):
             raise ValueError(f"approximate must be a table of limits, got {self.approximate!r}")
 
@@ -157,7 +161,8 @@ class Configuration:
     def engine_settings(self, settings: Settings, source: str) -> Techniques:
         """The engine's switches: every technique off (the naive baseline), then each one on as its row says."""
         switches = {"source": "all", "window": 0, "hybrid": 0.0, "memory": "regather", "threads": settings.threads,
-                    "gap_bytes": settings.whole_gap_bytes, "compute_dtype": settings.compute_dtype}
+                    "gap_bytes": settings.whole_gap_bytes, "compute_dtype": settings.compute_dtype,
+                    "device": settings.device}
         for name in ordered(self.on):
             switches |= technique(name).engine(settings, source)
         return Techniques(**switches)

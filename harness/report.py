@@ -294,8 +294,10 @@ def _bound_table(recs: list[dict]) -> list:
     if not bounded:
         return []
     first = bounded[0]["bound"]  # the run's rates, the same in every record of the model
-    rows = [[r["configuration"], f"{b['measured_ms']:.2f}", f"{b['io_ms']:.2f}", f"{b['compute_ms']:.2f}",
-             f"{b['ms']:.2f}", f"{b['ratio']:.2f}x"] for r in bounded for b in [r["bound"]]]
+    copies = any(r["bound"].get("copy_ms") for r in bounded)  # a GPU engine: reads cross to the device
+    rows = [[r["configuration"], f"{b['measured_ms']:.2f}", f"{b['io_ms']:.2f}"]
+            + [f"{b['copy_ms']:.2f}"] * copies + [f"{b['compute_ms']:.2f}", f"{b['ms']:.2f}", f"{b['ratio']:.2f}x"]
+            for r in bounded for b in [r["bound"]]]
     return [Heading(3, "Latency against the machine's bound"),
             Para("The bound of a decode step is its bytes read per token at fio's bandwidth for its mean read size "
                  "and thread count, plus the weight bytes it multiplies per token (attention, LM head, the FFN rows "
@@ -306,8 +308,8 @@ def _bound_table(recs: list[dict]) -> list:
                  "reads, then computes, so the two add. Measured on the harness's clock; the ratio is how far the "
                  "configuration is from what this machine could do (`flashbench compare --fail-on bound_ratio:10%` "
                  "gates on it)."),
-            Table(["configuration", "measured ms", "I/O bound ms", "compute bound ms", "bound ms", "measured / bound"],
-                  rows)]
+            Table(["configuration", "measured ms", "I/O bound ms"] + ["copy to device ms"] * copies
+                  + ["compute bound ms", "bound ms", "measured / bound"], rows)]
 
 
 def _matrix_table(recs: list[dict]) -> Table:

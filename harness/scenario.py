@@ -10,6 +10,7 @@
                                # "checkpoint": as the models' checkpoints store them (so naive reads are exact)
     compute_dtype = "float32"  # precision of the engine and its dense reference ("float16": the paper's 16-bit;
                                # "auto": the 16-bit dtype this CPU multiplies fastest, measured when it loads)
+    device = "cpu"        # where the engine and its dense reference compute: "cpu", or "cuda" (a GPU)
     gap_bytes = 0         # merge reads this close (sparse configurations)
     whole_gap_bytes = 1048576  # ... and in configurations that need every non-resident neuron
     [engine.approximate]  # optional: limits of the approximate tier to replace (max_mean_kl, min_top1_agreement,
@@ -54,6 +55,7 @@ from flashbench import suite
 from flashbench.reference.activations import COUNTS_TOKENS
 from flashbench.reference.checkpoint import stored_dtype
 from flashbench.reference.config import ModelConfig
+from flashbench.reference.device import DeviceError, resolve
 from flashbench.reference.errors import FlashbenchError
 
 from .agreement import approximate_tier
@@ -236,6 +238,11 @@ def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | 
     of them; compute_dtype = "auto" the 16-bit dtype this CPU multiplies fastest at the largest model's FFN shape
     (harness/compute.py)."""
     engine, compute = dict(engine), None
+    if isinstance(engine.get("device"), str):
+        try:
+            resolve(engine["device"])  # a GPU this machine lacks stops the run before anything runs
+        except DeviceError as e:
+            raise ScenarioError(f"{where}: {e}") from e
     names = [name for name in models if isinstance(name, str)]
     if engine.get("storage_dtype") == "checkpoint":
         dtypes = {name: _stored_dtype(name) for name in names}
@@ -245,7 +252,7 @@ def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | 
         engine["storage_dtype"] = dtypes.popitem()[1]
     if engine.get("compute_dtype") == "auto" and names:
         shape = max(((c.d_ffn, c.d_model) for c in map(_model_config, names)), key=lambda s: s[0] * s[1])
-        compute = measure_rates(shape).as_dict()
+        compute = measure_rates(shape, device=engine.get("device", "cpu")).as_dict()
         engine["compute_dtype"] = compute["chosen"]
     return _build(Settings, engine, where, approximate=lambda v: approximate_tier(v, where)), compute
 

@@ -17,12 +17,12 @@ VECTORS_PLAIN = ("up", "down")
 
 class NeuronCache:
     def __init__(self, capacity: int, d_model: int, d_ffn: int, gated: bool, bias: bool,
-                 dtype: torch.dtype = torch.float32):
-        self.capacity = capacity
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.capacity, self.device = capacity, torch.device(device)
         self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
         # Uninitialised: rows are written before they are used, and untouched pages cost no DRAM until then.
-        self.rows = {v: torch.empty(capacity, d_model, dtype=dtype) for v in self.vectors}
-        self.up_bias = torch.empty(capacity, dtype=dtype) if bias else None
+        self.rows = {v: torch.empty(capacity, d_model, dtype=dtype, device=device) for v in self.vectors}
+        self.up_bias = torch.empty(capacity, dtype=dtype, device=device) if bias else None
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.slot_of = np.full(d_ffn, -1, dtype=np.int64)
         self.n = 0
@@ -65,7 +65,7 @@ class NeuronCache:
         self.slot_of[ids] = -1
         self.ids[freed] = -1
         if len(holes):
-            h, m = torch.from_numpy(holes), torch.from_numpy(movers)
+            h, m = torch.from_numpy(holes).to(self.device), torch.from_numpy(movers).to(self.device)
             for name in self.vectors:
                 self.rows[name][h] = self.rows[name][m]
             if self.up_bias is not None:
@@ -88,12 +88,13 @@ class RegatherCache:
     """What a plain implementation does (the `memory=regather` ablation): the matrices kept sorted by neuron id,
     and every insertion or deletion builds them anew (allocate, gather, copy) instead of editing them in place."""
 
-    def __init__(self, capacity: int, d_model: int, gated: bool, bias: bool, dtype: torch.dtype = torch.float32):
-        self.capacity = capacity
+    def __init__(self, capacity: int, d_model: int, gated: bool, bias: bool, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.capacity, self.device = capacity, torch.device(device)
         self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
         self.ids = np.zeros(0, dtype=np.int64)
-        self.rows = {v: torch.zeros(0, d_model, dtype=dtype) for v in self.vectors}
-        self.up_bias = torch.zeros(0, dtype=dtype) if bias else None
+        self.rows = {v: torch.zeros(0, d_model, dtype=dtype, device=device) for v in self.vectors}
+        self.up_bias = torch.zeros(0, dtype=dtype, device=device) if bias else None
         self.pinned_ids = np.zeros(0, dtype=np.int64)
 
     @property
@@ -104,8 +105,9 @@ class RegatherCache:
         return ids[~np.isin(ids, self.ids)]
 
     def _regather(self, ids: np.ndarray, rows: dict[str, torch.Tensor], up_bias: torch.Tensor | None) -> None:
-        order = torch.from_numpy(np.argsort(ids, kind="stable"))
-        self.ids = ids[order.numpy()]
+        order = np.argsort(ids, kind="stable")
+        self.ids = ids[order]
+        order = torch.from_numpy(order).to(self.device)
         self.rows = {v: rows[v].index_select(0, order) for v in self.vectors}
         if self.up_bias is not None:
             self.up_bias = up_bias.index_select(0, order)
@@ -125,8 +127,9 @@ class RegatherCache:
             return
         if np.isin(ids, self.pinned_ids).any() or not np.isin(ids, self.ids).all():
             raise RuntimeError("cannot delete a pinned or uncached neuron")
-        keep = torch.from_numpy(np.flatnonzero(~np.isin(self.ids, ids)))
-        self.ids = self.ids[keep.numpy()]
+        keep = np.flatnonzero(~np.isin(self.ids, ids))
+        self.ids = self.ids[keep]
+        keep = torch.from_numpy(keep).to(self.device)
         self.rows = {v: self.rows[v].index_select(0, keep) for v in self.vectors}
         if self.up_bias is not None:
             self.up_bias = self.up_bias.index_select(0, keep)

@@ -28,18 +28,19 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int]) -> torch.Tensor:
-        """Logits [T, vocab] for the prompt, starting a new sequence."""
+        """Logits [T, vocab] for the prompt, starting a new sequence (on the host, in float32, wherever the model
+        computes)."""
         if not tokens:
             raise ValueError("prefill needs at least one token")
         self.reset()
         device = self.cache.k.device
-        return self.model(torch.tensor([tokens], device=device), self.cache)[0].float()
+        return self.model(torch.tensor([tokens], device=device), self.cache)[0].float().cpu()
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """Logits [vocab] for one more token of the current sequence."""
         device = self.cache.k.device
-        return self.model(torch.tensor([[token]], device=device), self.cache)[0, -1].float()
+        return self.model(torch.tensor([[token]], device=device), self.cache)[0, -1].float().cpu()
 
 
 @dataclass(frozen=True)

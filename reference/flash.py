@@ -11,7 +11,9 @@ Every technique is a switch of `Techniques` on this one engine:
 - `threads`, `direct`, `gap_bytes`: the reader's settings;
 - `compute_dtype`: the precision weights are held and multiplied in. float32 is exact against the float32 dense
   engine; float16 or bfloat16 (the paper's 16-bit setting) halves the DRAM resident weights and the neuron cache
-  need, and is compared with a dense engine of the same precision.
+  need, and is compared with a dense engine of the same precision;
+- `device`: where the resident weights, the neuron cache, the KV cache and the compute live (`cpu`, or `cuda`: reads
+  land in pinned host buffers and go to the GPU in asynchronous copies, `device.py`).
 With no window, nothing is reused, so the delta is multiplied straight from the read buffer and only the hot
 neurons live in the neuron cache.
 Per token it reports I/O, memory management, predictor and compute seconds, and the reader's exact counters.
@@ -29,6 +31,8 @@ from torch import nn
 
 from .activations import hot_neurons
 from .cache import NeuronCache, RegatherCache
+from .device import NAME as DEVICE_NAME
+from .device import Transfer, exact_float32, resolve
 from .engine import Engine
 from .errors import BudgetError
 from .layout import FlashLayout, decode_layer_file, decode_records
@@ -52,6 +56,7 @@ class Techniques:
     direct: bool = True
     gap_bytes: int = 0
     compute_dtype: str = "float32"
+    device: str = "cpu"
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -62,6 +67,8 @@ class Techniques:
             raise ValueError(f"memory must be one of {', '.join(MEMORY)}, got {self.memory!r}")
         if self.window < 0 or not 0.0 <= self.hybrid <= 1.0:
             raise ValueError(f"window must be >= 0 and hybrid in [0, 1], got {self.window}, {self.hybrid}")
+        if not DEVICE_NAME.fullmatch(self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.source == "all" and self.window:
             raise ValueError("source 'all' needs every neuron every token: a window saves nothing")
 
@@ -107,6 +114,7 @@ class _Shared:
     reader: FlashReader
     source: ActivationSource
     capacity: int  # neuron cache rows per layer
+    transfer: Transfer  # read buffers -> the device (the identity on the CPU)
     stats: TokenStats = field(default_factory=TokenStats)
     file_buffer: np.ndarray | None = None  # naive mode: one whole layer file
     record_buffer: np.ndarray | None = None  # the delta's records: at most this many neurons read per pass
@@ -128,11 +136,12 @@ class FlashFFN(nn.Module):
         self.record_of[self.stored] = np.arange(len(self.stored))
         self.gated = "gate" in g.vectors
         self.act = activation(shared.layout.config)  # a module: in naive reads, its output is every neuron's
-        dtype = shared.techniques.torch_dtype
+        dtype, device = shared.techniques.torch_dtype, shared.transfer.device
         if shared.techniques.memory == "regather":
-            self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None, dtype)
+            self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None, dtype, device)
         else:
-            self.cache = NeuronCache(shared.capacity, g.d_model, d_ffn, self.gated, up_bias is not None, dtype)
+            self.cache = NeuronCache(shared.capacity, g.d_model, d_ffn, self.gated, up_bias is not None, dtype,
+                                     device)
         self.hot = self._stored_only(np.sort(hot).astype(np.int64))
         # The window: the position of the last token that needed each neuron (hot ones: never evicted).
         self.last_needed = np.full(d_ffn, -1, dtype=np.int64)
@@ -160,16 +169,20 @@ class FlashFFN(nn.Module):
         return ids[self.record_of[ids] >= 0]
 
     def _bias(self, ids: np.ndarray) -> torch.Tensor | None:
-        return self.up_bias[torch.from_numpy(ids)] if self.up_bias is not None else None
+        if self.up_bias is None:
+            return None
+        return self.up_bias[torch.from_numpy(ids).to(self.up_bias.device)]
 
     def _read(self, ids: np.ndarray, count: bool = True) -> dict[str, torch.Tensor]:
+        """The records of neurons `ids`, read into the record buffer, as rows on the device."""
         sh = self.shared
         out = sh.record_buffer[: len(ids)]
+        sh.transfer.wait()  # the last copy out of the buffer is done before it is filled again
         stats = sh.reader.read(self.layer, self.record_of[ids], out)
         if count:
             sh.stats.io += stats
         t0 = time.perf_counter()
-        rows = decode_records(out, self.geometry, sh.techniques.torch_dtype)
+        rows = sh.transfer.to_device(decode_records(out, self.geometry, sh.techniques.torch_dtype))
         sh.stats.memory_s += time.perf_counter() - t0
         return rows
 
@@ -245,9 +258,10 @@ class FlashFFN(nn.Module):
     def _naive(self, xs: torch.Tensor) -> torch.Tensor:
         sh = self.shared
         buffer = sh.file_buffer[: self.geometry.file_bytes]
+        sh.transfer.wait()
         sh.stats.io += sh.reader.read_layer(self.layer, buffer)
         t0 = time.perf_counter()
-        weights = decode_layer_file(buffer, self.geometry, sh.techniques.torch_dtype)
+        weights = sh.transfer.to_device(decode_layer_file(buffer, self.geometry, sh.techniques.torch_dtype))
         sh.stats.memory_s += time.perf_counter() - t0
         sh.stats.multiplied += len(self.stored)
         return self._ffn(xs, [(weights, self._bias(self.stored))])
@@ -304,22 +318,24 @@ class FlashEngine(Engine):
         `techniques.source` (needed for `predictor` and `trace`). `resident`: the layout's resident tensors already
         loaded (`layout.resident_state()`), to share them between engines instead of reading them again."""
         layout = flash_dir if isinstance(flash_dir, FlashLayout) else FlashLayout.open(flash_dir)
-        config, dtype = layout.config, techniques.torch_dtype
+        config, dtype, device = layout.config, techniques.torch_dtype, resolve(techniques.device)
+        exact_float32(device)
         self.layout, self.techniques = layout, techniques
-        resident = ({k: v.to(dtype) for k, v in resident.items()} if resident is not None
-                    else layout.resident_state(dtype))
+        resident = {k: v.to(device=device, dtype=dtype)
+                    for k, v in (resident if resident is not None else layout.resident_state(dtype)).items()}
         biases = {i: (resident.pop(f"layers.{i}.ffn.up.bias", None), resident.pop(f"layers.{i}.ffn.down.bias", None))
                   for i in range(config.n_layers)}
         reader = FlashReader.for_layout(layout, threads=techniques.threads, direct=techniques.direct,
                                         gap_bytes=techniques.gap_bytes)
         try:  # a configuration that does not fit (BudgetError) or bad arguments must not leak the reader's threads
-            self._build(layout, techniques, reader, source, neuron_counts, dram_budget, max_len, resident, biases)
+            self._build(layout, techniques, reader, Transfer(device), source, neuron_counts, dram_budget, max_len,
+                        resident, biases)
         except BaseException:
             reader.close()
             raise
 
-    def _build(self, layout: FlashLayout, techniques: Techniques, reader: FlashReader, source, neuron_counts,
-               dram_budget: int | None, max_len: int | None, resident: dict, biases: dict) -> None:
+    def _build(self, layout: FlashLayout, techniques: Techniques, reader: FlashReader, transfer: Transfer, source,
+               neuron_counts, dram_budget: int | None, max_len: int | None, resident: dict, biases: dict) -> None:
         config, g, dtype = layout.config, layout.geometry, techniques.torch_dtype
         if not techniques.reads_whole_layers:
             config.require_relu(f"{layout.path}: techniques {techniques}")
@@ -327,6 +343,8 @@ class FlashEngine(Engine):
             source = self._default_source(techniques, layout, reader, biases)
         if techniques.source != source.name:
             raise ValueError(f"techniques ask for source {techniques.source!r}, got a {source.name!r} source")
+        if transfer.gpu:
+            source = source.on(transfer.device)  # what it computes with, beside the layers
         if techniques.hybrid and neuron_counts is None:
             raise ValueError("hybrid needs neuron_counts (activation frequencies) to choose the hot neurons")
         hot = (hot_neurons(neuron_counts, techniques.hybrid) if techniques.hybrid
@@ -339,17 +357,21 @@ class FlashEngine(Engine):
         self.row_bytes = row_bytes = (len(g.vectors) * g.d_model + (1 if config.bias else 0)) * dtype.itemsize
         capacity, buffer_rows = self._sizes(techniques, layout, resident_bytes + source.nbytes, n_hot, dram_budget,
                                             max_delta=g.d_ffn - min(len(h) for h in hot))
-        shared = _Shared(techniques, layout, reader, source, capacity)
+        shared = _Shared(techniques, layout, reader, source, capacity, transfer)
         if techniques.reads_whole_layers:
-            shared.file_buffer = aligned_buffer(g.file_bytes)
+            shared.file_buffer = transfer.pin(aligned_buffer(g.file_bytes))
         else:
-            shared.record_buffer = aligned_buffer(buffer_rows * g.record_bytes).reshape(buffer_rows, g.record_bytes)
+            shared.record_buffer = transfer.pin(aligned_buffer(buffer_rows * g.record_bytes)).reshape(
+                buffer_rows, g.record_bytes)
         self.shared = shared
         model = Transformer.for_assignment(config, ffn=lambda i: FlashFFN(i, shared, *biases[i], hot[i]))
         model.load_state_dict(resident, strict=True, assign=True)
+        model.to(transfer.device)  # the computed buffers (RoPE tables) too
         model.eval()
         for block in model.layers:
             block.ffn.load_hot()
+        transfer.synchronize()
+        transfer.seconds()  # the hot neurons' copies are not a pass's memory management
         super().__init__(model, max_len)
         self.history: list[TokenStats] = []
         cache_bytes = capacity * config.n_layers * row_bytes
@@ -403,7 +425,9 @@ class FlashEngine(Engine):
         self.shared.stats = TokenStats(tokens=tokens, io=ReadStats(direct=self.shared.reader.direct))
         t0 = time.perf_counter()
         logits = run()
+        self.shared.transfer.synchronize()  # on a GPU, the pass has run only when the device says so
         self.shared.stats.total_s = time.perf_counter() - t0
+        self.shared.stats.memory_s += self.shared.transfer.seconds()  # the copies to the device, as the paper counts
         self.history.append(self.shared.stats)
         return logits
 
@@ -422,6 +446,7 @@ class FlashEngine(Engine):
 
     def close(self) -> None:
         self.shared.reader.close()
+        self.shared.transfer.close()
 
     def __enter__(self) -> "FlashEngine":
         return self

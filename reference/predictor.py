@@ -50,11 +50,15 @@ class Predictor:
 
     @torch.inference_mode()
     def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
-        predicted = (self.module.logits(layer, x.float()) > self.cut).numpy()  # x may be 16-bit
+        predicted = (self.module.logits(layer, x.float()) > self.cut).cpu().numpy()  # x may be 16-bit
         return [np.flatnonzero(row) for row in predicted]
 
     def reset(self) -> None:
         pass
+
+    def on(self, device: torch.device) -> "Predictor":
+        self.module.to(device)
+        return self
 
     def save(self, path: str | Path) -> None:
         """`path`.safetensors (the weights) and `path`.json (shape, threshold, training metrics)."""

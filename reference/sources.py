@@ -27,6 +27,10 @@ class ActivationSource(Protocol):
         """A new sequence starts."""
         ...
 
+    def on(self, device: torch.device) -> "ActivationSource":
+        """The source with what it computes with on `device` (the engine's); its sets are ids on the host."""
+        ...
+
 
 class AllNeurons:
     name = "all"
@@ -40,6 +44,9 @@ class AllNeurons:
 
     def reset(self) -> None:
         pass
+
+    def on(self, device: torch.device) -> "AllNeurons":
+        return self
 
 
 class Oracle:
@@ -59,11 +66,16 @@ class Oracle:
         pre = x @ self.weights[layer].t()
         if self.biases[layer] is not None:
             pre = pre + self.biases[layer]
-        active = (pre > 0).numpy()
+        active = (pre > 0).cpu().numpy()
         return [self.ids[layer][np.flatnonzero(row)] for row in active]
 
     def reset(self) -> None:
         pass
+
+    def on(self, device: torch.device) -> "Oracle":
+        self.weights = [w.to(device) for w in self.weights]
+        self.biases = [b.to(device) if b is not None else None for b in self.biases]
+        return self
 
 
 class Trace:
@@ -85,3 +97,6 @@ class Trace:
             raise IndexError(f"trace exhausted: {len(self.trace)} tokens recorded, token {start + x.shape[0]} asked")
         self.position[layer] = start + x.shape[0]
         return [np.asarray(self.trace[t][layer], dtype=np.int64) for t in range(start, start + x.shape[0])]
+
+    def on(self, device: torch.device) -> "Trace":
+        return self

@@ -18,7 +18,7 @@ def test_every_compute_dtype_has_a_measured_rate_and_auto_takes_the_faster_16_bi
 @pytest.mark.parametrize("fast", HALF)
 def test_an_auto_scenario_computes_in_the_dtype_its_rates_chose_and_says_why(tmp_path, monkeypatch, fast):
     rates = {"float32": 10.0} | {d: (20.0 if d == fast else 5.0) for d in HALF}
-    monkeypatch.setattr(sc, "measure_rates", lambda shape: ComputeRates(shape, 2, rates, ("avx512_bf16",)))
+    monkeypatch.setattr(sc, "measure_rates", lambda shape, device="cpu": ComputeRates(shape, 2, rates, ("avx512_bf16",)))
     (tmp_path / "s.toml").write_text(scenario("auto", tokens=8, engine='compute_dtype = "auto"'))
     loaded = sc.load(str(tmp_path / "s.toml"))
     assert loaded.settings.compute_dtype == fast == loaded.compute["chosen"]

@@ -3,13 +3,17 @@
 import re
 
 import pytest
+import torch
 
 from flashbench.harness import scenario as sc
 
 
 def test_every_shipped_scenario_loads():
-    assert "default" in sc.available()
+    """The GPU one where there is a GPU; without one it is refused with the reason (tests/test_device.py)."""
+    assert "default" in sc.available() and "gpu" in sc.available()
     for name in sc.available():
+        if name == "gpu" and not torch.cuda.is_available():
+            continue
         s = sc.load(name)
         assert s.models and s.probe.chunk_bytes and s.settings.threads > 0
 
