@@ -9,8 +9,8 @@ row here plus the engine code behind its switch. A switch goes from TOML to the 
 
 The matrix holds the naive baseline (every technique off); each technique on its own (with the techniques it needs
 switched on too, and named); the cumulative order of the table (the paper's, continued with memory management,
-quantization and pruning); all combined; and all but one for each technique. The same set reached from two sections
-is measured once and listed in both.
+quantization, pruning and placement); all combined; and all but one for each technique. The same set reached from
+two sections is measured once and listed in both.
 """
 
 from __future__ import annotations
@@ -70,10 +70,12 @@ class LayoutSpec:
     layout: str = "unbundled"
     storage_dtype: str = "float16"
     pruned: bool = False
+    placed: bool = False  # each layer's records hot first (by activation count), not in neuron-id order
 
     @property
     def name(self) -> str:
-        return f"{self.layout}-{self.storage_dtype}" + ("-pruned" if self.pruned else "")
+        return f"{self.layout}-{self.storage_dtype}" + ("-pruned" if self.pruned else "") + (
+            "-placed" if self.placed else "")
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,10 @@ TECHNIQUES: tuple[Technique, ...] = (
     Technique("pruning", "leave out of the layout the neurons never active on the counting text", lossy=True,
               sparse=True,
               layout={"pruned": True}),
+    # Without the hybrid nothing is read apart from the rest, so the order of the records changes nothing.
+    Technique("placement", "store each layer's records by activation count on the counting text, most often "
+              "active first: the hybrid's hot neurons are one block and the rest one contiguous range",
+              needs=("hybrid",), layout={"placed": True}),
 )
 
 

@@ -74,7 +74,9 @@ class ModelUnderTest:
         hash, same kept neurons), converted again where it does not."""
         if spec.name not in self.layouts:
             out = self.work / spec.name
-            kept = self.kept if spec.pruned else None
+            kept, placement = self.kept if spec.pruned else None, None
+            if spec.placed:
+                kept, placement = self.placement(kept)
             if out.exists():
                 try:
                     existing = FlashLayout.open(out, verify=False)
@@ -87,8 +89,17 @@ class ModelUnderTest:
             if progress:
                 progress(f"  converting {self.name} -> {spec.name}")
             self.layouts[spec.name] = convert(self.checkpoint, out, spec.layout, spec.storage_dtype, keep=kept,
-                                              pruning=self.pruning if spec.pruned else None)
+                                              pruning=self.pruning if spec.pruned else None, placement=placement)
         return self.layouts[spec.name]
+
+    def placement(self, kept: list[np.ndarray] | None) -> tuple[list[np.ndarray], dict]:
+        """Per layer, the neurons in the order a placed layout stores them: by activation count, most often active
+        first, ties by id (so the hybrid's hot neurons, the first of that order, are one block at any fraction),
+        less those pruning leaves out; and how that order was chosen, for layout.json."""
+        order = [np.argsort(-row, kind="stable").astype(np.int64) for row in self.neuron_counts]
+        if kept is not None:
+            order = [o[np.isin(o, k)] for o, k in zip(order, kept)]
+        return order, {"order": "activation count on the counting text, descending; ties by neuron id"}
 
     @property
     def checkpoint_sha256(self) -> str:

@@ -199,7 +199,7 @@ class FlashLayout:
     resident_dtype: str
     origin: dict  # where the weights came from: the checkpoint's path and sha256, or a synthetic model's seed
     files: dict
-    kept: list[np.ndarray] | None = None  # pruned: per layer, the model's neuron ids stored, in file order
+    kept: list[np.ndarray] | None = None  # pruned or placed: per layer, the model's neuron ids stored, in file order
 
     def ffn_path(self, layer: int) -> Path:
         return self.path / ffn_file(layer)
@@ -261,8 +261,8 @@ class FlashLayout:
             if verify and sha256_file(f) != info["sha256"]:
                 raise LayoutError(f"{f}: checksum mismatch (the file changed after conversion)")
         if kept is not None and (len(kept) != config.n_layers or any(
-                len(k) and (k.min() < 0 or k.max() >= config.d_ffn or (np.diff(k) <= 0).any()) for k in kept)):
-            raise LayoutError(f"{meta_path}: 'kept' must list, per layer, increasing neuron ids below {config.d_ffn}")
+                len(k) and (k.min() < 0 or k.max() >= config.d_ffn or len(np.unique(k)) != len(k)) for k in kept)):
+            raise LayoutError(f"{meta_path}: 'kept' must list, per layer, distinct neuron ids below {config.d_ffn}")
         return cls(path, config, geometry, resident_dtype, origin, files, kept)
 
     def resident_state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -326,11 +326,13 @@ class TensorSource:
 
 
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bundled", dtype: str = "float16",
-            progress=None, keep: list[np.ndarray] | None = None, pruning: dict | None = None) -> FlashLayout:
+            progress=None, keep: list[np.ndarray] | None = None, pruning: dict | None = None,
+            placement: dict | None = None) -> FlashLayout:
     """Convert an HF checkpoint to a flash directory, streaming one tensor at a time.
 
     `keep` (per layer, the neuron ids to store) prunes the others, e.g. neurons never active on training text;
-    `pruning` describes how they were chosen, for layout.json.
+    `pruning` describes how they were chosen, for layout.json. `keep` in another order than the ids' places the
+    records in that order (hot neurons first, say); `placement` describes it.
 
     The directory appears under its name only when complete (built in a temp dir beside it, then renamed);
     on any error nothing is left behind. `progress(done, total)` is called after each layer.
@@ -341,12 +343,12 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     config = ModelConfig.load(checkpoint_dir)
     source = TensorSource(checkpoint_dir, config)
     origin = {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)}
-    return write_layout(config, source.get, origin, out_dir, layout, dtype, progress, keep, pruning)
+    return write_layout(config, source.get, origin, out_dir, layout, dtype, progress, keep, pruning, placement)
 
 
 def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], origin: dict, out_dir: str | Path,
                  layout: str = "bundled", dtype: str = "float16", progress=None, keep: list[np.ndarray] | None = None,
-                 pruning: dict | None = None) -> FlashLayout:
+                 pruning: dict | None = None, placement: dict | None = None) -> FlashLayout:
     """A flash directory from `tensor(name)` (our names, fetched one at a time: nothing else is held in memory);
     `origin` goes into layout.json as where the weights came from. Atomic, as `convert` says."""
     out_dir = Path(out_dir)
@@ -357,7 +359,9 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
     if out_dir.exists():
         raise LayoutError(f"{out_dir}: already exists; remove it or choose another output directory")
     if keep is not None:
-        keep = [np.unique(np.asarray(k, dtype=np.int64)) for k in keep]
+        keep = [np.asarray(k, dtype=np.int64) for k in keep]
+        if any(len(np.unique(k)) != len(k) for k in keep):
+            raise ValueError("keep must not list a neuron twice in a layer")
     shapes = expected_shapes(config)
     vectors = ("gate", "up", "down") if config.gated else ("up", "down")
     geometry = FFNGeometry(layout, dtype, config.d_model, config.d_ffn, vectors)
@@ -396,6 +400,7 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
             "origin": origin,
             "kept": None if keep is None else [k.tolist() for k in keep],
             "pruning": pruning,
+            "placement": placement,
         }
         (tmp / "layout.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, out_dir)

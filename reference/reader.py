@@ -2,7 +2,9 @@
 
 For each call the reader plans its reads: every piece of every requested record is widened to the aligned blocks
 that cover it (O_DIRECT reads whole blocks into aligned memory), and blocks that touch, overlap or lie within
-`gap_bytes` of each other are coalesced into one read. A pool of threads then issues the reads with `os.preadv`
+`gap_bytes` of each other are coalesced into one read, cut at every 1 MiB of the file (RUN_BYTES) so that a long
+range is shared between threads, as naive reads of whole files are. A pool of threads then issues the reads with
+`os.preadv`
 (which releases the GIL) into an aligned staging buffer and copies each record into the caller's output row.
 
 Counters are exact and per call: records, read operations, bytes requested (the records' own bytes) and bytes
@@ -27,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from .layout import ALIGNMENT, FFNGeometry, FlashLayout
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one preadv may take
+RUN_BYTES = 1 << 20  # the longest read of adjacent records in place, as naive reads whole files in 1 MiB chunks
 from .storage import storage_of
 
 
@@ -60,6 +65,14 @@ class Read:
     staging: int = 0
 
 
+def _cut_runs(bounds: list[int], most: int) -> list[int]:
+    """Run boundaries [0, ..., n] with every run longer than `most` cut into pieces of `most`."""
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        out += range(a, b, most)
+    return out + [bounds[-1]]
+
+
 def aligned_buffer(nbytes: int) -> np.ndarray:
     """A zeroed uint8 array whose memory starts on a page boundary (as O_DIRECT requires)."""
     return np.frombuffer(mmap.mmap(-1, max(nbytes, ALIGNMENT)), dtype=np.uint8)[:nbytes]
@@ -86,6 +99,9 @@ def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block
     reach = np.maximum.accumulate(end)  # pieces are sorted by start; a read ends at the furthest end so far
     new_read = np.ones(len(offset), dtype=bool)
     new_read[1:] = start[1:] > reach[:-1] + gap_bytes
+    # ... and at every RUN_BYTES boundary of the file, so that a long coalesced range (the hybrid's cold neurons,
+    # merged past the hot ones) is read in pieces the threads share, not in one read by one thread.
+    new_read[1:] |= start[1:] // RUN_BYTES != start[:-1] // RUN_BYTES
     firsts = np.flatnonzero(new_read)
     lasts = np.append(firsts[1:], len(offset))
     reads = []
@@ -251,7 +267,10 @@ class FlashReader:
         rows = (order * rb).tolist()
         offsets = (sorted_ids * rb).tolist()
         if (step == 1).any():
-            firsts = [0, *(np.flatnonzero(step != 1) + 1).tolist(), len(ids)]
+            # Runs of adjacent records, each cut into reads of at most RUN_BYTES (and IOV_MAX buffers): a placed
+            # layout's cold neurons are one run of a whole layer, which threads then share.
+            most = max(1, min(IOV_MAX, RUN_BYTES // rb))
+            firsts = _cut_runs([0, *(np.flatnonzero(step != 1) + 1).tolist(), len(ids)], most)
             return [([flat[r : r + rb] for r in rows[i:j]], offsets[i]) for i, j in zip(firsts, firsts[1:])]
         return [([flat[r : r + rb]], o) for r, o in zip(rows, offsets)]
 

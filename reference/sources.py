@@ -67,7 +67,7 @@ class Oracle:
         if self.biases[layer] is not None:
             pre = pre + self.biases[layer]
         active = (pre > 0).cpu().numpy()
-        return [self.ids[layer][np.flatnonzero(row)] for row in active]
+        return [np.sort(self.ids[layer][np.flatnonzero(row)]) for row in active]  # a placed layout's ids: any order
 
     def reset(self) -> None:
         pass

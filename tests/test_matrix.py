@@ -30,10 +30,12 @@ def test_every_technique_appears_alone_with_its_prerequisites_named():
     assert s["alone:quantization"].prerequisites == ()
 
 
-def test_cumulative_order_is_the_papers_then_memory_quantization_pruning():
+def test_cumulative_order_is_the_papers_then_memory_quantization_pruning_placement():
     s = by_section(matrix())
-    assert [s[f"cumulative:{i}"].name.split("+")[-1] for i in range(1, 8)] == list(technique_names())
-    assert s["cumulative:7"] is s["all"]
+    n = len(technique_names())
+    assert [s[f"cumulative:{i}"].name.split("+")[-1] for i in range(1, n + 1)] == list(technique_names())
+    assert technique_names()[-4:] == ("memory", "quantization", "pruning", "placement")
+    assert s[f"cumulative:{n}"] is s["all"]
 
 
 def test_a_set_reached_from_two_sections_is_measured_once():
@@ -44,20 +46,20 @@ def test_a_set_reached_from_two_sections_is_measured_once():
 
 def test_all_but_predictor_names_the_techniques_left_without_effect():
     c = by_section(matrix())["all-but:predictor"]
-    assert c.on == {"hybrid", "quantization", "pruning"}
+    assert c.on == {"hybrid", "quantization", "pruning", "placement"}
     assert c.inactive == ("windowing", "bundling", "memory")
 
 
 def test_only_configurations_without_lossy_techniques_are_exact():
     exact = {c.name for c in matrix() if c.exact}
-    assert exact == {"naive", "hybrid"}
+    assert exact == {"naive", "hybrid", "hybrid+placement"}
 
 
 def test_switches_map_to_the_engine_and_the_layout():
     c = by_section(matrix())["all"]
     t = c.engine_settings(Settings(window=4, hybrid=0.1, threads=8, gap_bytes=4096), source="trace")
     assert (t.source, t.window, t.hybrid, t.memory, t.threads, t.gap_bytes) == ("trace", 4, 0.1, "preallocated", 8, 4096)
-    assert c.layout().name == "bundled-int8-pruned"
+    assert c.layout().name == "bundled-int8-pruned-placed"
 
 
 def test_configurations_needing_every_resident_neuron_merge_reads_past_hot_ones():

@@ -65,16 +65,16 @@ def test_pruning_neurons_inactive_on_the_text_leaves_its_logits_unchanged(pruned
     assert within_exact_bound(logits, pruned["logits"])
 
 
-def test_kept_ids_out_of_range_are_refused_when_opened(pruned):
+def test_kept_ids_listed_twice_are_refused_when_opened(pruned):
     meta_path = pruned["flash"].path / "layout.json"
     meta = json.loads(meta_path.read_text())
     copy = pruned["root"] / "bad"
     copy.mkdir()
     for f in pruned["flash"].path.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
-    meta["kept"][0] = [5, 3]  # not increasing
+    meta["kept"][0] = [5, 3, 5]  # any order is a placement; a neuron twice is not
     (copy / "layout.json").write_text(json.dumps(meta))
-    with pytest.raises(LayoutError, match="increasing neuron ids"):
+    with pytest.raises(LayoutError, match="distinct neuron ids"):
         FlashLayout.open(copy, verify=False)
 
 
