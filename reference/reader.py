@@ -250,29 +250,36 @@ class FlashReader:
         )
 
     def _record_runs(self, g: FFNGeometry, ids: np.ndarray, out: np.ndarray) -> list[tuple[list, int]] | None:
-        """(buffers, file offset) per run of adjacent records, where records can be read in place: bundled, a
-        multiple of the alignment long, into aligned rows, no gap filling, no duplicates. Else None.
+        """(buffers, file offset) per run of adjacent records, where records can be read in place: each piece of a
+        record (the whole record, bundled; each vector, unbundled) a multiple of the alignment long, into aligned
+        rows, no duplicates, and no gap filling asked for, or runs so long that gaps would fill nothing (a placed
+        layout's cold neurons). Else None (the staged path).
 
-        The reads are the ones `plan_reads` plans for these ids (aligned records never share a block)."""
+        The reads are the ones `plan_reads` plans for these ids (aligned pieces never share a block)."""
         rb = g.record_bytes
-        if (g.layout != "bundled" or rb % ALIGNMENT or self.gap_bytes or len(ids) == 0
-                or out.ctypes.data % ALIGNMENT or out.strides != (rb, 1)):
+        pieces = g.extents(0)  # neuron i's lie i * stride further
+        stride = rb if g.layout == "bundled" else g.vector_bytes
+        if (any(n % ALIGNMENT for _, n in pieces) or len(ids) == 0 or out.ctypes.data % ALIGNMENT
+                or out.strides != (rb, 1)):
             return None
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         step = np.diff(sorted_ids)
         if (step == 0).any():
             return None
+        most = max(1, min(IOV_MAX, RUN_BYTES // stride))
+        firsts = _cut_runs([0, *(np.flatnonzero(step != 1) + 1).tolist(), len(ids)], most)
+        if self.gap_bytes and (len(firsts) - 1) > 2 * max(1, len(ids) * stride // RUN_BYTES):
+            return None  # short runs: merging past the gaps (staged) takes fewer reads
         flat = memoryview(out.reshape(-1))
         rows = (order * rb).tolist()
-        offsets = (sorted_ids * rb).tolist()
-        if (step == 1).any():
-            # Runs of adjacent records, each cut into reads of at most RUN_BYTES (and IOV_MAX buffers): a placed
-            # layout's cold neurons are one run of a whole layer, which threads then share.
-            most = max(1, min(IOV_MAX, RUN_BYTES // rb))
-            firsts = _cut_runs([0, *(np.flatnonzero(step != 1) + 1).tolist(), len(ids)], most)
-            return [([flat[r : r + rb] for r in rows[i:j]], offsets[i]) for i, j in zip(firsts, firsts[1:])]
-        return [([flat[r : r + rb]], o) for r, o in zip(rows, offsets)]
+        runs, column = [], 0
+        for base, n in pieces:  # runs of adjacent records, each cut into reads of at most RUN_BYTES and IOV_MAX
+            offsets = (sorted_ids * stride + base).tolist()
+            runs += [([flat[r + column : r + column + n] for r in rows[i:j]], offsets[i])
+                     for i, j in zip(firsts, firsts[1:])]
+            column += n
+        return runs
 
     def _read_in_place(self, layer: int, runs: list[tuple[list, int]], expected: int) -> None:
         """Each thread runs `sum(starmap(preadv, shared iterator of runs))`: the loop between reads is wholly in C, so
