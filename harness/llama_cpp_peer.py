@@ -69,8 +69,8 @@ def convertible(checkpoint: Path, dtype: str) -> ModelConfig:
     """The checkpoint's config, or NotRunnable saying why llama.cpp cannot run it as converted here."""
     config = ModelConfig.load(checkpoint)
     if config.model_type not in GGUF_ARCH:
-        raise NotRunnable(f"llama.cpp has no architecture for {checkpoint.name}'s model_type {config.model_type!r} "
-                          f"as converted here (converted: {', '.join(GGUF_ARCH)})")
+        raise NotRunnable(f"llama.cpp has no architecture for model_type {config.model_type!r} as converted here "
+                          f"(converted: {', '.join(GGUF_ARCH)})")
     if dtype not in GGUF_DTYPES:
         raise NotRunnable(f"no GGUF conversion at {dtype} here ({', '.join(GGUF_DTYPES)})")
     return config
