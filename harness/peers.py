@@ -208,7 +208,7 @@ class PeerInput:
     tokens: int
     dtype: str = "float16"
     model_file: Path | None = None
-    reference: Path | None = None  # a .pt of {"tokens", "logits", "tie_margin"}
+    reference: Path | None = None  # a .pt of {"tokens", "logits", "tie_margin", "dtype"}
 
 
 def mmap_state(checkpoint: Path, config) -> dict:

@@ -327,11 +327,13 @@ class FlashEngine(Engine):
                   for i in range(config.n_layers)}
         reader = FlashReader.for_layout(layout, threads=techniques.threads, direct=techniques.direct,
                                         gap_bytes=techniques.gap_bytes)
-        try:  # a configuration that does not fit (BudgetError) or bad arguments must not leak the reader's threads
-            self._build(layout, techniques, reader, Transfer(device), source, neuron_counts, dram_budget, max_len,
-                        resident, biases)
+        transfer = Transfer(device)
+        try:  # a configuration that does not fit (BudgetError) or bad arguments must not leak threads or pinned pages
+            self._build(layout, techniques, reader, transfer, source, neuron_counts, dram_budget, max_len, resident,
+                        biases)
         except BaseException:
             reader.close()
+            transfer.close()
             raise
 
     def _build(self, layout: FlashLayout, techniques: Techniques, reader: FlashReader, transfer: Transfer, source,

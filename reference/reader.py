@@ -4,8 +4,8 @@ For each call the reader plans its reads: every piece of every requested record 
 that cover it (O_DIRECT reads whole blocks into aligned memory), and blocks that touch, overlap or lie within
 `gap_bytes` of each other are coalesced into one read, cut at every 1 MiB of the file (RUN_BYTES) so that a long
 range is shared between threads, as naive reads of whole files are. A pool of threads then issues the reads with
-`os.preadv`
-(which releases the GIL) into an aligned staging buffer and copies each record into the caller's output row.
+`os.preadv` (which releases the GIL) into an aligned staging buffer and copies each record into the caller's output
+row; records whose pieces are whole blocks are read straight into their rows instead.
 
 Counters are exact and per call: records, read operations, bytes requested (the records' own bytes) and bytes
 read (whole blocks), seconds, and whether the reads were direct. Where O_DIRECT is refused (tmpfs, some
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from .layout import ALIGNMENT, FFNGeometry, FlashLayout
+from .storage import storage_of
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one preadv may take
-RUN_BYTES = 1 << 20  # the longest read of adjacent records in place, as naive reads whole files in 1 MiB chunks
-from .storage import storage_of
+RUN_BYTES = 1 << 20  # the longest read of adjacent records, as naive reads whole files in 1 MiB chunks
 
 
 @dataclass
@@ -255,7 +255,8 @@ class FlashReader:
         rows, no duplicates, and no gap filling asked for, or runs so long that gaps would fill nothing (a placed
         layout's cold neurons). Else None (the staged path).
 
-        The reads are the ones `plan_reads` plans for these ids (aligned pieces never share a block)."""
+        The bytes read are the ones `plan_reads` plans for these ids (aligned pieces never share a block); a run
+        is cut after RUN_BYTES of its own rather than at the file's 1 MiB boundaries."""
         rb = g.record_bytes
         pieces = g.extents(0)  # neuron i's lie i * stride further
         stride = rb if g.layout == "bundled" else g.vector_bytes
