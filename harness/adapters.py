@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,13 +47,16 @@ class EngineSUT(SystemUnderTest):
         run = Settings(**settings)
         config = Configuration(frozenset(techniques))
         self.techniques = config.engine_settings(run, self.model.source)
-        self.spec = config.layout(run)
         m = self.model
+        self.spec = config.layout(run)
+        if m.gate_resident and "threshold" in techniques:  # the resident gate decides the set (the oracle)
+            self.spec = replace(self.spec, gate_resident=True)
         layout = m.layout(self.spec, self.progress)
         self.engine = FlashEngine(layout, self.techniques, source=m.new_source() if "predictor" in techniques else None,
                                   neuron_counts=m.neuron_counts, max_len=m.max_len,
                                   dram_budget=dram_budget if within_budget else None,
-                                  resident=m.resident(layout, self.techniques.torch_dtype))
+                                  resident=m.resident(layout, self.techniques.torch_dtype),
+                                  thresholds=m.thresholds if "threshold" in techniques else None)
         return layout.config.vocab_size
 
     def prefill(self, tokens: list[int]) -> torch.Tensor:

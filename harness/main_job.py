@@ -41,12 +41,14 @@ from flashbench.reference.errors import CheckpointError
 from flashbench.reference.flash import COMPUTE_DTYPES, BudgetError, FlashEngine, Techniques
 from flashbench.reference.predictor import Predictor
 from flashbench.reference.storage import storage_of
+from flashbench.reference.threshold import (CALIBRATION_TOKENS, calibrate, calibration_key, thresholded,
+                                            unthresholded)
 from flashbench.reference.tokenizer import Tokenizer
 
 from .agreement import dense_reference, heldout_sequences
 from .adapters import EngineSUT
 from .compute import measure_rates
-from .matrix import LayoutSpec, describe, effective, matrix, ordered, technique_names
+from .matrix import LayoutSpec, Settings, describe, effective, matrix, ordered, technique_names
 from .measure import ModelUnderTest, measure
 from .peers import measure_peer
 from .probe import Probe, probe, table
@@ -57,30 +59,34 @@ from .sut import Guarded, SUTError, SystemUnderTest
 
 
 def checkpoint_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dtype = torch.float32,
-                     device: str = "cpu") -> tuple[ModelUnderTest, dict]:
+                     device: str = "cpu", threshold: float = Settings.threshold) -> tuple[ModelUnderTest, dict]:
     """An HF checkpoint, embedded or the user's, with its own tokenizer and the spec's texts: the dense reference
     (computing in `dtype` on `device`, as the engine does), its activation source (`activation_source`), hot and
     dead neurons.
-    A dense (SiLU) FFN has neither: its sparse configurations are recorded as not applicable."""
-    path = suite.model_path(spec.name)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no such checkpoint (embedded models: {', '.join(suite.EMBEDDED_MODELS)})")
-    config = ModelConfig.load(path)
+    A SiLU FFN has none of its own: its thresholds are calibrated to the target sparsity `threshold`, and the
+    activation source, hot and dead neurons are those of the thresholded model (the threshold technique's)."""
+    path, config = suite.model_path(spec.name), model_config(spec)
     tokenizer = Tokenizer.load(path, config)
     mut = ModelUnderTest(
         name=path.name, checkpoint=path, work=work / path.name, source="all", source_label="all neurons",
         new_source=lambda: None, neuron_counts=np.zeros((config.n_layers, config.d_ffn), np.int64),
-        tokens=[], whole_read_tokens=spec.whole_read_tokens,
+        tokens=[], whole_read_tokens=spec.whole_read_tokens, dense_ffn=dense_ffn(config),
     )
     model, streamed, close = dense_model(spec, mut, dtype, device, progress)
     try:
-        return _checkpoint_model(spec, mut, model, tokenizer, streamed, dtype, device, progress)
+        return _checkpoint_model(spec, mut, model, tokenizer, streamed, dtype, device, threshold, progress)
     finally:
         close()
 
 
+def dense_ffn(config: ModelConfig) -> bool:
+    """A SiLU FFN: no activation exactly zero, so its sparse configurations need the threshold technique."""
+    return not config.sparse
+
+
 def _checkpoint_model(spec: ModelSpec, mut: ModelUnderTest, model: Transformer, tokenizer: Tokenizer,
-                      streamed: str | None, dtype: torch.dtype, device: str, progress) -> tuple[ModelUnderTest, dict]:
+                      streamed: str | None, dtype: torch.dtype, device: str, threshold: float,
+                      progress) -> tuple[ModelUnderTest, dict]:
     path = mut.checkpoint
     heldout = heldout_text(spec.heldout_text)
     ids = heldout.tokens(tokenizer)
@@ -107,15 +113,36 @@ def _checkpoint_model(spec: ModelSpec, mut: ModelUnderTest, model: Transformer, 
                       "logit_bound": reference.logit_bound,
                       "dtype": str(dtype).removeprefix("torch."), "device": device, "streamed": streamed,
                       "weights_bytes": sum(p.nbytes for p in model.parameters())}}
-    if not model.config.sparse:
-        mut = replace(mut, no_sparsity=f"{model.config.activation} FFN: no activation is exactly zero, so reading "
-                                       "only the active neurons does not apply")
-        progress(f"  {mut.no_sparsity}")
-        return mut, info | {"activation_source": None, "pruning": None}
-
     train = training_text(spec.train_text)
     train_ids = train.tokens(tokenizer, spec.counts_tokens)
     texts["train"] = {"text": train.label, "tokens": len(train_ids)}
+    if not mut.dense_ffn:
+        return _sparse_sources(spec, mut, model, tokenizer, train, train_ids, ids, info, progress)
+    if spec.techniques is not None and "threshold" not in spec.techniques:  # None: every row that applies
+        progress(f"  {model.config.activation} FFN: no activation is exactly zero, and the threshold technique is "
+                 "not in this model's matrix: its sparse configurations do not apply")
+        return mut, info | {"activation_source": None, "pruning": None}
+    calibration = train_ids[:CALIBRATION_TOKENS]
+    progress(f"  {model.config.activation} FFN: no activation is exactly zero; thresholds for a target sparsity of "
+             f"{threshold:.0%} (the threshold technique) calibrated on {len(calibration):,} training tokens")
+    thresholds = calibrate(model, calibration, [threshold], tokenizer.bos)[threshold]
+    key = calibration_key(threshold, calibration)
+    info |= {"threshold": {"target_sparsity": threshold, "thresholds": thresholds, "text": train.label,
+                           "calibration_tokens": len(calibration), "calibration": key}}
+    # With the oracle source the gate rows stay in DRAM and decide the set; with a predictor they are read with up
+    # and down for each predicted neuron
+    mut = replace(mut, thresholds=thresholds, gate_resident=spec.source == "oracle")
+    try:  # what the sparse techniques use comes from the thresholded model
+        return _sparse_sources(spec, mut, thresholded(model, thresholds, key), tokenizer, train, train_ids, ids,
+                               info, progress)
+    finally:
+        unthresholded(model)
+
+
+def _sparse_sources(spec: ModelSpec, mut: ModelUnderTest, model: Transformer, tokenizer: Tokenizer, train: Text,
+                    train_ids: list[int], ids: list[int], info: dict, progress) -> tuple[ModelUnderTest, dict]:
+    """The activation counts (hot and dead neurons) and activation source of `model`'s sparse FFN."""
+    path, texts = mut.checkpoint, info["texts"]
     provenance = counts_provenance(path, model, train_ids, tokenizer.bos)
     counts = load_counts(path / COUNTS_FILE, provenance)
     shipped = counts is not None
@@ -168,27 +195,38 @@ def activation_source(spec: ModelSpec, path: Path, model: Transformer, tokenizer
                       heldout_ids: list[int], work: Path, progress) -> tuple[str, str, Callable]:
     """(source name, label, a function making a fresh source) for the "predictor" technique: the oracle where the
     spec asks for it (exact sparsity, read from flash), else the model's predictor: shipped beside the checkpoint,
-    cached under `work` by an earlier run, or trained now (and cached)."""
+    cached under `work` by an earlier run, or trained now (and cached). A thresholded model's predictor is one
+    trained at its thresholds: a shipped one made at others is not used."""
     if spec.source == "oracle":
-        return "oracle", "oracle (the exact active set, computed from the up rows read from flash)", lambda: None
+        if hasattr(model.layers[0].ffn.act, "threshold"):  # threshold.ThresholdedSiLU
+            how = "the thresholded SiLU of the gate rows, kept in DRAM (CATS); records hold up and down only"
+        else:
+            how = f"computed from the {'gate' if model.config.gated else 'up'} rows read from flash"
+        return "oracle", f"oracle (the exact active set, {how})", lambda: None
+    train_ids = train.tokens(tokenizer, spec.predictor_tokens)
+    provenance = counts_provenance(path, model, train_ids, tokenizer.bos)
     shipped = path / "predictor"
-    if shipped.with_suffix(".json").is_file():
+    if shipped.with_suffix(".json").is_file() and shipped_thresholds(shipped) == provenance.get("thresholds"):
         where = shipped
     else:
-        train_ids = train.tokens(tokenizer, spec.predictor_tokens)
-        key = hashlib.sha256(f"{counts_provenance(path, model, train_ids, tokenizer.bos)}:{spec.seed}".encode())
+        key = hashlib.sha256(f"{provenance}:{spec.seed}".encode())
         where = work / f"predictor-{key.hexdigest()[:16]}"
         if not where.with_suffix(".json").is_file():
             train_and_cache_predictor(model, train_ids, heldout_ids, tokenizer.bos, train.label, where, spec.seed,
-                                      progress)
+                                      progress, provenance.get("thresholds"))
     predictor = Predictor.load(where)
     label = (f"predictor (rank {predictor.module.rank}, threshold {predictor.threshold}, "
              f"{where.with_suffix('.safetensors').name})")
     return "predictor", label, lambda: Predictor.load(where)
 
 
+def shipped_thresholds(predictor: Path) -> str | None:
+    """The thresholds a predictor was trained at (None: an unthresholded model's)."""
+    return (json.loads(predictor.with_suffix(".json").read_text()).get("metrics") or {}).get("thresholds")
+
+
 def train_and_cache_predictor(model: Transformer, train_ids: list[int], heldout_ids: list[int], bos: int | None,
-                              text: str, where: Path, seed: int, progress) -> None:
+                              text: str, where: Path, seed: int, progress, thresholds: str | None = None) -> None:
     """Train the model's predictors (with progress and an estimate of the time left) and cache them at `where`,
     atomically: the JSON half, which `Predictor.load` needs, is renamed into place last."""
     from flashbench.reference.predictor import train_predictor
@@ -213,6 +251,8 @@ def train_and_cache_predictor(model: Transformer, train_ids: list[int], heldout_
 
     predictor = train_predictor(model, train_ids, heldout_ids, bos, seed=seed, progress=layer_done)
     predictor.metrics["text"] = text
+    if thresholds is not None:
+        predictor.metrics["thresholds"] = thresholds  # the thresholded SiLU it predicts
     where.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".predictor-", dir=where.parent))
     try:
@@ -227,10 +267,10 @@ def train_and_cache_predictor(model: Transformer, train_ids: list[int], heldout_
 
 
 def synthetic_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dtype = torch.float32,
-                    device: str = "cpu") -> tuple[ModelUnderTest, dict]:
+                    device: str = "cpu", threshold: float = Settings.threshold) -> tuple[ModelUnderTest, dict]:
     """A paper-scale random-weight model (written once per shape and seed, then reused) replaying a trace; the
     trace's first `tokens` sets are replayed, the next `counts_tokens` choose hot and dead neurons. It has no dense
-    reference, so `dtype` and `device` play no part here."""
+    reference, so `dtype` and `device` play no part here, and its FFN is ReLU, so `threshold` none."""
     from flashbench.reference.sources import Trace as TraceSource
     from flashbench.suite import traces
     from flashbench.suite.models import byte_tokenizer
@@ -273,6 +313,18 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dt
             "trace": {"profile": vars(profile), "layers": trace.layers, "seed": spec.seed},
             "pruning": pruning, "weights_bytes_fp16": weight_bytes(config)}
     return mut, info
+
+
+def model_config(spec: ModelSpec) -> ModelConfig:
+    """The model's configuration, before anything is prepared."""
+    if spec.name.startswith("synthetic:"):
+        from flashbench.suite.synthetic import shape_config
+
+        return shape_config(spec.name.removeprefix("synthetic:"))
+    path = suite.model_path(spec.name)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no such checkpoint (embedded models: {', '.join(suite.EMBEDDED_MODELS)})")
+    return ModelConfig.load(path)
 
 
 def model_name(spec: ModelSpec) -> str:
@@ -405,11 +457,14 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
         progress(f"[sut] {outside['name']}: switches {', '.join(declared) or 'no technique'}; its matrix is measured, "
                  "without the peers")
     for i, spec in enumerate(scenario.models, 1):
+        dense = dense_ffn(model_config(spec))
+        if spec.techniques is None:  # every row of the table that applies to this FFN
+            spec = replace(spec, techniques=technique_names(dense))
         if outside is not None:
             # the scenario's techniques the SUT declares, less those whose prerequisites it does not
-            live, _ = effective({t for t in spec.techniques if t in declared})
+            live, _ = effective({t for t in spec.techniques if t in declared}, dense)
             spec = replace(spec, techniques=ordered(live), peers=())
-        name, configs = model_name(spec), matrix(spec.techniques)
+        name, configs = model_name(spec), matrix(spec.techniques, dense)
         rels = ([f"{name}/model.json"] + [f"{name}/{c.name}.json" for c in configs]
                 + [f"{name}/peer-{p}.json" for p in spec.peers])
         if all(rel in finished for rel in rels):
@@ -420,7 +475,7 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
         progress(f"[model {i}/{len(scenario.models)}] {spec.name}")
         prepare = synthetic_model if spec.name.startswith("synthetic:") else checkpoint_model
         model, info = prepare(spec, work, progress, COMPUTE_DTYPES[scenario.settings.compute_dtype],
-                              scenario.settings.device)
+                              scenario.settings.device, scenario.settings.threshold)
         config = ModelConfig.load(model.checkpoint)
         model = replace(model, rates=measure_rates((config.d_ffn, config.d_model), device=scenario.settings.device))
         rates = ", ".join(f"{d} {r:.1f} GB/s" for d, r in model.rates.gb_per_s.items())
@@ -434,7 +489,7 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
         make_sut = sut or (lambda: EngineSUT(model, progress))
         if not resumed(f"{name}/model.json"):
             write(f"{name}/model.json", {"kind": "model", "model": name, "spec": asdict(spec), "techniques": describe(
-                spec.techniques, scenario.settings, model.source)} | info)
+                spec.techniques, scenario.settings, model.source, model.dense_ffn)} | info)
         for j, config in enumerate(configs, 1):
             rel = f"{name}/{config.name}.json"
             if rec := resumed(rel):

@@ -21,6 +21,7 @@ from typing import Callable
 from flashbench.reference.device import NAME as DEVICE_NAME
 from flashbench.reference.flash import COMPUTE_DTYPES, Techniques
 from flashbench.reference.layout import DTYPES
+from flashbench.reference.threshold import check_target
 
 from .agreement import APPROXIMATE, Tolerance
 
@@ -32,6 +33,7 @@ class Settings:
 
     window: int = 5  # k, with windowing
     hybrid: float = 0.25  # fraction of each layer's neurons kept resident, with the hybrid
+    threshold: float = 0.5  # target sparsity of a SiLU FFN's thresholded activations, with threshold
     threads: int = 16  # reader threads
     storage_dtype: str = "float16"  # how the FFN weights are stored without quantization (int8 with it)
     # The precision the engine (and the dense reference it is judged against) holds weights and computes in.
@@ -59,6 +61,7 @@ class Settings:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        check_target(self.threshold)
         if not isinstance(self.approximate, Tolerance):
             raise ValueError(f"approximate must be a table of limits, got {self.approximate!r}")
 
@@ -71,11 +74,12 @@ class LayoutSpec:
     storage_dtype: str = "float16"
     pruned: bool = False
     placed: bool = False  # each layer's records hot first (by activation count), not in neuron-id order
+    gate_resident: bool = False  # a gated FFN's gate matrices in DRAM, its records up and down only
 
     @property
     def name(self) -> str:
         return f"{self.layout}-{self.storage_dtype}" + ("-pruned" if self.pruned else "") + (
-            "-placed" if self.placed else "")
+            "-placed" if self.placed else "") + ("-gate-resident" if self.gate_resident else "")
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,10 @@ class Technique:
     summary: str
     needs: tuple[str, ...] = ()  # techniques without which this one has no effect
     lossy: bool = False  # its configurations are judged at the approximate tier
-    # It relies on the FFN's exact zeros (a ReLU FFN): it does not apply to a dense (SiLU) FFN, whose every neuron
-    # is active each token. What needs such a technique relies on them too.
+    # It relies on the FFN's exact zeros: those of a ReLU FFN, or of a SiLU FFN with the threshold technique on (a
+    # SiLU FFN's every neuron is active each token). What needs such a technique relies on them too.
     sparse: bool = False
+    dense_ffn_only: bool = False  # it applies to SiLU FFNs only (a ReLU FFN is sparse already)
     # The `Techniques` fields it sets when on, from the run's settings and the model's activation source (the
     # trained predictor, or a trace for synthetic models).
     engine: Callable[[Settings, str], dict] = lambda settings, source: {}
@@ -96,6 +101,11 @@ class Technique:
 
 
 TECHNIQUES: tuple[Technique, ...] = (
+    # First: on a SiLU FFN, every sparse technique needs it (`matrix(dense_ffn=True)`), so the cumulative order
+    # starts from it; a ReLU model's matrix leaves it out.
+    Technique("threshold", "zero each SiLU activation of magnitude at most a per-layer threshold (CATS), calibrated "
+              "on the counting text to a target sparsity, so that a SiLU FFN is sparse", lossy=True,
+              dense_ffn_only=True, engine=lambda s, _: {"threshold": s.threshold}),
     Technique("hybrid", "keep each layer's most often active neurons resident", sparse=True,
               engine=lambda s, _: {"hybrid": s.hybrid}),
     Technique("predictor", "read only the neurons a low-rank predictor expects active", lossy=True, sparse=True,
@@ -118,9 +128,13 @@ TECHNIQUES: tuple[Technique, ...] = (
 )
 
 
-def technique_names() -> tuple[str, ...]:
-    """The table's techniques, in its order (the cumulative order)."""
-    return tuple(t.name for t in TECHNIQUES)
+SPARSIFIER = "threshold"  # what makes a SiLU FFN sparse: on such a model every sparse technique needs it
+
+
+def technique_names(dense_ffn: bool | None = None) -> tuple[str, ...]:
+    """The table's techniques, in its order (the cumulative order); with `dense_ffn` given, those that apply to a
+    SiLU (True) or ReLU (False) FFN."""
+    return tuple(t.name for t in TECHNIQUES if dense_ffn is None or dense_ffn or not t.dense_ffn_only)
 
 
 def technique(name: str) -> Technique:
@@ -130,10 +144,13 @@ def technique(name: str) -> Technique:
     raise ValueError(f"unknown technique {name!r}; known: {', '.join(technique_names())}")
 
 
-def describe(names: tuple[str, ...], settings: Settings, source: str) -> list[dict]:
-    """The table's rows for `names`, as records carry them: what each needs and switches, with this run's settings."""
-    return [{"name": t.name, "summary": t.summary, "needs": list(t.needs), "lossy": t.lossy, "sparse": t.sparse,
-             "engine": t.engine(settings, source), "layout": t.layout} for t in map(technique, ordered(names))]
+def describe(names: tuple[str, ...], settings: Settings, source: str, dense_ffn: bool = False) -> list[dict]:
+    """The table's rows for `names`, as records carry them: what each needs (on this model's FFN) and switches, with
+    this run's settings."""
+    sparsify = dense_ffn and SPARSIFIER in names
+    return [{"name": t.name, "summary": t.summary, "needs": list(needs(t.name, sparsify)), "lossy": t.lossy,
+             "sparse": t.sparse, "dense_ffn_only": t.dense_ffn_only, "engine": t.engine(settings, source),
+             "layout": t.layout} for t in map(technique, ordered(names))]
 
 
 def ordered(names) -> tuple[str, ...]:
@@ -160,9 +177,19 @@ class Configuration:
 
     @property
     def sparse(self) -> bool:
-        """It relies on the FFN's exact zeros (a ReLU FFN) through one of its techniques (`on` holds what they
-        need, so a technique needing a sparse one is caught with it)."""
+        """It relies on the FFN's exact zeros (a ReLU FFN, or a thresholded SiLU one) through one of its techniques
+        (`on` holds what they need, so a technique needing a sparse one is caught with it)."""
         return any(technique(t).sparse for t in self.on)
+
+    def not_applicable(self, dense_ffn: bool) -> str | None:
+        """Why this configuration does not apply to a model with a SiLU (`dense_ffn`) or ReLU FFN, or None."""
+        if dense_ffn and self.sparse and SPARSIFIER not in self.on:
+            return (f"SiLU FFN: no activation is exactly zero, so reading only the active neurons needs "
+                    f"{SPARSIFIER!r} on")
+        only = [t for t in ordered(self.on) if technique(t).dense_ffn_only]
+        if not dense_ffn and only:
+            return f"ReLU FFN: its zeros are exact already; {', '.join(only)} applies to SiLU FFNs"
+        return None
 
     def engine_settings(self, settings: Settings, source: str) -> Techniques:
         """The engine's switches: every technique off (the naive baseline), then each one on as its row says."""
@@ -180,18 +207,25 @@ class Configuration:
         return spec
 
 
-def _closure(on: set[str]) -> set[str]:
+def needs(name: str, dense_ffn: bool = False) -> tuple[str, ...]:
+    """What technique `name` needs on a model with a SiLU (`dense_ffn`) or ReLU FFN: its row's needs, and on a SiLU
+    FFN the sparsifier for every sparse technique."""
+    t = technique(name)
+    return t.needs + ((SPARSIFIER,) if dense_ffn and t.sparse else ())
+
+
+def _closure(on: set[str], dense_ffn: bool = False) -> set[str]:
     """`on` plus everything its techniques need."""
     out = set(on)
-    while more := {n for t in out for n in technique(t).needs} - out:
+    while more := {n for t in out for n in needs(t, dense_ffn)} - out:
         out |= more
     return out
 
 
-def effective(on: set[str]) -> tuple[set[str], set[str]]:
+def effective(on: set[str], dense_ffn: bool = False) -> tuple[set[str], set[str]]:
     """(techniques with an effect, techniques without one because what they need is off)."""
     live = set(on)
-    while dead := {t for t in live if not set(technique(t).needs) <= live}:
+    while dead := {t for t in live if not set(needs(t, dense_ffn)) <= live}:
         live -= dead
     return live, set(on) - live
 
@@ -211,28 +245,30 @@ class _Builder:
                 for on, e in self.found.items()]
 
 
-def matrix(techniques: tuple[str, ...] | None = None) -> list[Configuration]:
-    """Every configuration of the matrix over `techniques` (names of the table, in any order; default: all of
-    them), naive first."""
-    techniques = technique_names() if techniques is None else techniques
+def matrix(techniques: tuple[str, ...] | None = None, dense_ffn: bool = False) -> list[Configuration]:
+    """Every configuration of the matrix over `techniques` (names of the table, in any order; default: all that
+    apply to the FFN), naive first. On a SiLU FFN (`dense_ffn`) every sparse technique needs the sparsifier, where
+    the matrix has it (without it, they are there to be recorded as not applicable)."""
+    techniques = technique_names(dense_ffn) if techniques is None else techniques
+    dense_ffn = dense_ffn and SPARSIFIER in techniques
     unknown = set(techniques) - set(technique_names())
     if unknown:
         raise ValueError(f"unknown techniques {sorted(unknown)}; known: {', '.join(technique_names())}")
     techniques = ordered(techniques)
     for t in techniques:
-        missing = set(technique(t).needs) - set(techniques)
+        missing = set(needs(t, dense_ffn)) - set(techniques)
         if missing:
             raise ValueError(f"technique {t!r} needs {sorted(missing)} in the matrix too")
     b = _Builder()
     b.add(set(), "naive")
     for t in techniques:
-        on = _closure({t})
+        on = _closure({t}, dense_ffn)
         b.add(on, f"alone:{t}", prerequisites=on - {t})
     for i in range(1, len(techniques) + 1):
         b.add(set(techniques[:i]), f"cumulative:{i}")
     b.add(set(techniques), "all")
     for t in techniques:
-        live, inactive = effective(set(techniques) - {t})
+        live, inactive = effective(set(techniques) - {t}, dense_ffn)
         b.add(live, f"all-but:{t}", inactive=inactive)
     return b.build()
 

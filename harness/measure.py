@@ -45,7 +45,13 @@ class ModelUnderTest:
     tokens: list[int]  # the teacher-forced sequence
     reference: DenseReference | None = None
     no_reference: str | None = None  # why there is no agreement check
-    no_sparsity: str | None = None  # why configurations relying on the FFN's exact zeros do not apply (SiLU)
+    # A SiLU FFN: sparse configurations apply with the threshold technique, at these per-layer thresholds
+    # (calibrated to the run's target sparsity; None for a ReLU FFN)
+    dense_ffn: bool = False
+    thresholds: list[float] | None = None
+    # Thresholded with the oracle source: the gate rows stay in DRAM and decide the set (CATS), so the threshold
+    # configurations read gate-resident layouts (records of up and down only)
+    gate_resident: bool = False
     rates: ComputeRates | None = None  # this CPU's matrix-vector rates at the model's FFN shape: the compute bound
     kept: list[np.ndarray] | None = None  # pruning: the neurons each layer keeps
     pruning: dict | None = None
@@ -82,14 +88,16 @@ class ModelUnderTest:
                     existing = FlashLayout.open(out, verify=False)
                 except LayoutError:  # half-written, or of another format version: convert it again
                     existing = None
-                if existing is not None and self._matches(existing, kept):
+                if existing is not None and self._matches(existing, kept) and \
+                        existing.gate_resident == spec.gate_resident:
                     self.layouts[spec.name] = existing
                     return existing
                 shutil.rmtree(out)
             if progress:
                 progress(f"  converting {self.name} -> {spec.name}")
             self.layouts[spec.name] = convert(self.checkpoint, out, spec.layout, spec.storage_dtype, keep=kept,
-                                              pruning=self.pruning if spec.pruned else None, placement=placement)
+                                              pruning=self.pruning if spec.pruned else None, placement=placement,
+                                              gate_resident=spec.gate_resident)
         return self.layouts[spec.name]
 
     def placement(self, kept: list[np.ndarray] | None) -> tuple[list[np.ndarray], dict]:
@@ -187,8 +195,8 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
         "inactive": list(config.inactive), "exact": config.exact,
         "activation_source": model.source_label if "predictor" in config.on else "all neurons (no prediction)",
     }
-    if config.sparse and model.no_sparsity:
-        return record | {"status": "not-applicable", "error": model.no_sparsity}
+    if why := config.not_applicable(model.dense_ffn):
+        return record | {"status": "not-applicable", "error": why}
     tokens = model.tokens
     if "predictor" not in config.on and model.whole_read_tokens:  # configurations that read every neuron
         tokens = tokens[: model.whole_read_tokens]

@@ -251,8 +251,9 @@ def _probe_section(probe: dict | None) -> list:
 
 def _table2(model: str, recs: dict[str, dict]) -> list:
     rows = []
+    thresholded = "threshold" in recs  # a SiLU model: its sparse rows are measured with threshold on
     for name in TABLE2_ROWS:
-        r = recs.get(name)
+        r = recs.get(f"threshold+{name}" if thresholded and name != "naive" else name)
         gb, gbs, ms = PAPER_TABLE2[name]
         flags = ["yes" if t in name.split("+") else "no" for t in ("hybrid", "predictor", "windowing", "bundling")]
         if r is None or r["status"] != "measured":
@@ -265,7 +266,8 @@ def _table2(model: str, recs: dict[str, dict]) -> list:
     return [Heading(3, "Table 2 shape: I/O per technique (cumulative)"),
             Para("Ours on this machine beside the paper's (OPT 6.7B, M1 Max). Flash->DRAM is bytes actually read per "
                  "token (whole direct-I/O blocks), throughput is the effective read bandwidth, I/O is reader time per "
-                 "token."),
+                 "token." + (" A SiLU model: each row but the first has threshold on too (its sparse techniques "
+                             "need it)." if thresholded else "")),
             Table(["hybrid", "predictor", "windowing", "bundling", "flash->DRAM / token", "throughput", "I/O / token",
                    "paper flash->DRAM", "paper throughput", "paper I/O"], rows)]
 
@@ -365,7 +367,8 @@ def _agreement_table(recs: list[dict]) -> list:
                  f"The other exact limits follow from eps: perplexity ratio <= exp(2 eps), KL <= eps^2/2, and top-1 "
                  f"and greedy choices identical except at ties, where dense's best leads the engine's choice by at "
                  f"most 2 eps (a greedy run that parts at a tie matches in full; 'tie' below). Approximate ones (a "
-                 f"predictor, int8, pruning): KL <= {APPROXIMATE.max_mean_kl:g}, top-1 >= "
+                 f"predictor, int8, pruning, a threshold, judged against the unthresholded dense model): KL <= "
+                 f"{APPROXIMATE.max_mean_kl:g}, top-1 >= "
                  f"{APPROXIMATE.min_top1_agreement:.0%}, perplexity ratio <= {APPROXIMATE.max_perplexity_ratio:g}, "
                  f"greedy match >= {APPROXIMATE.min_greedy_match:.0%} of the continuation, max |logit diff| <= "
                  f"{APPROXIMATE.max_abs_logit_diff:g} (each check's limit is in the record)."),
@@ -493,6 +496,16 @@ def _texts(model: dict) -> str:
     return f"Tokenizer: {model.get('tokenizer')}; " + "; ".join(used) + ". "
 
 
+def _thresholds(info: dict | None) -> str:
+    """A SiLU model's calibrated thresholds, as the threshold technique applies them."""
+    if not info:
+        return ""
+    return (f"SiLU FFN: the threshold technique zeroes |SiLU(gate x)| <= t, per layer t = "
+            f"{', '.join(f'{t:.4g}' for t in info['thresholds'])}, calibrated to a target sparsity of "
+            f"{info['target_sparsity']:.0%} on {info['calibration_tokens']:,} tokens of {info['text']}; the engine "
+            "reads each set neuron's gate, up and down rows and applies t to the gate it read. ")
+
+
 def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
     index, probe, configs, models, peers = load_run(run_dir)
     plots = _plots(probe, configs, run_dir)
@@ -511,7 +524,8 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
                         "are the engine's own report). "
                         + _texts(d)
                         + f"Activation source for the predictor technique: {d.get('activation_source') or 'none'}. "
-                        f"Settings: {json.dumps(recs[0]['settings'])}. "
+                        + _thresholds(d.get("threshold"))
+                        + f"Settings: {json.dumps(recs[0]['settings'])}. "
                         + (f"Dense inference ({d['dense'].get('streamed') or 'all weights in DRAM'}) on the same "
                            f"tokens: {d['dense']['tokens_per_s']:.3g} tokens/s. " if d.get("dense") else "")
                         + _budget(recs, peers.get(model, [])) + _prerequisites(recs))]

@@ -79,7 +79,8 @@ class ModelSpec:
     greedy_prompt: int = 32
     greedy_tokens: int = 64
     counts_tokens: int = COUNTS_TOKENS
-    techniques: tuple[str, ...] = field(default_factory=technique_names)  # default: every row of the table
+    # default (None): every row of the table that applies to the model's FFN (`threshold` to SiLU ones only)
+    techniques: tuple[str, ...] | None = None
     whole_read_tokens: int | None = None  # fewer tokens for configurations reading every neuron (default: tokens)
     profile: str | None = None  # synthetic models: the trace profile
     seed: int = 0
@@ -109,7 +110,7 @@ class ModelSpec:
             raise ValueError(f"dram_budget must be a positive fraction of the weights, got {self.dram_budget!r}")
         if not isinstance(self.engine_within_budget, bool):
             raise ValueError(f"engine_within_budget must be true or false, got {self.engine_within_budget!r}")
-        if not all(isinstance(t, str) for t in self.techniques + self.peers):
+        if not all(isinstance(t, str) for t in (self.techniques or ()) + self.peers):
             raise ValueError("techniques and peers must be lists of names")
         if self.dense not in ("auto", "memory", "streamed"):
             raise ValueError(f"dense must be \"auto\", \"memory\" or \"streamed\", got {self.dense!r}")
@@ -189,7 +190,7 @@ def load(name_or_path: str) -> Scenario:
         raise ScenarioError(f"{path}: no [[models]]")
     _check_texts(models)
     for m in models:
-        unknown = set(m.techniques) - set(technique_names())
+        unknown = set(m.techniques or ()) - set(technique_names())
         if unknown:
             raise ScenarioError(f"{path}: model {m.name!r}: unknown techniques {sorted(unknown)}")
         too_few = [k for k in ("tokens", "whole_read_tokens") if getattr(m, k) is not None and getattr(m, k) < 3]

@@ -46,7 +46,7 @@ def context_windows(tokens: list[int], context: int, bos: int | None) -> Iterato
 
 @torch.inference_mode()
 def activation_counts(model: Transformer, tokens: list[int], context: int, bos: int | None = None) -> tuple[np.ndarray, int]:
-    """Per layer and neuron, on how many tokens of `tokens` its ReLU output was non-zero: [n_layers, d_ffn], and
+    """Per layer and neuron, on how many tokens of `tokens` its activation (ReLU, or thresholded SiLU) was non-zero: [n_layers, d_ffn], and
     the number of positions seen, over `context_windows`."""
     counts = torch.zeros(model.config.n_layers, model.config.d_ffn, dtype=torch.int64)
     positions = 0
@@ -56,7 +56,7 @@ def activation_counts(model: Transformer, tokens: list[int], context: int, bos: 
         with recorded_activations(model) as acts:
             model(ids)
         for layer, a in enumerate(acts):
-            counts[layer] += (a[0] > 0).sum(0).cpu()
+            counts[layer] += (a[0] != 0).sum(0).cpu()  # ReLU: > 0; a thresholded SiLU: either sign
         positions += ids.shape[1]
     return counts.numpy(), positions
 
@@ -80,11 +80,15 @@ def ever_active(counts: np.ndarray) -> list[np.ndarray]:
 
 def counts_provenance(checkpoint: Path, model: Transformer, tokens: list[int], bos: int | None) -> dict[str, str]:
     """What activation counts depend on: the checkpoint, the precision it computes in, the exact counting tokens,
-    the window (the model's context) and the window's first token."""
-    return {"checkpoint_sha256": checkpoint_hash(Path(checkpoint)),
+    the window (the model's context), the window's first token, and a thresholded SiLU's thresholds."""
+    made = {"checkpoint_sha256": checkpoint_hash(Path(checkpoint)),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "tokens_sha256": hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest(),
             "tokens": str(len(tokens)), "context": str(model.config.max_positions), "bos": str(bos)}
+    acts = [block.ffn.act for block in model.layers]
+    if any(hasattr(act, "threshold") for act in acts):  # threshold.ThresholdedSiLU: how it was calibrated, or its t
+        made["thresholds"] = acts[0].calibration or ",".join(repr(act.threshold) for act in acts)
+    return made
 
 
 def save_counts(path: Path, counts: np.ndarray, provenance: dict[str, str]) -> None:

@@ -9,6 +9,9 @@ Every technique is a switch of `Techniques` on this one engine:
 - the flash directory's layout (bundled or unbundled), storage dtype (int8 included) and dead-neuron pruning
   (neurons left out of the layout are dropped from every set) are the directory's;
 - `threads`, `direct`, `gap_bytes`: the reader's settings;
+- `threshold`: a SiLU-gated FFN made sparse (CATS, `threshold.py`): activations of magnitude at most a per-layer
+  threshold (calibrated to this target sparsity, passed in as `thresholds`) are zero, so the sparse techniques
+  apply; lossy, and 0 (off) for ReLU FFNs, which are sparse already;
 - `compute_dtype`: the precision weights are held and multiplied in. float32 is exact against the float32 dense
   engine; float16 or bfloat16 (the paper's 16-bit setting) halves the DRAM resident weights and the neuron cache
   need, and is compared with a dense engine of the same precision;
@@ -39,6 +42,7 @@ from .layout import FlashLayout, decode_layer_file, decode_records
 from .model import Transformer, activation
 from .reader import FlashReader, ReadStats, aligned_buffer
 from .sources import ActivationSource, AllNeurons, Oracle
+from .threshold import ThresholdedSiLU, check_target
 
 SOURCES = ("predictor", "oracle", "trace", "all")
 PINNED = np.iinfo(np.int64).max  # the "last needed" position of hot neurons: never evicted
@@ -57,6 +61,7 @@ class Techniques:
     gap_bytes: int = 0
     compute_dtype: str = "float32"
     device: str = "cpu"
+    threshold: float = 0.0  # target sparsity of a thresholded SiLU FFN; 0: not thresholded
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -69,6 +74,7 @@ class Techniques:
             raise ValueError(f"window must be >= 0 and hybrid in [0, 1], got {self.window}, {self.hybrid}")
         if not DEVICE_NAME.fullmatch(self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        check_target(self.threshold)
         if self.source == "all" and self.window:
             raise ValueError("source 'all' needs every neuron every token: a window saves nothing")
 
@@ -124,18 +130,22 @@ class FlashFFN(nn.Module):
     """One layer's FFN, served from flash through the neuron cache."""
 
     def __init__(self, layer: int, shared: _Shared, up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
-                 hot: np.ndarray):
+                 gate: torch.Tensor | None, hot: np.ndarray, threshold: float | None = None):
+        """`gate`: the layer's resident gate matrix [d_ffn, d] where the layout keeps it in DRAM (its records then
+        hold only up and down)."""
         super().__init__()
         self.layer, self.shared = layer, shared
-        self.up_bias, self.down_bias = up_bias, down_bias
+        self.up_bias, self.down_bias, self.gate = up_bias, down_bias, gate
         self.geometry = g = shared.layout.geometry_of(layer)
         d_ffn = shared.layout.config.d_ffn
         # Neuron id -> record index in this layer's file (-1: pruned from the layout).
         self.stored = shared.layout.stored_ids(layer)
         self.record_of = np.full(d_ffn, -1, dtype=np.int64)
         self.record_of[self.stored] = np.arange(len(self.stored))
-        self.gated = "gate" in g.vectors
-        self.act = activation(shared.layout.config)  # a module: in naive reads, its output is every neuron's
+        self.gated = shared.layout.config.gated
+        # A module: in naive reads its output is every neuron's. Thresholded, it zeroes the weak activations of the
+        # neurons read (the predictor's false positives among them), as the dense thresholded model does.
+        self.act = ThresholdedSiLU(threshold) if threshold is not None else activation(shared.layout.config)
         dtype, device = shared.techniques.torch_dtype, shared.transfer.device
         if shared.techniques.memory == "regather":
             self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None, dtype, device)
@@ -183,6 +193,8 @@ class FlashFFN(nn.Module):
             sh.stats.io += stats
         t0 = time.perf_counter()
         rows = sh.transfer.to_device(decode_records(out, self.geometry, sh.techniques.torch_dtype))
+        if self.gate is not None:  # the gate rows come from DRAM
+            rows["gate"] = self.gate[torch.from_numpy(ids).to(self.gate.device)]
         sh.stats.memory_s += time.perf_counter() - t0
         return rows
 
@@ -262,6 +274,9 @@ class FlashFFN(nn.Module):
         sh.stats.io += sh.reader.read_layer(self.layer, buffer)
         t0 = time.perf_counter()
         weights = sh.transfer.to_device(decode_layer_file(buffer, self.geometry, sh.techniques.torch_dtype))
+        if self.gate is not None:
+            weights["gate"] = self.gate if self.shared.layout.kept is None else self.gate[
+                torch.from_numpy(self.stored).to(self.gate.device)]
         sh.stats.memory_s += time.perf_counter() - t0
         sh.stats.multiplied += len(self.stored)
         return self._ffn(xs, [(weights, self._bias(self.stored))])
@@ -312,37 +327,50 @@ class FlashEngine(Engine):
     def __init__(self, flash_dir: str | Path | FlashLayout, techniques: Techniques,
                  source: ActivationSource | None = None, neuron_counts: np.ndarray | None = None,
                  dram_budget: int | None = None, max_len: int | None = None,
-                 resident: dict[str, torch.Tensor] | None = None):
+                 resident: dict[str, torch.Tensor] | None = None, thresholds: list[float] | None = None):
         """`neuron_counts` [n_layers, d_ffn]: how often each neuron was active on held-out text; the hybrid keeps
         the `techniques.hybrid` most frequent ones resident. `source` overrides the default for
         `techniques.source` (needed for `predictor` and `trace`). `resident`: the layout's resident tensors already
-        loaded (`layout.resident_state()`), to share them between engines instead of reading them again."""
+        loaded (`layout.resident_state()`), to share them between engines instead of reading them again.
+        `thresholds`: per layer, the SiLU threshold calibrated to `techniques.threshold` (`threshold.calibrate`)."""
         layout = flash_dir if isinstance(flash_dir, FlashLayout) else FlashLayout.open(flash_dir)
         config, dtype, device = layout.config, techniques.torch_dtype, resolve(techniques.device)
         exact_float32(device)
         self.layout, self.techniques = layout, techniques
         resident = {k: v.to(device=device, dtype=dtype)
                     for k, v in (resident if resident is not None else layout.resident_state(dtype)).items()}
-        biases = {i: (resident.pop(f"layers.{i}.ffn.up.bias", None), resident.pop(f"layers.{i}.ffn.down.bias", None))
-                  for i in range(config.n_layers)}
+        # Per layer, the FFN's tensors kept in DRAM: (up bias, down bias, gate matrix of a gate-resident layout)
+        ffn_resident = {i: tuple(resident.pop(f"layers.{i}.ffn.{name}", None)
+                                 for name in ("up.bias", "down.bias", "gate.weight"))
+                        for i in range(config.n_layers)}
         reader = FlashReader.for_layout(layout, threads=techniques.threads, direct=techniques.direct,
                                         gap_bytes=techniques.gap_bytes)
         transfer = Transfer(device)
         try:  # a configuration that does not fit (BudgetError) or bad arguments must not leak threads or pinned pages
             self._build(layout, techniques, reader, transfer, source, neuron_counts, dram_budget, max_len, resident,
-                        biases)
+                        ffn_resident, thresholds)
         except BaseException:
             reader.close()
             transfer.close()
             raise
 
     def _build(self, layout: FlashLayout, techniques: Techniques, reader: FlashReader, transfer: Transfer, source,
-               neuron_counts, dram_budget: int | None, max_len: int | None, resident: dict, biases: dict) -> None:
+               neuron_counts, dram_budget: int | None, max_len: int | None, resident: dict, ffn_resident: dict,
+               thresholds: list[float] | None) -> None:
         config, g, dtype = layout.config, layout.geometry, techniques.torch_dtype
-        if not techniques.reads_whole_layers:
-            config.require_relu(f"{layout.path}: techniques {techniques}")
+        if techniques.threshold:
+            if config.activation != "silu" or not config.gated:
+                raise ValueError(f"{layout.path}: thresholding is for SiLU-gated FFNs, this one is "
+                                 f"{config.activation}")
+            if thresholds is None or len(thresholds) != config.n_layers:
+                raise ValueError(f"threshold {techniques.threshold} needs one calibrated threshold per layer "
+                                 f"({config.n_layers}), got {thresholds!r}")
+        else:
+            thresholds = None
+            if not techniques.reads_whole_layers:
+                config.require_relu(f"{layout.path}: techniques {techniques}")
         if source is None:
-            source = self._default_source(techniques, layout, reader, biases)
+            source = self._default_source(techniques, layout, reader, ffn_resident, thresholds)
         if techniques.source != source.name:
             raise ValueError(f"techniques ask for source {techniques.source!r}, got a {source.name!r} source")
         if transfer.gpu:
@@ -354,9 +382,10 @@ class FlashEngine(Engine):
         n_hot = max(len(h) for h in hot)
 
         resident_bytes = sum(t.nbytes for t in resident.values()) + sum(
-            b.nbytes for pair in biases.values() for b in pair if b is not None)
-        # A neuron cache row: its vectors and up bias, in the compute dtype.
-        self.row_bytes = row_bytes = (len(g.vectors) * g.d_model + (1 if config.bias else 0)) * dtype.itemsize
+            b.nbytes for pair in ffn_resident.values() for b in pair if b is not None)
+        # A neuron cache row: its vectors (a resident gate's rows too) and up bias, in the compute dtype.
+        vectors = 3 if config.gated else 2
+        self.row_bytes = row_bytes = (vectors * g.d_model + (1 if config.bias else 0)) * dtype.itemsize
         capacity, buffer_rows = self._sizes(techniques, layout, resident_bytes + source.nbytes, n_hot, dram_budget,
                                             max_delta=g.d_ffn - min(len(h) for h in hot))
         shared = _Shared(techniques, layout, reader, source, capacity, transfer)
@@ -366,7 +395,8 @@ class FlashEngine(Engine):
             shared.record_buffer = transfer.pin(aligned_buffer(buffer_rows * g.record_bytes)).reshape(
                 buffer_rows, g.record_bytes)
         self.shared = shared
-        model = Transformer.for_assignment(config, ffn=lambda i: FlashFFN(i, shared, *biases[i], hot[i]))
+        model = Transformer.for_assignment(
+            config, ffn=lambda i: FlashFFN(i, shared, *ffn_resident[i], hot[i], thresholds[i] if thresholds else None))
         model.load_state_dict(resident, strict=True, assign=True)
         model.to(transfer.device)  # the computed buffers (RoPE tables) too
         model.eval()
@@ -416,11 +446,12 @@ class FlashEngine(Engine):
         return capacity, capacity
 
     @staticmethod
-    def _default_source(techniques: Techniques, layout: FlashLayout, reader: FlashReader, biases) -> ActivationSource:
+    def _default_source(techniques: Techniques, layout: FlashLayout, reader: FlashReader, ffn_resident,
+                        thresholds: list[float] | None) -> ActivationSource:
         if techniques.source == "all":
             return AllNeurons(layout.geometry.d_ffn)
         if techniques.source == "oracle":
-            return oracle_from_flash(layout, reader, biases, techniques.torch_dtype)
+            return oracle_from_flash(layout, reader, ffn_resident, techniques.torch_dtype, thresholds)
         raise ValueError(f"source {techniques.source!r} must be passed in (a trained predictor or a trace)")
 
     def _timed(self, run, tokens: int) -> torch.Tensor:
@@ -457,8 +488,15 @@ class FlashEngine(Engine):
         self.close()
 
 
-def oracle_from_flash(layout: FlashLayout, reader: FlashReader, biases, dtype: torch.dtype = torch.float32) -> Oracle:
-    """The oracle's weights (up, or gate for gated FFNs) read once from flash and held in DRAM."""
+def oracle_from_flash(layout: FlashLayout, reader: FlashReader, ffn_resident, dtype: torch.dtype = torch.float32,
+                      thresholds: list[float] | None = None) -> Oracle:
+    """The oracle's weights (up, or gate for gated FFNs) read once from flash and held in DRAM; with `thresholds`,
+    its sets are the thresholded SiLU's. A gate-resident layout's oracle is its resident gates (counted there)."""
+    if layout.gate_resident:
+        n = layout.config.n_layers
+        oracle = Oracle([ffn_resident[layer][2] for layer in range(n)], [None] * n, None, thresholds)
+        oracle.nbytes = 0
+        return oracle
     name = "gate" if "gate" in layout.geometry.vectors else "up"
     buffer = aligned_buffer(layout.geometry.file_bytes)
     weights, layer_biases, ids = [], [], []
@@ -467,7 +505,7 @@ def oracle_from_flash(layout: FlashLayout, reader: FlashReader, biases, dtype: t
         reader.read_layer(layer, buffer[: g.file_bytes])
         weights.append(decode_layer_file(buffer[: g.file_bytes], g, dtype)[name].clone())
         stored = layout.stored_ids(layer)
-        bias = biases[layer][0] if name == "up" else None
+        bias = ffn_resident[layer][0] if name == "up" else None
         layer_biases.append(bias[torch.from_numpy(stored)] if bias is not None else None)
         ids.append(stored)
-    return Oracle(weights, layer_biases, ids)
+    return Oracle(weights, layer_biases, ids, thresholds)

@@ -200,6 +200,9 @@ class FlashLayout:
     origin: dict  # where the weights came from: the checkpoint's path and sha256, or a synthetic model's seed
     files: dict
     kept: list[np.ndarray] | None = None  # pruned or placed: per layer, the model's neuron ids stored, in file order
+    # A gated FFN's gate matrices in resident.safetensors (`layers.N.ffn.gate.weight`, every neuron), its records
+    # only up and down: the gate decides a thresholded SiLU's set before anything is read (CATS).
+    gate_resident: bool = False
 
     def ffn_path(self, layer: int) -> Path:
         return self.path / ffn_file(layer)
@@ -232,7 +235,8 @@ class FlashLayout:
         files, origin, resident_dtype = meta.get("files"), meta.get("origin"), meta.get("resident_dtype")
         if geometry.layout not in LAYOUTS or geometry.dtype not in DTYPES:
             raise LayoutError(f"{meta_path}: unknown layout {geometry.layout!r} or dtype {geometry.dtype!r}")
-        vectors = ("gate", "up", "down") if config.gated else ("up", "down")
+        gate_resident = meta.get("gate") == "resident"
+        vectors = record_vectors(config, gate_resident)
         if (config.arch not in ARCHITECTURES or geometry.vectors != vectors or geometry.d_model != config.d_model
                 or geometry.d_ffn > config.d_ffn or not isinstance(resident_dtype, str)
                 or resident_dtype not in DTYPES):
@@ -263,7 +267,7 @@ class FlashLayout:
         if kept is not None and (len(kept) != config.n_layers or any(
                 len(k) and (k.min() < 0 or k.max() >= config.d_ffn or len(np.unique(k)) != len(k)) for k in kept)):
             raise LayoutError(f"{meta_path}: 'kept' must list, per layer, distinct neuron ids below {config.d_ffn}")
-        return cls(path, config, geometry, resident_dtype, origin, files, kept)
+        return cls(path, config, geometry, resident_dtype, origin, files, kept, gate_resident)
 
     def resident_state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The resident tensors under our names, in the compute dtype `dtype`."""
@@ -325,14 +329,22 @@ class TensorSource:
         return t
 
 
+def record_vectors(config: ModelConfig, gate_resident: bool = False) -> tuple[str, ...]:
+    """The vectors of a neuron's record, in order."""
+    if gate_resident and not config.gated:
+        raise LayoutError("gate_resident needs a gated FFN (the Llama family)")
+    return ("gate", "up", "down") if config.gated and not gate_resident else ("up", "down")
+
+
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bundled", dtype: str = "float16",
             progress=None, keep: list[np.ndarray] | None = None, pruning: dict | None = None,
-            placement: dict | None = None) -> FlashLayout:
+            placement: dict | None = None, gate_resident: bool = False) -> FlashLayout:
     """Convert an HF checkpoint to a flash directory, streaming one tensor at a time.
 
     `keep` (per layer, the neuron ids to store) prunes the others, e.g. neurons never active on training text;
     `pruning` describes how they were chosen, for layout.json. `keep` in another order than the ids' places the
-    records in that order (hot neurons first, say); `placement` describes it.
+    records in that order (hot neurons first, say); `placement` describes it. `gate_resident` puts a gated FFN's
+    gate matrices among the resident tensors and only up and down in the records.
 
     The directory appears under its name only when complete (built in a temp dir beside it, then renamed);
     on any error nothing is left behind. `progress(done, total)` is called after each layer.
@@ -343,12 +355,14 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
     config = ModelConfig.load(checkpoint_dir)
     source = TensorSource(checkpoint_dir, config)
     origin = {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)}
-    return write_layout(config, source.get, origin, out_dir, layout, dtype, progress, keep, pruning, placement)
+    return write_layout(config, source.get, origin, out_dir, layout, dtype, progress, keep, pruning, placement,
+                        gate_resident)
 
 
 def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], origin: dict, out_dir: str | Path,
                  layout: str = "bundled", dtype: str = "float16", progress=None, keep: list[np.ndarray] | None = None,
-                 pruning: dict | None = None, placement: dict | None = None) -> FlashLayout:
+                 pruning: dict | None = None, placement: dict | None = None,
+                 gate_resident: bool = False) -> FlashLayout:
     """A flash directory from `tensor(name)` (our names, fetched one at a time: nothing else is held in memory);
     `origin` goes into layout.json as where the weights came from. Atomic, as `convert` says."""
     out_dir = Path(out_dir)
@@ -363,7 +377,7 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
         if any(len(np.unique(k)) != len(k) for k in keep):
             raise ValueError("keep must not list a neuron twice in a layer")
     shapes = expected_shapes(config)
-    vectors = ("gate", "up", "down") if config.gated else ("up", "down")
+    vectors = record_vectors(config, gate_resident)
     geometry = FFNGeometry(layout, dtype, config.d_model, config.d_ffn, vectors)
     if keep is not None and (len(keep) != config.n_layers or any(
             len(k) and (k.min() < 0 or k.max() >= config.d_ffn) for k in keep)):
@@ -376,7 +390,8 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
     except OSError as e:
         raise LayoutError(f"{out_dir}: cannot write the flash directory there ({e.strerror or e})") from e
     try:
-        resident = [n for n in shapes if ".ffn." not in n or n.endswith(".bias")]
+        resident = [n for n in shapes if ".ffn." not in n or n.endswith(".bias")
+                    or (gate_resident and n.endswith(".ffn.gate.weight"))]
         write_safetensors_streaming(tmp / "resident.safetensors", resident, shapes, DTYPES[resident_dtype], tensor)
         for layer in range(config.n_layers):
             weights = {v: tensor(f"layers.{layer}.ffn.{v}.weight") for v in vectors}
@@ -401,6 +416,7 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
             "kept": None if keep is None else [k.tolist() for k in keep],
             "pruning": pruning,
             "placement": placement,
+            "gate": "resident" if gate_resident else "records",
         }
         (tmp / "layout.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, out_dir)

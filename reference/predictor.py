@@ -91,7 +91,7 @@ def collect(model: Transformer, tokens: list[int], context: int, bos: int | None
     hooks = []
     for i, block in enumerate(model.layers):
         hooks.append(block.ffn.register_forward_pre_hook(lambda _m, args, i=i: inputs[i].append(args[0][0].clone())))
-        hooks.append(block.ffn.act.register_forward_hook(lambda _m, _a, out, i=i: active[i].append(out[0] > 0)))
+        hooks.append(block.ffn.act.register_forward_hook(lambda _m, _a, out, i=i: active[i].append(out[0] != 0)))
     try:
         for window in context_windows(tokens, context, bos):
             model(torch.tensor([window]))

@@ -14,6 +14,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from . import threshold
+
 
 class ActivationSource(Protocol):
     name: str
@@ -50,15 +52,16 @@ class AllNeurons:
 
 
 class Oracle:
-    """Exact active sets: neurons whose ReLU input is positive. `weights[layer]` is the up projection (the gate
-    for gated FFNs) as stored, [n, d]; `biases[layer]` its bias or None; `ids[layer]` the neuron id of each row
-    (default: row i is neuron i)."""
+    """Exact active sets: neurons whose ReLU input is positive, or with `thresholds` (a thresholded SiLU FFN) those
+    with |SiLU(gate x)| above their layer's threshold. `weights[layer]` is the up projection (the gate for gated
+    FFNs) as stored, [n, d]; `biases[layer]` its bias or None; `ids[layer]` the neuron id of each row (default: row i
+    is neuron i)."""
 
     name = "oracle"
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
-                 ids: list[np.ndarray] | None = None):
-        self.weights, self.biases = weights, biases
+                 ids: list[np.ndarray] | None = None, thresholds: list[float] | None = None):
+        self.weights, self.biases, self.thresholds = weights, biases, thresholds
         self.ids = ids or [np.arange(len(w)) for w in weights]
         self.nbytes = sum(w.nbytes for w in weights) + sum(b.nbytes for b in biases if b is not None)
 
@@ -66,7 +69,7 @@ class Oracle:
         pre = x @ self.weights[layer].t()
         if self.biases[layer] is not None:
             pre = pre + self.biases[layer]
-        active = (pre > 0).cpu().numpy()
+        active = (pre > 0 if self.thresholds is None else threshold.active(pre, self.thresholds[layer])).cpu().numpy()
         return [np.sort(self.ids[layer][np.flatnonzero(row)]) for row in active]  # a placed layout's ids: any order
 
     def reset(self) -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 SUITE_DIR = Path(__file__).resolve().parent
 MODELS_DIR = SUITE_DIR / "models"
 HELDOUT_TEXT = SUITE_DIR / "data" / "heldout.txt"
-EMBEDDED_MODELS = ("shakespeare-opt", "shakespeare-llama-relu")
+RELU_MODELS = ("shakespeare-opt", "shakespeare-llama-relu")  # trained sparse (an L1 penalty on the ReLU outputs)
+SILU_MODEL = "shakespeare-llama-silu"  # the same recipe with a SiLU-gated FFN and no penalty: for thresholding
+EMBEDDED_MODELS = RELU_MODELS + (SILU_MODEL,)
 DEFAULT_MODEL = EMBEDDED_MODELS[0]
 
 

@@ -20,7 +20,7 @@ def train_tokens():
     return encode(train_text(), bos=False)
 
 
-@pytest.mark.parametrize("name", suite.EMBEDDED_MODELS)
+@pytest.mark.parametrize("name", suite.RELU_MODELS)
 def test_the_shipped_counts_were_made_from_this_checkpoint_and_the_default_counting_tokens(name, train_tokens):
     path = suite.model_path(name)
     model = Transformer.from_checkpoint(path)

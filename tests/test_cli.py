@@ -48,6 +48,11 @@ def test_generate_prints_text_and_timings_and_writes_json(tiny_checkpoint, tmp_p
     assert len(rec["tokens"]) == 8 and len(rec["token_ms"]) == 7
 
 
+def test_a_prompt_longer_than_the_context_exits_2_saying_so(tiny_checkpoint, capsys):
+    assert main(["generate", str(tiny_checkpoint), "--prompt", "x" * 300, "--tokens", "2"]) == 2
+    assert "its context holds 256 positions" in capsys.readouterr().err
+
+
 def test_check_dense_passes_on_a_good_checkpoint(tiny_checkpoint, capsys):
     pytest.importorskip("transformers")
     assert main(["check-dense", str(tiny_checkpoint), "--prefill", "16", "--steps", "4"]) == 0

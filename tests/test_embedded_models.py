@@ -11,14 +11,14 @@ from flashbench.reference import Transformer
 from flashbench.suite.models.card import measure
 
 
-@pytest.fixture(scope="module", params=suite.EMBEDDED_MODELS)
+@pytest.fixture(scope="module", params=suite.RELU_MODELS)
 def embedded(request):
     path = suite.model_path(request.param)
     return path, json.loads((path / "card.json").read_text())
 
 
 def test_both_architectures_are_embedded():
-    archs = {Transformer.from_checkpoint(suite.model_path(n)).config.arch for n in suite.EMBEDDED_MODELS}
+    archs = {Transformer.from_checkpoint(suite.model_path(n)).config.arch for n in suite.RELU_MODELS}
     assert archs == {"opt", "llama"}
 
 

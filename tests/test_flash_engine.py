@@ -19,7 +19,7 @@ PROMPT = encode(suite.heldout_text())[:32]
 STEPS = 128
 
 
-@pytest.fixture(scope="module", params=suite.EMBEDDED_MODELS)
+@pytest.fixture(scope="module", params=suite.RELU_MODELS)
 def model(request, tmp_path_factory):
     """A shipped model: its dense reference run, fp32 flash directories of both layouts, and its hot neurons."""
     path = suite.model_path(request.param)

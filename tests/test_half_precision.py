@@ -20,7 +20,7 @@ def teacher_forced_logits(engine) -> torch.Tensor:
     return torch.cat([engine.prefill(TOKENS[:1])] + [engine.step(t)[None] for t in TOKENS[1:-1]])
 
 
-@pytest.fixture(scope="module", params=suite.EMBEDDED_MODELS)
+@pytest.fixture(scope="module", params=suite.RELU_MODELS)
 def model(request, tmp_path_factory):
     """A shipped model (stored in float16), its float16 flash directory and its dense runs in each precision."""
     path = suite.model_path(request.param)

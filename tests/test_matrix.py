@@ -6,7 +6,7 @@ import json
 
 from flashbench.harness import matrix as table
 from flashbench.harness.cli import main
-from flashbench.harness.matrix import Settings, Technique, matrix, technique_names
+from flashbench.harness.matrix import Configuration, Settings, Technique, matrix, technique_names
 
 from .tiny import scenario
 
@@ -22,9 +22,12 @@ def test_naive_comes_first_and_reads_whole_unbundled_files():
     assert naive.layout().name == "unbundled-float16"
 
 
+RELU = technique_names(dense_ffn=False)  # what applies to a ReLU FFN: every row but threshold
+
+
 def test_every_technique_appears_alone_with_its_prerequisites_named():
     s = by_section(matrix())
-    assert {f"alone:{t}" for t in technique_names()} <= set(s)
+    assert {f"alone:{t}" for t in RELU} <= set(s)
     assert s["alone:windowing"].prerequisites == ("predictor",)
     assert s["alone:memory"].prerequisites == ("predictor", "windowing")
     assert s["alone:quantization"].prerequisites == ()
@@ -32,9 +35,9 @@ def test_every_technique_appears_alone_with_its_prerequisites_named():
 
 def test_cumulative_order_is_the_papers_then_memory_quantization_pruning_placement():
     s = by_section(matrix())
-    n = len(technique_names())
-    assert [s[f"cumulative:{i}"].name.split("+")[-1] for i in range(1, n + 1)] == list(technique_names())
-    assert technique_names()[-4:] == ("memory", "quantization", "pruning", "placement")
+    n = len(RELU)
+    assert [s[f"cumulative:{i}"].name.split("+")[-1] for i in range(1, n + 1)] == list(RELU)
+    assert RELU[-4:] == ("memory", "quantization", "pruning", "placement")
     assert s[f"cumulative:{n}"] is s["all"]
 
 
@@ -87,3 +90,38 @@ def test_a_technique_is_one_row_of_the_table_and_reaches_the_matrix_the_records_
     assert record["agreement"]["tolerance"] == "exact"  # not lossy: judged exact, and it is
     report = (run / "report.md").read_text()
     assert "| hybrid+toy |" in report and "| toy | read with two threads | - | exact | threads = 2 | - |" in report
+
+
+def test_a_relu_ffns_matrix_leaves_threshold_out():
+    assert "threshold" in technique_names() and "threshold" not in RELU
+    assert all("threshold" not in c.on for c in matrix())
+
+
+def test_on_a_silu_ffn_every_sparse_technique_needs_threshold():
+    s = by_section(matrix(dense_ffn=True))
+    assert s["alone:hybrid"].on == {"threshold", "hybrid"} and s["alone:hybrid"].prerequisites == ("threshold",)
+    assert s["alone:memory"].prerequisites == ("threshold", "predictor", "windowing")
+    assert s["alone:quantization"].on == {"quantization"}  # dense reads: no sparsity needed
+    assert s["cumulative:1"].name == "threshold" and s["cumulative:2"].name == "threshold+hybrid"
+    assert s["all-but:threshold"].on == {"quantization"}
+    assert s["all-but:threshold"].inactive == ("hybrid", "predictor", "windowing", "bundling", "memory", "pruning",
+                                              "placement")
+
+
+def test_threshold_is_lossy_and_switches_the_engines_target_sparsity():
+    c = by_section(matrix(dense_ffn=True))["alone:threshold"]
+    assert not c.exact and c.engine_settings(Settings(threshold=0.7), "predictor").threshold == 0.7
+    assert c.engine_settings(Settings(), "predictor").reads_whole_layers  # alone it reads every neuron
+
+
+def test_sparse_configurations_say_why_they_do_not_apply():
+    s = by_section(matrix(technique_names(), dense_ffn=True))
+    assert "needs 'threshold' on" in Configuration(frozenset({"hybrid"})).not_applicable(dense_ffn=True)
+    assert s["alone:hybrid"].not_applicable(dense_ffn=True) is None
+    assert "applies to SiLU FFNs" in s["alone:threshold"].not_applicable(dense_ffn=False)
+    assert s["naive"].not_applicable(dense_ffn=True) is None
+
+
+def test_a_threshold_target_must_be_a_fraction_below_one():
+    with pytest.raises(ValueError, match="threshold target sparsity"):
+        Settings(threshold=1.0)

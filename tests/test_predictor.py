@@ -66,7 +66,7 @@ def test_predictor_train_command_writes_the_predictor_and_its_metrics(tiny_check
     assert meta["rank"] == 4 and len(meta["metrics"]["heldout_layers"]) == 2
 
 
-@pytest.mark.parametrize("name", suite.EMBEDDED_MODELS)
+@pytest.mark.parametrize("name", suite.RELU_MODELS)
 def test_shipped_predictors_recall_at_least_nine_in_ten_active_neurons(name):
     model = Transformer.from_checkpoint(suite.model_path(name))
     predictor = Predictor.load(suite.model_path(name) / "predictor")
@@ -75,7 +75,7 @@ def test_shipped_predictors_recall_at_least_nine_in_ten_active_neurons(name):
         assert m.recall >= 0.9 and m.predicted_per_active >= 1.0, (layer, m)
 
 
-@pytest.mark.parametrize("name", suite.EMBEDDED_MODELS)
+@pytest.mark.parametrize("name", suite.RELU_MODELS)
 def test_predictor_driven_flash_engine_agrees_with_dense(name, tmp_path):
     path = suite.model_path(name)
     tokens = encode(suite.heldout_text())[:129]

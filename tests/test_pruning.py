@@ -19,7 +19,7 @@ from tests.exactness import within_exact_bound
 TOKENS = encode(suite.heldout_text())[:96]
 
 
-@pytest.fixture(scope="module", params=suite.EMBEDDED_MODELS)
+@pytest.fixture(scope="module", params=suite.RELU_MODELS)
 def pruned(request, tmp_path_factory):
     """A model pruned to the neurons active somewhere in TOKENS, and the dense logits over TOKENS."""
     path = suite.model_path(request.param)

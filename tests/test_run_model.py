@@ -71,7 +71,50 @@ def test_a_silu_checkpoints_sparse_configurations_are_recorded_not_applicable_wi
     assert recs["quantization"]["status"] == "measured"
     for name in ("hybrid", "predictor", "hybrid+predictor"):
         assert recs[name]["status"] == "not-applicable"
-        assert "silu FFN: no activation is exactly zero" in recs[name]["error"]
+        assert "SiLU FFN: no activation is exactly zero" in recs[name]["error"]
+        assert "needs 'threshold' on" in recs[name]["error"]
+
+
+def run_thresholded(tmp_path, checkpoint: Path, target: float, source: str = "predictor") -> dict[str, dict]:
+    """A SiLU checkpoint through the matrix of threshold, hybrid, predictor and windowing at `target` sparsity."""
+    (tmp_path / "t.toml").write_text(scenario(
+        "model", tokens=12, engine=f'storage_dtype = "checkpoint"\nthreshold = {target}',
+        model='techniques = ["threshold", "hybrid", "predictor", "windowing"]\npeers = []\npredictor_tokens = 4096'
+              f'\nsource = "{source}"'))
+    assert main(["run", "--scenario", str(tmp_path / "t.toml"), "--reports", str(tmp_path / "reports"),
+                 "--run-id", f"t{target}", "--work", str(tmp_path / "work"), "--model", str(checkpoint)]) == 0
+    return records(tmp_path / "reports" / f"t{target}")
+
+
+def test_a_silu_checkpoints_sparse_configurations_run_with_threshold_at_the_approximate_tier(
+        silu_checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    recs = run_thresholded(tmp_path, silu_checkpoint, 0.5)
+    calibrated = recs["model"]["threshold"]
+    assert calibrated["target_sparsity"] == 0.5 and len(calibrated["thresholds"]) == 2
+    for name in ("threshold", "threshold+hybrid", "threshold+predictor", "threshold+hybrid+predictor+windowing"):
+        assert recs[name]["status"] == "measured" and recs[name]["agreement"]["tolerance"] == "approximate", name
+        assert recs[name]["engine"]["threshold"] == 0.5
+    assert recs["naive"]["agreement"]["tolerance"] == "exact" and recs["naive"]["agreement"]["passed"]
+    assert "all-but:threshold" in recs["naive"]["sections"]  # nothing sparse without it: the naive set
+    neurons = lambda n: recs[n]["metrics"]["per_token"]["neurons"]  # noqa: E731
+    assert neurons("threshold+predictor") < 0.8 * neurons("threshold")  # the predicted set, not every neuron
+
+
+def test_with_the_oracle_a_silu_checkpoints_gate_rows_stay_in_dram_and_only_up_and_down_are_read(
+        silu_checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    recs = run_thresholded(tmp_path, silu_checkpoint, 0.5, source="oracle")
+    sparse = recs["threshold+predictor"]
+    assert sparse["layout"]["name"].endswith("-gate-resident") and sparse["dram"]["source"] == 0
+    assert not recs["naive"]["layout"]["gate_resident"]  # the baseline keeps every weight on flash
+    assert "kept in DRAM (CATS)" in sparse["activation_source"]
+
+
+def test_a_threshold_set_far_too_high_is_caught_by_the_verdicts(silu_checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    recs = run_thresholded(tmp_path, silu_checkpoint, 0.99)
+    assert recs["threshold"]["status"] == "measured" and recs["threshold"]["agreement"]["passed"] is False
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,

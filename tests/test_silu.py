@@ -1,5 +1,5 @@
 """A SiLU-gated checkpoint (Llama 2/3, Mistral, Qwen2 as most people hold them): dense and exact through convert
-and the naive flash engine; the sparse techniques, which need ReLU's exact zeros, refuse it."""
+and the naive flash engine; the sparse techniques, which need exact zeros, refuse it unless it is thresholded."""
 
 import pytest
 import torch
@@ -38,10 +38,17 @@ def test_sparse_reads_refuse_a_silu_model_saying_why(silu_checkpoint, tmp_path, 
         FlashEngine(flash, techniques, neuron_counts=torch.ones(2, 192, dtype=torch.int64).numpy())
 
 
-@pytest.mark.parametrize("command", [["predictor", "train"], ["model", "counts"]])
-def test_what_counts_exact_zeros_refuses_a_silu_checkpoint_with_exit_2(silu_checkpoint, command, capsys):
-    assert main([*command, str(silu_checkpoint)]) == 2
-    assert "activation 'silu' is dense" in capsys.readouterr().err
+@pytest.mark.parametrize("command", [["predictor", "train", "--tokens", "512", "--epochs", "1"],
+                                     ["model", "counts", "--tokens", "512"]])
+def test_what_counts_exact_zeros_thresholds_a_silu_checkpoint_first(silu_checkpoint, command, tmp_path, capsys):
+    out = tmp_path / ("p" if command[0] == "predictor" else "counts.safetensors")
+    assert main([*command, str(silu_checkpoint), "--out", str(out), "--target-sparsity", "0.6"]) == 0
+    assert "SiLU FFN thresholded at a target sparsity of 60%" in capsys.readouterr().out
+
+
+def test_a_target_sparsity_outside_0_to_1_is_refused_with_exit_2(silu_checkpoint, tmp_path, capsys):
+    assert main(["model", "counts", str(silu_checkpoint), "--out", str(tmp_path / "c"), "--target-sparsity", "1"]) == 2
+    assert "--target-sparsity" in capsys.readouterr().err
 
 
 def test_generate_and_check_dense_run_on_a_silu_checkpoint(silu_checkpoint, capsys):

@@ -11,11 +11,11 @@ import traceback
 from flashbench.reference import FlashbenchError
 
 from . import (check_dense, compare, convert, generate, hardware, model, models, predictor, probe, reader_sweep,
-               report, run, validate, window_sweep)
+               report, run, threshold_sweep, validate, window_sweep)
 from .common import EXIT_BAD_INPUT, EXIT_BUG, check_json_path
 
 COMMANDS = (run, report, compare, validate, hardware, probe, generate, convert, reader_sweep, predictor,
-            window_sweep, model, models, check_dense)
+            window_sweep, threshold_sweep, model, models, check_dense)
 
 
 def build_parser() -> argparse.ArgumentParser:

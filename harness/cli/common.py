@@ -10,9 +10,12 @@ import numpy as np
 from flashbench import suite
 from flashbench.reference import FlashbenchError, ModelConfig, Transformer
 from flashbench.reference.activations import COUNTS_TOKENS, activation_counts, dead_neuron_pruning
+from flashbench.reference.layout import DTYPES, LAYOUTS
+from flashbench.reference.threshold import CALIBRATION_TOKENS, calibrate, calibration_key, check_target, thresholded
 from flashbench.reference.tokenizer import Tokenizer
 
-from ..texts import training_text
+from ..records import REPO_ROOT
+from ..texts import Text, training_text
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
@@ -60,6 +63,40 @@ def pruning_from_args(checkpoint: Path, args) -> tuple[list[np.ndarray] | None, 
     keep, pruning = dead_neuron_pruning(counts, text.label, len(ids))
     print(f"  dead per layer: {pruning['dead_per_layer']} of {model.config.d_ffn}")
     return keep, pruning
+
+
+def add_target_sparsity_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-sparsity", type=float, default=0.5, help="a SiLU FFN is thresholded (CATS) at this "
+                   f"target sparsity, calibrated on the first {CALIBRATION_TOKENS:,} training tokens, as flashbench "
+                   "run does with its default [engine] threshold (default 0.5; a ReLU FFN is used as it is)")
+
+
+def sparse_model(path: Path, model: Transformer, tokenizer: Tokenizer, train: Text, target: float,
+                 where: str) -> Transformer:
+    """`model` with exact zeros in its FFN: a ReLU FFN as it is, a SiLU one thresholded (in place) at `target`
+    sparsity on the first CALIBRATION_TOKENS tokens of `train`, as the main job's threshold technique does."""
+    if model.config.sparse:
+        return model
+    if model.config.activation != "silu" or not model.config.gated:
+        model.config.require_relu(where)
+    try:
+        check_target(target)
+    except ValueError as e:
+        raise UsageError(f"--target-sparsity: {e}") from e
+    calibration = train.tokens(tokenizer, CALIBRATION_TOKENS)
+    thresholds = calibrate(model, calibration, [target], tokenizer.bos)[target]
+    print(f"{path.name}: SiLU FFN thresholded at a target sparsity of {target:.0%} (calibrated on "
+          f"{len(calibration):,} tokens of {train.label}): t = {', '.join(f'{t:.4g}' for t in thresholds)}")
+    return thresholded(model, thresholds, calibration_key(target, calibration))
+
+
+def add_sweep_layout_args(p: argparse.ArgumentParser) -> None:
+    """The flash layout a sweep converts the model to, and how it is read."""
+    p.add_argument("--layout", choices=LAYOUTS, default="bundled")
+    p.add_argument("--storage-dtype", "--dtype", choices=DTYPES, default="float16",
+                   help="how the FFN weights are stored (default float16)")
+    p.add_argument("--threads", type=int, default=16, help="reader threads (default 16)")
+    p.add_argument("--work", default=str(REPO_ROOT / ".work"), help="where the flash directory is made (not tmpfs)")
 
 
 def add_text_arg(p: argparse.ArgumentParser) -> None:

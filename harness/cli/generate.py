@@ -12,7 +12,7 @@ from flashbench.reference.tokenizer import Tokenizer
 
 from ..records import write_json_atomic
 from ..stats import percentile
-from .common import EXIT_OK, load_model
+from .common import EXIT_OK, UsageError, load_model
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
@@ -38,6 +38,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def _generation_record(path: Path, model: Transformer, tokenizer: Tokenizer, prompt: str, args) -> dict:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     prompt_ids = tokenizer.encode(prompt)
+    if len(prompt_ids) >= model.config.max_positions:  # bad input, not a bug: say so (exit 2)
+        raise UsageError(f"--prompt: {len(prompt_ids)} tokens with {path.name}'s tokenizer; its context holds "
+                         f"{model.config.max_positions} positions, so the prompt must be shorter to leave room for a "
+                         "new token")
     result = generate(Engine(model), prompt_ids, args.tokens, sampling, eos=tokenizer.eos)
     ms = [s * 1e3 for s in result.token_seconds]
     return {

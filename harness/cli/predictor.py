@@ -7,7 +7,7 @@ from pathlib import Path
 from flashbench import suite
 
 from ..texts import heldout_text, training_text
-from .common import EXIT_OK, add_text_arg, load_model
+from .common import EXIT_OK, add_target_sparsity_arg, add_text_arg, load_model, sparse_model
 
 
 def add_parser(sub) -> None:
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     q.add_argument("--epochs", type=int, default=4, help="passes over the training tokens (default 4)")
     q.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold (default 0.5)")
     q.add_argument("--seed", type=int, default=0)
+    add_target_sparsity_arg(q)
     q.set_defaults(func=cmd_predictor_train)
 
 
@@ -34,13 +35,17 @@ def cmd_predictor_train(args) -> int:
     from flashbench.reference.predictor import train_predictor
 
     path, model, tokenizer = load_model(args.model)
-    model.config.require_relu(f"{path}: predictor training")
-    train_tokens = training_text(args.train_text).tokens(tokenizer, args.tokens)
+    train = training_text(args.train_text)
+    model = sparse_model(path, model, tokenizer, train, args.target_sparsity, f"{path}: predictor training")
+    train_tokens = train.tokens(tokenizer, args.tokens)
     heldout = heldout_text(args.text).tokens(tokenizer)
     out = Path(args.out) if args.out else path / "predictor"
     print(f"training rank-{args.rank} predictors for {path} on {len(train_tokens):,} tokens")
     predictor = train_predictor(model, train_tokens, heldout, tokenizer.bos, rank=args.rank, epochs=args.epochs,
                                 threshold=args.threshold, seed=args.seed)
+    thresholds = getattr(model.layers[0].ffn.act, "calibration", None)  # a thresholded SiLU's calibration_key
+    if thresholds is not None:
+        predictor.metrics["thresholds"] = thresholds  # the thresholded SiLU it predicts (flashbench run checks it)
     predictor.save(out)
     print(f"on held-out text ({len(heldout):,} tokens), threshold {args.threshold}:")
     print("layer  recall  precision  predicted/active  active   predicted")

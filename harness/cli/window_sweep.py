@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from flashbench import suite
-from flashbench.reference.layout import DTYPES, LAYOUTS
 
-from ..records import REPO_ROOT, provenance, write_json_atomic
+from ..records import provenance, write_json_atomic
 from ..texts import heldout_text
-from .common import EXIT_OK, add_pruning_args, add_text_arg, load_tokenizer, pruning_from_args
+from .common import EXIT_OK, add_pruning_args, add_sweep_layout_args, add_text_arg, load_tokenizer, pruning_from_args
 
 
 def add_parser(sub) -> None:
@@ -21,11 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--predictor", help="predictor path without suffix (default: MODEL_DIR/predictor)")
     p.add_argument("--max-window", type=int, default=8, help="largest k (default 8)")
     p.add_argument("--tokens", type=int, default=512, help="held-out tokens (default 512)")
-    p.add_argument("--layout", choices=LAYOUTS, default="bundled")
-    p.add_argument("--storage-dtype", "--dtype", choices=DTYPES, default="float16",
-                   help="how the FFN weights are stored (default float16)")
-    p.add_argument("--threads", type=int, default=16, help="reader threads (default 16)")
-    p.add_argument("--work", default=str(REPO_ROOT / ".work"), help="where the flash directory is made (not tmpfs)")
+    add_sweep_layout_args(p)
     p.add_argument("--json", help="also write the points as JSON to this path")
     add_pruning_args(p)
     add_text_arg(p)

