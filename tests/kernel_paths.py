@@ -32,7 +32,7 @@ PATHS = {  # name -> the environment that holds torch to it
 LIMITS = tuple(sorted({k for env in PATHS.values() for k in env}))
 # The modules holding exactness tests: collecting only these saves each path the others' imports.
 MODULES = ("test_hf_agreement.py", "test_half_precision.py", "test_pruning.py", "test_validate.py", "test_silu.py",
-           "test_run_model.py", "test_peers.py", "test_placement.py")
+           "test_run_model.py", "test_peers.py", "test_placement.py", "test_threshold.py")
 
 
 def reported_capability(env: dict[str, str]) -> str:
