@@ -75,12 +75,12 @@ def test_a_silu_checkpoints_sparse_configurations_are_recorded_not_applicable_wi
         assert "needs 'threshold' on" in recs[name]["error"]
 
 
-def run_thresholded(tmp_path, checkpoint: Path, target: float, source: str = "predictor") -> dict[str, dict]:
-    """A SiLU checkpoint through the matrix of threshold, hybrid, predictor and windowing at `target` sparsity."""
+def run_thresholded(tmp_path, checkpoint: Path, target: float, source: str = "predictor",
+                    techniques: str = '"threshold", "hybrid", "predictor", "windowing"') -> dict[str, dict]:
+    """A SiLU checkpoint through the matrix of `techniques` at `target` sparsity."""
     (tmp_path / "t.toml").write_text(scenario(
         "model", tokens=12, engine=f'storage_dtype = "checkpoint"\nthreshold = {target}',
-        model='techniques = ["threshold", "hybrid", "predictor", "windowing"]\npeers = []\npredictor_tokens = 4096'
-              f'\nsource = "{source}"'))
+        model=f'techniques = [{techniques}]\npeers = []\npredictor_tokens = 4096\nsource = "{source}"'))
     assert main(["run", "--scenario", str(tmp_path / "t.toml"), "--reports", str(tmp_path / "reports"),
                  "--run-id", f"t{target}", "--work", str(tmp_path / "work"), "--model", str(checkpoint)]) == 0
     return records(tmp_path / "reports" / f"t{target}")
@@ -104,7 +104,8 @@ def test_a_silu_checkpoints_sparse_configurations_run_with_threshold_at_the_appr
 def test_with_the_oracle_a_silu_checkpoints_gate_rows_stay_in_dram_and_only_up_and_down_are_read(
         silu_checkpoint, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    recs = run_thresholded(tmp_path, silu_checkpoint, 0.5, source="oracle")
+    recs = run_thresholded(tmp_path, silu_checkpoint, 0.5, source="oracle",
+                           techniques='"threshold", "predictor"')
     sparse = recs["threshold+predictor"]
     assert sparse["layout"]["name"].endswith("-gate-resident") and sparse["dram"]["source"] == 0
     assert not recs["naive"]["layout"]["gate_resident"]  # the baseline keeps every weight on flash
@@ -113,7 +114,7 @@ def test_with_the_oracle_a_silu_checkpoints_gate_rows_stay_in_dram_and_only_up_a
 
 def test_a_threshold_set_far_too_high_is_caught_by_the_verdicts(silu_checkpoint, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    recs = run_thresholded(tmp_path, silu_checkpoint, 0.99)
+    recs = run_thresholded(tmp_path, silu_checkpoint, 0.99, source="oracle", techniques='"threshold"')
     assert recs["threshold"]["status"] == "measured" and recs["threshold"]["agreement"]["passed"] is False
 
 

@@ -45,24 +45,25 @@ def heldout_measures(model: Transformer, tokens: list[int], context: int) -> tup
     return total / count, (active.double() / (positions * model.config.d_ffn)).tolist()
 
 
-def measure(model_dir: Path) -> dict:
+def measure(model_dir: Path, targets: tuple[float, ...] = SPARSITY_TARGETS) -> dict:
+    """The card's figures; a SiLU model's at each of `targets`."""
     model = Transformer.from_checkpoint(model_dir)
     tokens = encode(suite.heldout_text(), bos=False)
     loss, active = heldout_measures(model, tokens, model.config.max_positions)
     out = {"heldout_bytes": len(tokens), "heldout_loss": loss, "active_fraction": active}
     if model.config.activation == "silu":
-        out["thresholded"] = threshold_measures(model, tokens)
+        out["thresholded"] = threshold_measures(model, tokens, targets)
     return out
 
 
-def threshold_measures(model: Transformer, tokens: list[int]) -> list[dict]:
+def threshold_measures(model: Transformer, tokens: list[int], targets: tuple[float, ...]) -> list[dict]:
     """Per target sparsity: the thresholds calibrated on the first CALIBRATION_TOKENS bytes of the training plays
     (as `flashbench run` calibrates them), and the held-out loss and per-layer sparsity of the thresholded model."""
     from .corpus import train_text
 
     calibration = encode(train_text()[: 2 * CALIBRATION_TOKENS], bos=False)[:CALIBRATION_TOKENS]
     out = []
-    for target, thresholds in calibrate(model, calibration, list(SPARSITY_TARGETS), BOS).items():
+    for target, thresholds in calibrate(model, calibration, list(targets), BOS).items():
         try:
             loss, active = heldout_measures(thresholded(model, thresholds), tokens, model.config.max_positions)
         finally:
