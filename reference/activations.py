@@ -46,8 +46,8 @@ def context_windows(tokens: list[int], context: int, bos: int | None) -> Iterato
 
 @torch.inference_mode()
 def activation_counts(model: Transformer, tokens: list[int], context: int, bos: int | None = None) -> tuple[np.ndarray, int]:
-    """Per layer and neuron, on how many tokens of `tokens` its activation (ReLU, or thresholded SiLU) was non-zero: [n_layers, d_ffn], and
-    the number of positions seen, over `context_windows`."""
+    """Per layer and neuron, on how many tokens of `tokens` its activation (ReLU, or a thresholded SiLU) was
+    non-zero: [n_layers, d_ffn], and the number of positions seen, over `context_windows`."""
     counts = torch.zeros(model.config.n_layers, model.config.d_ffn, dtype=torch.int64)
     positions = 0
     device = next(model.parameters()).device

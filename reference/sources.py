@@ -69,7 +69,8 @@ class Oracle:
         pre = x @ self.weights[layer].t()
         if self.biases[layer] is not None:
             pre = pre + self.biases[layer]
-        active = (pre > 0 if self.thresholds is None else threshold.active(pre, self.thresholds[layer])).cpu().numpy()
+        active = pre > 0 if self.thresholds is None else threshold.active(pre, self.thresholds[layer])
+        active = active.cpu().numpy()
         return [np.sort(self.ids[layer][np.flatnonzero(row)]) for row in active]  # a placed layout's ids: any order
 
     def reset(self) -> None:
