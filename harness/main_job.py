@@ -33,7 +33,7 @@ import torch
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
 from flashbench.reference.activations import (COUNTS_FILE, activation_counts, counts_provenance, dead_neuron_pruning,
-                                              load_counts)
+                                              load_counts, thresholds_key)
 from flashbench.reference.checkpoint import expected_shapes, stored_dtype, weight_files
 from flashbench.reference.config import ModelConfig
 from flashbench.reference.device import exact_float32, resolve
@@ -41,8 +41,7 @@ from flashbench.reference.errors import CheckpointError
 from flashbench.reference.flash import COMPUTE_DTYPES, BudgetError, FlashEngine, Techniques
 from flashbench.reference.predictor import Predictor
 from flashbench.reference.storage import storage_of
-from flashbench.reference.threshold import (CALIBRATION_TOKENS, calibrate, calibration_key, thresholded,
-                                            unthresholded)
+from flashbench.reference.threshold import CALIBRATION_TOKENS, threshold_at, unthresholded
 from flashbench.reference.tokenizer import Tokenizer
 
 from .agreement import dense_reference, heldout_sequences
@@ -125,16 +124,14 @@ def _checkpoint_model(spec: ModelSpec, mut: ModelUnderTest, model: Transformer, 
     calibration = train_ids[:CALIBRATION_TOKENS]
     progress(f"  {model.config.activation} FFN: no activation is exactly zero; thresholds for a target sparsity of "
              f"{threshold:.0%} (the threshold technique) calibrated on {len(calibration):,} training tokens")
-    thresholds = calibrate(model, calibration, [threshold], tokenizer.bos)[threshold]
-    key = calibration_key(threshold, calibration)
-    info |= {"threshold": {"target_sparsity": threshold, "thresholds": thresholds, "text": train.label,
-                           "calibration_tokens": len(calibration), "calibration": key}}
-    # With the oracle source the gate rows stay in DRAM and decide the set; with a predictor they are read with up
-    # and down for each predicted neuron
-    mut = replace(mut, thresholds=thresholds, gate_resident=spec.source == "oracle")
     try:  # what the sparse techniques use comes from the thresholded model
-        return _sparse_sources(spec, mut, thresholded(model, thresholds, key), tokenizer, train, train_ids, ids,
-                               info, progress)
+        thresholds = threshold_at(model, calibration, threshold, tokenizer.bos)
+        info |= {"threshold": {"target_sparsity": threshold, "thresholds": thresholds, "text": train.label,
+                               "calibration_tokens": len(calibration), "calibration": thresholds_key(model)}}
+        # With the oracle source the gate rows stay in DRAM and decide the set; with a predictor they are read with
+        # up and down for each predicted neuron
+        mut = replace(mut, thresholds=thresholds, gate_resident=spec.source == "oracle")
+        return _sparse_sources(spec, mut, model, tokenizer, train, train_ids, ids, info, progress)
     finally:
         unthresholded(model)
 
@@ -198,17 +195,17 @@ def activation_source(spec: ModelSpec, path: Path, model: Transformer, tokenizer
     cached under `work` by an earlier run, or trained now (and cached). A thresholded model's predictor is one
     trained at its thresholds: a shipped one made at others is not used."""
     if spec.source == "oracle":
-        if hasattr(model.layers[0].ffn.act, "threshold"):  # threshold.ThresholdedSiLU
+        if thresholds_key(model) is not None:
             how = "the thresholded SiLU of the gate rows, kept in DRAM (CATS); records hold up and down only"
         else:
             how = f"computed from the {'gate' if model.config.gated else 'up'} rows read from flash"
         return "oracle", f"oracle (the exact active set, {how})", lambda: None
-    train_ids = train.tokens(tokenizer, spec.predictor_tokens)
-    provenance = counts_provenance(path, model, train_ids, tokenizer.bos)
     shipped = path / "predictor"
-    if shipped.with_suffix(".json").is_file() and shipped_thresholds(shipped) == provenance.get("thresholds"):
+    if shipped.with_suffix(".json").is_file() and shipped_thresholds(shipped) == thresholds_key(model):
         where = shipped
     else:
+        train_ids = train.tokens(tokenizer, spec.predictor_tokens)
+        provenance = counts_provenance(path, model, train_ids, tokenizer.bos)
         key = hashlib.sha256(f"{provenance}:{spec.seed}".encode())
         where = work / f"predictor-{key.hexdigest()[:16]}"
         if not where.with_suffix(".json").is_file():

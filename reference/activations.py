@@ -85,10 +85,18 @@ def counts_provenance(checkpoint: Path, model: Transformer, tokens: list[int], b
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "tokens_sha256": hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest(),
             "tokens": str(len(tokens)), "context": str(model.config.max_positions), "bos": str(bos)}
-    acts = [block.ffn.act for block in model.layers]
-    if any(hasattr(act, "threshold") for act in acts):  # threshold.ThresholdedSiLU: how it was calibrated, or its t
-        made["thresholds"] = acts[0].calibration or ",".join(repr(act.threshold) for act in acts)
+    if (key := thresholds_key(model)) is not None:
+        made["thresholds"] = key
     return made
+
+
+def thresholds_key(model: Transformer) -> str | None:
+    """A thresholded SiLU's thresholds as what depends on them is keyed (how they were calibrated, or the values);
+    None for an unthresholded model."""
+    acts = [block.ffn.act for block in model.layers]
+    if not any(hasattr(act, "threshold") for act in acts):  # threshold.ThresholdedSiLU
+        return None
+    return acts[0].calibration or ",".join(repr(act.threshold) for act in acts)
 
 
 def save_counts(path: Path, counts: np.ndarray, provenance: dict[str, str]) -> None:

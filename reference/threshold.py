@@ -108,6 +108,14 @@ def thresholded(model: Transformer, thresholds: list[float], calibration: str = 
     return model
 
 
+def threshold_at(model: Transformer, tokens: list[int], target: float, bos: int | None = None) -> list[float]:
+    """`model` thresholded in place at `target` sparsity, calibrated on `tokens` (and keyed by them, as
+    `calibration_key` says); its per-layer thresholds."""
+    thresholds = calibrate(model, tokens, [target], bos)[target]
+    thresholded(model, thresholds, calibration_key(target, tokens))
+    return thresholds
+
+
 def unthresholded(model: Transformer) -> Transformer:
     """`model` (in place) with its plain SiLU back."""
     for block in model.layers:

@@ -11,7 +11,7 @@ from flashbench import suite
 from flashbench.reference import FlashbenchError, ModelConfig, Transformer
 from flashbench.reference.activations import COUNTS_TOKENS, activation_counts, dead_neuron_pruning
 from flashbench.reference.layout import DTYPES, LAYOUTS
-from flashbench.reference.threshold import CALIBRATION_TOKENS, calibrate, calibration_key, check_target, thresholded
+from flashbench.reference.threshold import CALIBRATION_TOKENS, check_target, threshold_at
 from flashbench.reference.tokenizer import Tokenizer
 
 from ..records import REPO_ROOT
@@ -84,10 +84,10 @@ def sparse_model(path: Path, model: Transformer, tokenizer: Tokenizer, train: Te
     except ValueError as e:
         raise UsageError(f"--target-sparsity: {e}") from e
     calibration = train.tokens(tokenizer, CALIBRATION_TOKENS)
-    thresholds = calibrate(model, calibration, [target], tokenizer.bos)[target]
+    thresholds = threshold_at(model, calibration, target, tokenizer.bos)
     print(f"{path.name}: SiLU FFN thresholded at a target sparsity of {target:.0%} (calibrated on "
           f"{len(calibration):,} tokens of {train.label}): t = {', '.join(f'{t:.4g}' for t in thresholds)}")
-    return thresholded(model, thresholds, calibration_key(target, calibration))
+    return model
 
 
 def add_sweep_layout_args(p: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_predictor_train(args) -> int:
+    from flashbench.reference.activations import thresholds_key
     from flashbench.reference.predictor import train_predictor
 
     path, model, tokenizer = load_model(args.model)
@@ -43,7 +44,7 @@ def cmd_predictor_train(args) -> int:
     print(f"training rank-{args.rank} predictors for {path} on {len(train_tokens):,} tokens")
     predictor = train_predictor(model, train_tokens, heldout, tokenizer.bos, rank=args.rank, epochs=args.epochs,
                                 threshold=args.threshold, seed=args.seed)
-    thresholds = getattr(model.layers[0].ffn.act, "calibration", None)  # a thresholded SiLU's calibration_key
+    thresholds = thresholds_key(model)
     if thresholds is not None:
         predictor.metrics["thresholds"] = thresholds  # the thresholded SiLU it predicts (flashbench run checks it)
     predictor.save(out)
