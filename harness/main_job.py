@@ -39,7 +39,7 @@ from flashbench.reference.config import ModelConfig
 from flashbench.reference.device import exact_float32, resolve
 from flashbench.reference.errors import CheckpointError
 from flashbench.reference.flash import COMPUTE_DTYPES, BudgetError, FlashEngine, Techniques
-from flashbench.reference.predictor import Predictor
+from flashbench.reference.predictor import Predictor, lookahead_path
 from flashbench.reference.storage import storage_of
 from flashbench.reference.threshold import CALIBRATION_TOKENS, threshold_at, unthresholded
 from flashbench.reference.tokenizer import Tokenizer
@@ -68,7 +68,7 @@ def checkpoint_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.d
     tokenizer = Tokenizer.load(path, config)
     mut = ModelUnderTest(
         name=path.name, checkpoint=path, work=work / path.name, source="all", source_label="all neurons",
-        new_source=lambda: None, neuron_counts=np.zeros((config.n_layers, config.d_ffn), np.int64),
+        new_source=lambda _lookahead: None, neuron_counts=np.zeros((config.n_layers, config.d_ffn), np.int64),
         tokens=[], whole_read_tokens=spec.whole_read_tokens, dense_ffn=dense_ffn(config),
     )
     model, streamed, close = dense_model(spec, mut, dtype, device, progress)
@@ -190,31 +190,50 @@ def dense_model(spec: ModelSpec, mut: ModelUnderTest, dtype: torch.dtype, device
 
 def activation_source(spec: ModelSpec, path: Path, model: Transformer, tokenizer: Tokenizer, train: Text,
                       heldout_ids: list[int], work: Path, progress) -> tuple[str, str, Callable]:
-    """(source name, label, a function making a fresh source) for the "predictor" technique: the oracle where the
-    spec asks for it (exact sparsity, read from flash), else the model's predictor: shipped beside the checkpoint,
-    cached under `work` by an earlier run, or trained now (and cached). A thresholded model's predictor is one
-    trained at its thresholds: a shipped one made at others is not used."""
+    """(source name, label, a function making a fresh source, with its lookahead or not) for the "predictor"
+    technique: the oracle where the spec asks for it (exact sparsity, read from flash), else the model's predictor:
+    shipped beside the checkpoint, cached under `work` by an earlier run, or trained now (and cached). Where the
+    model's matrix has the overlap technique, the same goes for the lookahead predictor. A thresholded model's
+    predictor is one trained at its thresholds: a shipped one made at others is not used."""
     if spec.source == "oracle":
         if thresholds_key(model) is not None:
             how = "the thresholded SiLU of the gate rows, kept in DRAM (CATS); records hold up and down only"
         else:
             how = f"computed from the {'gate' if model.config.gated else 'up'} rows read from flash"
-        return "oracle", f"oracle (the exact active set, {how})", lambda: None
+        return "oracle", f"oracle (the exact active set, {how}; lookahead: the next layer's rows on this layer's " \
+                         "input)", lambda _lookahead: None
     shipped = path / "predictor"
+    overlap = "overlap" in (spec.techniques or technique_names())
+    cached = None  # where this checkpoint's predictors are cached under `work`
+
+    def cache() -> Path:
+        nonlocal cached
+        if cached is None:
+            train_ids = train.tokens(tokenizer, spec.predictor_tokens)
+            provenance = counts_provenance(path, model, train_ids, tokenizer.bos)
+            key = hashlib.sha256(f"{provenance}:{spec.seed}".encode())
+            cached = (work / f"predictor-{key.hexdigest()[:16]}", train_ids, provenance.get("thresholds"))
+        return cached
+
     if shipped.with_suffix(".json").is_file() and shipped_thresholds(shipped) == thresholds_key(model):
         where = shipped
     else:
-        train_ids = train.tokens(tokenizer, spec.predictor_tokens)
-        provenance = counts_provenance(path, model, train_ids, tokenizer.bos)
-        key = hashlib.sha256(f"{provenance}:{spec.seed}".encode())
-        where = work / f"predictor-{key.hexdigest()[:16]}"
+        where, train_ids, thresholds = cache()
         if not where.with_suffix(".json").is_file():
             train_and_cache_predictor(model, train_ids, heldout_ids, tokenizer.bos, train.label, where, spec.seed,
-                                      progress, provenance.get("thresholds"))
+                                      progress, thresholds)
+    ahead = lookahead_path(where)
+    if overlap and not ahead.with_suffix(".json").is_file():
+        cached_where, train_ids, thresholds = cache()
+        ahead = lookahead_path(cached_where)
+        if not ahead.with_suffix(".json").is_file():
+            train_and_cache_predictor(model, train_ids, heldout_ids, tokenizer.bos, train.label, ahead, spec.seed,
+                                      progress, thresholds, lookahead=True)
     predictor = Predictor.load(where)
     label = (f"predictor (rank {predictor.module.rank}, threshold {predictor.threshold}, "
-             f"{where.with_suffix('.safetensors').name})")
-    return "predictor", label, lambda: Predictor.load(where)
+             f"{where.with_suffix('.safetensors').name}" + (f"; lookahead {ahead.with_suffix('.safetensors').name}"
+                                                            if overlap else "") + ")")
+    return "predictor", label, lambda lookahead: Predictor.load(where, lookahead=ahead if lookahead else None)
 
 
 def shipped_thresholds(predictor: Path) -> str | None:
@@ -223,14 +242,16 @@ def shipped_thresholds(predictor: Path) -> str | None:
 
 
 def train_and_cache_predictor(model: Transformer, train_ids: list[int], heldout_ids: list[int], bos: int | None,
-                              text: str, where: Path, seed: int, progress, thresholds: str | None = None) -> None:
-    """Train the model's predictors (with progress and an estimate of the time left) and cache them at `where`,
-    atomically: the JSON half, which `Predictor.load` needs, is renamed into place last."""
+                              text: str, where: Path, seed: int, progress, thresholds: str | None = None,
+                              lookahead: bool = False) -> None:
+    """Train the model's predictors, or its lookahead predictors (with progress and an estimate of the time left),
+    and cache them at `where`, atomically: the JSON half, which `Predictor.load` needs, is renamed into place last."""
     from flashbench.reference.predictor import train_predictor
 
     c = model.config
     need = len(train_ids) * c.n_layers * (c.d_model * 4 + c.d_ffn)  # every layer's FFN inputs and active sets
-    progress(f"  no predictor for this checkpoint: training one per layer on {len(train_ids):,} tokens of {text} "
+    what = "lookahead predictor (for overlap)" if lookahead else "predictor"
+    progress(f"  no {what} for this checkpoint: training one per layer on {len(train_ids):,} tokens of {text} "
              f"(the scenario's predictor_tokens), holding {need / 2**30:.2f} GiB of activations; at paper scale on "
              f"two cores this takes hours: bound it with predictor_tokens, or measure exact sparsity with "
              f"source = \"oracle\"")
@@ -240,13 +261,15 @@ def train_and_cache_predictor(model: Transformer, train_ids: list[int], heldout_
                           f"activations, more than half the {available / 2**30:.1f} GiB available: lower "
                           "predictor_tokens or use source = \"oracle\"")
     t0, layers = time.perf_counter(), itertools.count(1)
+    layers_trained = c.n_layers - 1 if lookahead else c.n_layers
 
     def layer_done(line: str) -> None:  # train_predictor reports each layer once, in order
         done = next(layers)
-        left = (time.perf_counter() - t0) / done * (c.n_layers - done)
-        progress(f"{line} ({done}/{c.n_layers}; about {left / 60:.1f} min left)")
+        left = (time.perf_counter() - t0) / done * (layers_trained - done)
+        progress(f"{line} ({done}/{layers_trained}; about {left / 60:.1f} min left)")
 
-    predictor = train_predictor(model, train_ids, heldout_ids, bos, seed=seed, progress=layer_done)
+    predictor = train_predictor(model, train_ids, heldout_ids, bos, seed=seed, progress=layer_done,
+                                lookahead=lookahead)
     predictor.metrics["text"] = text
     if thresholds is not None:
         predictor.metrics["thresholds"] = thresholds  # the thresholded SiLU it predicts
@@ -259,7 +282,7 @@ def train_and_cache_predictor(model: Transformer, train_ids: list[int], heldout_
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     recall = np.mean([m["recall"] for m in predictor.metrics["heldout_layers"]])
-    progress(f"  predictor trained in {(time.perf_counter() - t0) / 60:.1f} min: mean held-out recall {recall:.1%}; "
+    progress(f"  {what} trained in {(time.perf_counter() - t0) / 60:.1f} min: mean held-out recall {recall:.1%}; "
              f"cached as {where}")
 
 
@@ -286,6 +309,7 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dt
     trace = traces.generate(profile, config.n_layers, config.d_ffn, spec.tokens + spec.counts_tokens, spec.seed)
     trace.save(root / f"trace-{profile.name}-seed{spec.seed}")
     replay, counting = trace.sets[: spec.tokens], trace.sets[spec.tokens :]
+    ahead = traces.lookahead(replay, config.d_ffn, spec.seed)
     counts = np.zeros((config.n_layers, config.d_ffn), dtype=np.int64)
     for sets in counting:
         for layer, ids in enumerate(sets):
@@ -293,12 +317,14 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dt
     kept, pruning = dead_neuron_pruning(counts, "the trace's counting tokens", len(counting))
     achieved = (np.mean([l["predicted_achieved"] for l in trace.layers]), np.mean([l["new_achieved"] for l in trace.layers]))
     label = (f"trace, profile {profile.name} ({profile.description}); achieved {achieved[0]:.1%} predicted and "
-             f"{achieved[1]:.2%} new per token at window {profile.window}, seed {spec.seed}")
+             f"{achieved[1]:.2%} new per token at window {profile.window}, seed {spec.seed}; lookahead guesses "
+             f"{traces.LOOKAHEAD_SIZE}x each set, ranked as shakespeare-opt's lookahead predictor ranks (set and "
+             f"others {traces.LOOKAHEAD_SEPARATION} standard deviations apart)")
     tokenizer = byte_tokenizer.tokenizer()  # the random model's ids are bytes by construction (`write_synthetic`)
     ids = tokenizer.encode(suite.heldout_text(), bos=False)
     mut = ModelUnderTest(
         name=f"synthetic-{shape}", checkpoint=checkpoint, work=root, source="trace", source_label=label,
-        new_source=lambda: TraceSource(replay), neuron_counts=counts,
+        new_source=lambda overlap: TraceSource(replay, ahead if overlap else None), neuron_counts=counts,
         tokens=heldout_sequences(ids, tokenizer.bos, spec.tokens)[0],
         no_reference=("synthetic random weights replaying a trace: the trace is not the model's own active set, "
                       "so its outputs are not comparable with dense inference; agreement is judged on the embedded "

@@ -40,7 +40,7 @@ class ModelUnderTest:
     work: Path  # where its flash layouts are converted
     source: str  # the activation source standing for the "predictor" technique: "predictor" or "trace"
     source_label: str  # what produced the sets, for every figure's caption
-    new_source: Callable[[], ActivationSource]
+    new_source: Callable[[bool], ActivationSource]  # a fresh source; True: with its lookahead (overlap)
     neuron_counts: np.ndarray  # how often each neuron was active: the hybrid keeps the most frequent
     tokens: list[int]  # the teacher-forced sequence
     reference: DenseReference | None = None
@@ -124,7 +124,8 @@ class ModelUnderTest:
 
 
 def token_metrics(steps: list[TokenStats]) -> dict:
-    """Per-token figures over decode steps: latency split (ms: mean, p50, p90) and the reader's exact counters."""
+    """Per-token figures over decode steps: latency split (ms: mean, p50, p90; `io` is the reading the step waited
+    for, `io_hidden` what the overlap's reads ahead ran behind compute) and the reader's exact counters."""
     n = len(steps)
     total = sum(s.total_s for s in steps)
     io_s = sum(s.io.seconds for s in steps)
@@ -134,12 +135,14 @@ def token_metrics(steps: list[TokenStats]) -> dict:
     return {
         "tokens": n,
         "tokens_per_s": n / total if total else None,
-        "ms": {"io": ms(lambda s: s.io.seconds), "memory": ms(lambda s: s.memory_s),
+        "ms": {"io": ms(lambda s: s.io_wait_s), "memory": ms(lambda s: s.memory_s),
                "predictor": ms(lambda s: s.predictor_s), "compute": ms(lambda s: s.compute_s),
-               "total": ms(lambda s: s.total_s)},
+               "total": ms(lambda s: s.total_s), "io_hidden": ms(lambda s: s.io_hidden_s)},
         "per_token": {"bytes_read": bytes_read / n, "bytes_requested": sum(s.io.bytes_requested for s in steps) / n,
                       "reads": reads / n, "neurons": sum(s.io.records for s in steps) / n,
-                      "neurons_multiplied": sum(s.multiplied for s in steps) / n},
+                      "neurons_multiplied": sum(s.multiplied for s in steps) / n,
+                      "neurons_read_ahead": sum(s.read_ahead for s in steps) / n,
+                      "neurons_read_ahead_used": sum(s.read_ahead_used for s in steps) / n},
         "totals": {"bytes_read": bytes_read, "reads": reads, "neurons": sum(s.io.records for s in steps)},
         "read_bandwidth_bytes_s": bytes_read / io_s if io_s else None,
         "mean_read_bytes": bytes_read / reads if reads else None,
@@ -228,8 +231,8 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
         raw.close()
     metrics = metrics_of(step_seconds, before, after)
     fio = fio_reference(metrics, settings.threads, probe) if "mean_read_bytes" in metrics else None
-    bound = (latency_bound(metrics, fio, model.rates, settings.compute_dtype, ModelConfig.load(model.checkpoint))
-             if model.rates is not None else None)
+    bound = (latency_bound(metrics, fio, model.rates, settings.compute_dtype, ModelConfig.load(model.checkpoint),
+                           overlap="overlap" in config.on) if model.rates is not None else None)
     return record | {
         "status": "measured",
         "engine": after.get("engine"), "layout": after.get("layout"),

@@ -286,7 +286,9 @@ def _table3(model: str, recs: dict[str, dict], all_name: str | None) -> list:
                  f"{parts[0]:.2f} / {parts[1]:.2f} / {parts[2] + parts[3]:.2f} = {parts[4]:.2f}")
         rows.append([label, split, _speedup(r, recs.get("naive")), p])
     return [Heading(3, "Table 3 shape: per-token latency, I/O / memory management / compute = total (ms)"),
-            Para("Compute includes the predictor. Paper: OPT 6.7B on the M1 Max CPU, 4.76x."),
+            Para("Compute includes the predictor. I/O is the time the step waited for reads: with overlap, reads "
+                 "that ran behind compute are not in it (the matrix table's hidden I/O). Paper: OPT 6.7B on the M1 "
+                 "Max CPU, 4.76x."),
             Table(["configuration", "ours (ms)", "ours speedup", "paper (ms)"], rows)]
 
 
@@ -306,8 +308,8 @@ def _bound_table(recs: list[dict]) -> list:
                  "of the neurons in its products) at this CPU's matrix-vector rate in its compute dtype "
                  f"({first['mv_bytes_s'] / 1e9:.1f} GB/s, measured at the model's FFN shape in this run"
                  + (f"; memory bandwidth {read / 1e9:.1f} GB/s" if (read := first.get("read_bytes_s")) else "")
-                 + "): the engine "
-                 "reads, then computes, so the two add. Measured on the harness's clock; the ratio is how far the "
+                 + "): without overlap the engine reads, then computes, so the two add; with overlap the reads may "
+                 "run beside the compute, so the larger of the two is the bound. Measured on the harness's clock; the ratio is how far the "
                  "configuration is from what this machine could do (`flashbench compare --fail-on bound_ratio:10%` "
                  "gates on it)."),
             Table(["configuration", "measured ms", "I/O bound ms"] + ["copy to device ms"] * copies
@@ -319,7 +321,7 @@ def _matrix_table(recs: list[dict]) -> Table:
     rows = []
     for r in recs:
         if r["status"] != "measured":
-            rows.append([r["configuration"], ", ".join(r["sections"])] + ["-"] * 12 + [_verdict(r)])
+            rows.append([r["configuration"], ", ".join(r["sections"])] + ["-"] * 14 + [_verdict(r)])
             continue
         m, ref = r["metrics"], r.get("fio_reference")
         ratio = (f"{ref['ratio']:.2f} (fio {ref['chunk_bytes'] // 1024} KiB x{ref['threads']})"
@@ -327,14 +329,23 @@ def _matrix_table(recs: list[dict]) -> Table:
         bandwidth = _get(m, "read_bandwidth_bytes_s")
         rows.append([
             r["configuration"], ", ".join(r["sections"]), f"{m['tokens_per_s']:.3g}", _speedup(r, naive),
-            _mean_p90(m, "io"), _mean_p90(m, "memory"), _mean_p90(m, "predictor"), _mean_p90(m, "compute"),
-            _bytes(_get(m, "per_token.bytes_read")), _f(_get(m, "per_token.reads"), ".1f"),
+            _mean_p90(m, "io"), _f(_get(m, "ms.io_hidden.mean")), _read_ahead(m), _mean_p90(m, "memory"),
+            _mean_p90(m, "predictor"), _mean_p90(m, "compute"), _bytes(_get(m, "per_token.bytes_read")), _f(_get(m, "per_token.reads"), ".1f"),
             _f(_get(m, "per_token.neurons"), ".1f"), _f(bandwidth and bandwidth / MIB, ".1f"), ratio,
             _dram_weights(r), _verdict(r),
         ])
-    return Table(["configuration", "sections", "tokens/s", "vs naive", "I/O ms mean (p90)", "memory ms", "predictor ms",
+    return Table(["configuration", "sections", "tokens/s", "vs naive", "I/O ms mean (p90)", "I/O hidden ms",
+                  "read ahead used / read", "memory ms", "predictor ms",
                   "compute ms", "read / token", "reads / token", "neurons / token", "read MiB/s", "vs fio",
                   "DRAM (weights)", "agreement"], rows)
+
+
+def _read_ahead(metrics: dict) -> str:
+    """Neurons per token the overlap read ahead, and how many of them the layer then needed."""
+    read = _get(metrics, "per_token.neurons_read_ahead")
+    if not read:
+        return "-"
+    return f"{_get(metrics, 'per_token.neurons_read_ahead_used'):.0f} / {read:.0f}"
 
 
 def _agreement_table(recs: list[dict]) -> list:
@@ -455,7 +466,9 @@ def _plots(probe: dict | None, configs: dict[str, list[dict]], out: Path) -> dic
             y = list(range(len(names)))
             io, compute = [r["bound"]["io_ms"] for r in bounded], [r["bound"]["compute_ms"] for r in bounded]
             ax.barh([i - 0.2 for i in y], io, height=0.4, label="bound: reads at fio's bandwidth")
-            ax.barh([i - 0.2 for i in y], compute, height=0.4, left=io, label="bound: products at the mv rate")
+            after = [0.0 if "overlap" in r["techniques_on"] else b for r, b in zip(bounded, io)]  # beside, not after
+            ax.barh([i - 0.2 for i in y], compute, height=0.4, left=after, alpha=0.7,
+                    label="bound: products at the mv rate (from 0 where reads overlap them)")
             ax.barh([i + 0.2 for i in y], [r["bound"]["measured_ms"] for r in bounded], height=0.4,
                     label="measured (harness clock)")
             ax.set_yticks(y, names)
@@ -533,7 +546,10 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
         blocks += _table2(model, by) + _table3(model, by, _all_name(recs)) + _bound_table(recs)
         blocks += [Heading(3, "Technique matrix"),
                    Para("Per decode step: tokens/s and its ratio to the naive run of this invocation; latency parts, "
-                        "mean (p90), in ms; bytes and read operations per token (exact counters); effective read "
+                        "mean (p90), in ms (I/O: the reading the step waited for; hidden: the overlap's reads ahead "
+                        "that ran behind compute; read ahead: the neurons the overlap read ahead per token and how "
+                        "many of them the layer then needed); bytes and read operations per token (exact counters, "
+                        "reads ahead included); effective read "
                         "bandwidth and its ratio to the probe's at the nearest chunk size and thread count; DRAM held "
                         f"for weights (resident, held in the compute dtype "
                         f"({recs[0]['settings'].get('compute_dtype', 'float32')}), + the neuron cache rows in use at the "
@@ -543,7 +559,8 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
         for key, caption in ((f"latency-{model}", "per-token latency by part, per configuration"),
                              (f"bytes-{model}", "bytes read per token (whole blocks) and the records' own bytes"),
                              (f"bound-{model}", "each decode step against the machine's bound (reads, then "
-                                                "products), a roofline for flash inference")):
+                                                "products; with overlap, the larger of the two), a roofline for flash "
+                                                "inference")):
             if key in plots:
                 blocks.append(Figure(plots[key], f"{model}: {caption}."))
     frame = pd.json_normalize([r for recs in configs.values() for r in recs], sep=".")

@@ -16,7 +16,13 @@ Every technique is a switch of `Techniques` on this one engine:
   engine; float16 or bfloat16 (the paper's 16-bit setting) halves the DRAM resident weights and the neuron cache
   need, and is compared with a dense engine of the same precision;
 - `device`: where the resident weights, the neuron cache, the KV cache and the compute live (`cpu`, or `cuda`: reads
-  land in pinned host buffers and go to the GPU in asynchronous copies, `device.py`).
+  land in pinned host buffers and go to the GPU in asynchronous copies, `device.py`);
+- `overlap`: while layer L computes, read what layer L + 1 will need, guessed by the source's lookahead from layer
+  L's FFN input (`ReadAhead`): its most confident guesses not cached, at most READ_AHEAD times as many as layer
+  L + 1 read for the last pass; layer L + 1 then reads only what the guess missed. Naive reads read the next layer's
+  whole file ahead (double buffering). The guess decides only when bytes are read: each layer multiplies exactly the
+  rows it would without overlap, in the same order, so the logits are the same to the last bit. Nothing is read
+  ahead across a token: each pass ends with its reads done.
 With no window, nothing is reused, so the delta is multiplied straight from the read buffer and only the hot
 neurons live in the neuron cache.
 Per token it reports I/O, memory management, predictor and compute seconds, and the reader's exact counters.
@@ -25,6 +31,7 @@ Per token it reports I/O, memory management, predictor and compute seconds, and 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +55,11 @@ SOURCES = ("predictor", "oracle", "trace", "all")
 PINNED = np.iinfo(np.int64).max  # the "last needed" position of hot neurons: never evicted
 MEMORY = ("preallocated", "regather")
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Overlap reads ahead at most this many times the neurons the layer read for its last pass, the most confident
+# guesses first: a lookahead's guesses of a windowed delta are mostly wrong past its top ones (shakespeare-opt's
+# lookahead, window 5: capped at 1x it covered 48% of the delta for 0.42 unneeded neurons per needed one; at 2x 62%
+# for 0.78; uncapped 73% for 1.6). On the OPT 1.3B shape 2x took as long as 1x, for twice the wasted reads.
+READ_AHEAD = 1
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class Techniques:
     compute_dtype: str = "float32"
     device: str = "cpu"
     threshold: float = 0.0  # target sparsity of a thresholded SiLU FFN; 0: not thresholded
+    overlap: bool = False  # read layer L + 1's guessed needs while layer L computes
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -100,15 +113,67 @@ class TokenStats:
     tokens: int = 0
     total_s: float = 0.0
     memory_s: float = 0.0
-    predictor_s: float = 0.0
+    predictor_s: float = 0.0  # the lookahead's guesses included
     io: ReadStats = field(default_factory=ReadStats)  # the reader's counters; io.records = neurons loaded
+    io_wait_s: float = 0.0  # of io.seconds, the time the pass waited for reads (all of it without overlap)
     cached: int = 0  # neurons in DRAM after the pass (hot ones included), all layers
     multiplied: int = 0  # neurons in the pass's FFN products (their rows multiplied), all layers
     window_shrinks: int = 0
+    read_ahead: int = 0  # neurons read ahead by the overlap (whole-file reads ahead: every neuron of the file)
+    read_ahead_used: int = 0  # of them, those the layer then needed (the rest were read for nothing)
+
+    @property
+    def io_hidden_s(self) -> float:
+        """Read time that ran behind compute (overlap), not waited for."""
+        return max(0.0, self.io.seconds - self.io_wait_s)
 
     @property
     def compute_s(self) -> float:
-        return max(0.0, self.total_s - self.io.seconds - self.memory_s - self.predictor_s)
+        return max(0.0, self.total_s - self.io_wait_s - self.memory_s - self.predictor_s)
+
+
+@dataclass
+class Ahead:
+    """A read-ahead that has landed: what was read, for which layer, into which buffer."""
+
+    layer: int
+    ids: np.ndarray | None  # the neurons read (sorted), or None: the whole layer file
+    buffer: np.ndarray
+    stats: ReadStats
+    waited_s: float  # how long the engine waited for it to land
+
+
+class ReadAhead:
+    """One read in flight on a thread of its own, while the engine computes (the overlap technique). The reader
+    is not re-entrant, so the engine takes (waits for) the read-ahead before it reads anything else."""
+
+    def __init__(self, reader: FlashReader):
+        self.reader = reader
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flash-read-ahead")
+        self._pending: tuple[int, np.ndarray | None, np.ndarray, Future] | None = None
+
+    def start(self, layer: int, ids: np.ndarray | None, records: np.ndarray | None, buffer: np.ndarray) -> None:
+        """Read `records` of `layer` (neurons `ids`) into buffer's rows, or with ids None the layer's whole file."""
+        self.take()  # never two in flight
+        read = (lambda: self.reader.read_layer(layer, buffer)) if ids is None else (
+            lambda: self.reader.read(layer, records, buffer))
+        self._pending = (layer, ids, buffer, self._pool.submit(read))
+
+    def take(self) -> Ahead | None:
+        """Wait for the read in flight, if any, and hand it over."""
+        if self._pending is None:
+            return None
+        layer, ids, buffer, future = self._pending
+        self._pending = None
+        t0 = time.perf_counter()
+        stats = future.result()
+        return Ahead(layer, ids, buffer, stats, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        try:
+            self.take()
+        finally:
+            self._pool.shutdown()
 
 
 @dataclass
@@ -122,8 +187,28 @@ class _Shared:
     capacity: int  # neuron cache rows per layer
     transfer: Transfer  # read buffers -> the device (the identity on the CPU)
     stats: TokenStats = field(default_factory=TokenStats)
-    file_buffer: np.ndarray | None = None  # naive mode: one whole layer file
+    file_buffers: list[np.ndarray] = field(default_factory=list)  # naive mode: a whole layer file (two: overlap)
     record_buffer: np.ndarray | None = None  # the delta's records: at most this many neurons read per pass
+    ahead_buffer: np.ndarray | None = None  # overlap: the next layer's guessed records, as many rows
+    read_ahead: ReadAhead | None = None  # overlap
+    layers: list["FlashFFN"] = field(default_factory=list)
+
+    def landed(self, layer: int) -> Ahead | None:
+        """The read-ahead, waited for and counted; None where there was none for `layer` (one for another layer,
+        left by an interrupted pass, is counted as read and dropped)."""
+        ahead = self.read_ahead.take() if self.read_ahead else None
+        if ahead is None:
+            return None
+        self.stats.io += ahead.stats
+        self.stats.io_wait_s += ahead.waited_s
+        self.stats.read_ahead += ahead.stats.records
+        return ahead if ahead.layer == layer else None
+
+    def read(self, layer: int, records: np.ndarray, out: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """A read the pass waits for, counted."""
+        stats = self.reader.read(layer, records, out, rows)
+        self.stats.io += stats
+        self.stats.io_wait_s += stats.seconds
 
 
 class FlashFFN(nn.Module):
@@ -157,6 +242,7 @@ class FlashFFN(nn.Module):
         self.last_needed = np.full(d_ffn, -1, dtype=np.int64)
         self.last_needed[self.hot] = PINNED
         self.position = 0  # tokens of the current sequence seen by this layer
+        self.last_read: int | None = None  # neurons read for the last pass (None: none yet in this sequence)
         self.peak_rows = 0  # most neurons held at once (window + this pass): the cache size this run needed
         self.max_needed = 0  # most neurons one pass needed (hot ones included)
 
@@ -164,15 +250,20 @@ class FlashFFN(nn.Module):
         """Read the hybrid's hot neurons once and pin them (not counted as per-token I/O)."""
         if not len(self.hot):
             return
-        step = len(self.shared.record_buffer)
+        sh = self.shared
+        step = len(sh.record_buffer)
         for i in range(0, len(self.hot), step):  # as many at a time as the read buffer holds
             ids = self.hot[i : i + step]
-            self.cache.insert(ids, self._read(ids, count=False), self._bias(ids), pin=True)
+            out = sh.record_buffer[: len(ids)]
+            sh.transfer.wait()
+            sh.reader.read(self.layer, self.record_of[ids], out)
+            self.cache.insert(ids, self._rows(ids, out), self._bias(ids), pin=True)
 
     def reset(self) -> None:
         self.cache.delete(np.setdiff1d(self.cache.cached_ids(), self.hot))
         self.last_needed[self.last_needed != PINNED] = -1
         self.position = 0
+        self.last_read = None
 
     def _stored_only(self, ids: np.ndarray) -> np.ndarray:
         """`ids` without the neurons pruned from the layout (they were never active on the pruning text)."""
@@ -183,14 +274,30 @@ class FlashFFN(nn.Module):
             return None
         return self.up_bias[torch.from_numpy(ids).to(self.up_bias.device)]
 
-    def _read(self, ids: np.ndarray, count: bool = True) -> dict[str, torch.Tensor]:
-        """The records of neurons `ids`, read into the record buffer, as rows on the device."""
+    def _read(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """The records of neurons `ids` (sorted), in the record buffer, as rows on the device: those the read-ahead
+        brought copied from its buffer, the others read now, straight into their rows."""
         sh = self.shared
         out = sh.record_buffer[: len(ids)]
+        self.last_read = len(ids)
         sh.transfer.wait()  # the last copy out of the buffer is done before it is filled again
-        stats = sh.reader.read(self.layer, self.record_of[ids], out)
-        if count:
-            sh.stats.io += stats
+        ahead = sh.landed(self.layer)
+        if ahead is None:
+            sh.read(self.layer, self.record_of[ids], out)
+        else:
+            at = np.searchsorted(ahead.ids, ids)
+            hit = at < len(ahead.ids)
+            hit[hit] = ahead.ids[at[hit]] == ids[hit]
+            t0 = time.perf_counter()
+            out[hit] = ahead.buffer[at[hit]]
+            sh.stats.memory_s += time.perf_counter() - t0
+            sh.stats.read_ahead_used += int(hit.sum())
+            missed = np.flatnonzero(~hit)
+            sh.read(self.layer, self.record_of[ids[missed]], out, rows=missed)
+        return self._rows(ids, out)
+
+    def _rows(self, ids: np.ndarray, out: np.ndarray) -> dict[str, torch.Tensor]:
+        sh = self.shared
         t0 = time.perf_counter()
         rows = sh.transfer.to_device(decode_records(out, self.geometry, sh.techniques.torch_dtype))
         if self.gate is not None:  # the gate rows come from DRAM
@@ -218,6 +325,7 @@ class FlashFFN(nn.Module):
             self.last_needed[ids] = np.maximum(self.last_needed[ids], start + j)
         delta = self._make_room(needed, start, self.cache.missing(needed))
         rows = self._read(delta)
+        self._read_ahead(xs)
         t0 = time.perf_counter()
         self.cache.insert(delta, rows, self._bias(delta))
         self.peak_rows = max(self.peak_rows, self.cache.n)
@@ -241,12 +349,31 @@ class FlashFFN(nn.Module):
             raise BudgetError(f"layer {self.layer}: a pass needs {len(delta)} neurons read, the read buffer holds "
                               f"{room}: raise the DRAM budget")
         parts = [(self._read(delta), self._bias(delta))]
+        self._read_ahead(xs)
         if self.cache.n:
             parts.append(self.cache.matrices())
         self.peak_rows = max(self.peak_rows, self.cache.n)
         self.shared.stats.cached += self.cache.n
         self.shared.stats.multiplied += len(delta) + self.cache.n
         return self._ffn(xs, parts)
+
+    def _read_ahead(self, xs: torch.Tensor) -> None:
+        """Overlap: start reading the next layer's likeliest needs that it does not hold, while this layer
+        computes: its guesses most confident first, at most READ_AHEAD times what it read for its last pass and
+        what the read-ahead buffer takes (nothing after the last layer: no read crosses a token)."""
+        sh = self.shared
+        if sh.read_ahead is None or self.layer + 1 == len(sh.layers):
+            return
+        nxt = sh.layers[self.layer + 1]
+        t0 = time.perf_counter()
+        guesses = np.concatenate(sh.source.lookahead(self.layer, xs) or [np.zeros(0, np.int64)]).astype(np.int64)
+        _, first = np.unique(guesses, return_index=True)  # each id once, where it was first guessed
+        guess = nxt.cache.missing(nxt._stored_only(guesses[np.sort(first)]))
+        most = len(sh.ahead_buffer) if nxt.last_read is None else min(len(sh.ahead_buffer), READ_AHEAD * nxt.last_read)
+        ids = np.sort(guess[: int(most)])
+        sh.stats.predictor_s += time.perf_counter() - t0
+        if len(ids):
+            sh.read_ahead.start(nxt.layer, ids, nxt.record_of[ids], sh.ahead_buffer[: len(ids)])
 
     def _evict_before(self, position: int) -> None:
         """Delete the cached neurons last needed before `position` (hot ones never are)."""
@@ -268,10 +395,22 @@ class FlashFFN(nn.Module):
         return delta
 
     def _naive(self, xs: torch.Tensor) -> torch.Tensor:
+        """Every neuron, from the layer's whole file; with overlap the file was read ahead (buffers alternate by
+        layer) and the next one's read starts now."""
         sh = self.shared
-        buffer = sh.file_buffer[: self.geometry.file_bytes]
+        buffer = sh.file_buffers[self.layer % len(sh.file_buffers)][: self.geometry.file_bytes]
         sh.transfer.wait()
-        sh.stats.io += sh.reader.read_layer(self.layer, buffer)
+        ahead = sh.landed(self.layer)
+        if ahead is None:
+            stats = sh.reader.read_layer(self.layer, buffer)
+            sh.stats.io += stats
+            sh.stats.io_wait_s += stats.seconds
+        else:
+            sh.stats.read_ahead_used += ahead.stats.records
+        if sh.read_ahead is not None and self.layer + 1 < len(sh.layers):
+            nxt = sh.layers[self.layer + 1]
+            sh.read_ahead.start(nxt.layer, None, None,
+                                sh.file_buffers[nxt.layer % len(sh.file_buffers)][: nxt.geometry.file_bytes])
         t0 = time.perf_counter()
         weights = sh.transfer.to_device(decode_layer_file(buffer, self.geometry, sh.techniques.torch_dtype))
         if self.gate is not None:
@@ -389,25 +528,29 @@ class FlashEngine(Engine):
         capacity, buffer_rows = self._sizes(techniques, layout, resident_bytes + source.nbytes, n_hot, dram_budget,
                                             max_delta=g.d_ffn - min(len(h) for h in hot))
         shared = _Shared(techniques, layout, reader, source, capacity, transfer)
+        copies = 2 if techniques.overlap else 1  # overlap: a second buffer, read ahead into while the first is used
         if techniques.reads_whole_layers:
-            shared.file_buffer = transfer.pin(aligned_buffer(g.file_bytes))
+            shared.file_buffers = [transfer.pin(aligned_buffer(g.file_bytes)) for _ in range(copies)]
         else:
-            shared.record_buffer = transfer.pin(aligned_buffer(buffer_rows * g.record_bytes)).reshape(
-                buffer_rows, g.record_bytes)
+            shared.record_buffer, shared.ahead_buffer, *_ = [
+                transfer.pin(aligned_buffer(buffer_rows * g.record_bytes)).reshape(buffer_rows, g.record_bytes)
+                for _ in range(copies)] + [None]
         self.shared = shared
         model = Transformer.for_assignment(
             config, ffn=lambda i: FlashFFN(i, shared, *ffn_resident[i], hot[i], thresholds[i] if thresholds else None))
+        shared.layers = [block.ffn for block in model.layers]
         model.load_state_dict(resident, strict=True, assign=True)
         model.to(transfer.device)  # the computed buffers (RoPE tables) too
         model.eval()
         for block in model.layers:
             block.ffn.load_hot()
+        shared.read_ahead = ReadAhead(reader) if techniques.overlap else None
         transfer.synchronize()
         transfer.seconds()  # the hot neurons' copies are not a pass's memory management
         super().__init__(model, max_len)
         self.history: list[TokenStats] = []
         cache_bytes = capacity * config.n_layers * row_bytes
-        buffer_bytes = g.file_bytes if techniques.reads_whole_layers else buffer_rows * g.record_bytes
+        buffer_bytes = copies * (g.file_bytes if techniques.reads_whole_layers else buffer_rows * g.record_bytes)
         self.dram = DramUse(resident_bytes, cache_bytes, buffer_bytes, source.nbytes, self.cache.nbytes)
         if dram_budget is not None and self.dram.weights_total > dram_budget:
             raise BudgetError(f"DRAM budget {dram_budget:,} bytes < {self.dram.weights_total:,} needed ({self.dram})")
@@ -425,10 +568,12 @@ class FlashEngine(Engine):
         g, n_layers = layout.geometry, layout.config.n_layers
         if techniques.reads_whole_layers:
             return 0, 0
+        copies = 2 if techniques.overlap else 1  # read buffers: overlap reads ahead into a second one
         if not techniques.window:
             rows = max_delta
             if dram_budget is not None:
-                rows = min(rows, max(0, (dram_budget - fixed - n_hot * n_layers * self.row_bytes) // g.record_bytes))
+                rows = min(rows, max(0, (dram_budget - fixed - n_hot * n_layers * self.row_bytes)
+                                     // (copies * g.record_bytes)))
                 if rows == 0:
                     raise BudgetError(
                         f"DRAM budget {dram_budget:,} bytes cannot hold the resident weights and activation source "
@@ -436,7 +581,7 @@ class FlashEngine(Engine):
             return n_hot, rows
         if dram_budget is None:
             return g.d_ffn, g.d_ffn
-        per_neuron = self.row_bytes * n_layers + g.record_bytes  # a cache row in every layer + a buffer row
+        per_neuron = self.row_bytes * n_layers + copies * g.record_bytes  # a cache row in every layer + buffer rows
         capacity = min(g.d_ffn, max(0, (dram_budget - fixed) // per_neuron))
         if capacity <= n_hot:
             raise BudgetError(
@@ -466,6 +611,8 @@ class FlashEngine(Engine):
 
     def reset(self) -> None:
         super().reset()
+        if self.shared.read_ahead is not None:
+            self.shared.read_ahead.take()  # one left by an interrupted pass
         self.shared.source.reset()
         for block in self.model.layers:
             block.ffn.reset()
@@ -478,6 +625,8 @@ class FlashEngine(Engine):
         return self._timed(lambda: super(FlashEngine, self).step(token), 1)
 
     def close(self) -> None:
+        if self.shared.read_ahead is not None:
+            self.shared.read_ahead.close()
         self.shared.reader.close()
         self.shared.transfer.close()
 

@@ -4,6 +4,10 @@ neurons a token will activate, before its FFN runs.
 Its input x is the layer's FFN input: the attention block's output (added to the residual) after the FFN's norm.
 It is trained from the model's own ReLU activations with a loss that weighs the rare active neurons as much as
 the many inactive ones, so that it errs towards predicting too many (recall over precision).
+
+The lookahead predictor (for the overlap technique) is the same thing one layer on: its layer i guesses layer
+i + 1's active set from layer i's FFN input, so that layer i + 1's reads can start while layer i computes. It is
+stored beside the predictor (`<name>-lookahead`) and loaded with it where the overlap asks for it.
 """
 
 from __future__ import annotations
@@ -41,23 +45,41 @@ class Predictor:
 
     name = "predictor"
 
-    def __init__(self, module: LowRankPredictor, threshold: float = 0.5, metrics: dict | None = None):
+    def __init__(self, module: LowRankPredictor, threshold: float = 0.5, metrics: dict | None = None,
+                 ahead: "Predictor | None" = None):
+        """`ahead`: the lookahead predictor, whose layer i guesses layer i + 1's set (held in DRAM as the rest)."""
         self.module = module.eval()
         self.threshold = threshold
         self.cut = math.log(threshold / (1 - threshold))  # sigmoid(z) > t  <=>  z > logit(t)
         self.metrics = metrics or {}
-        self.nbytes = sum(p.nbytes for p in module.parameters())
+        self.ahead = ahead
+        self.nbytes = sum(p.nbytes for p in module.parameters()) + (ahead.nbytes if ahead else 0)
 
     @torch.inference_mode()
     def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
         predicted = (self.module.logits(layer, x.float()) > self.cut).cpu().numpy()  # x may be 16-bit
         return [np.flatnonzero(row) for row in predicted]
 
+    def lookahead(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+        """The lookahead predictor's set of layer + 1, the largest logits first."""
+        if self.ahead is None:
+            raise ValueError("this predictor was loaded without a lookahead predictor (Predictor.load(..., "
+                             "lookahead=path))")
+        with torch.inference_mode():
+            z = self.ahead.module.logits(layer, x.float()).cpu().numpy()
+        out = []
+        for row in z:
+            guessed = np.flatnonzero(row > self.ahead.cut)
+            out.append(guessed[np.argsort(-row[guessed], kind="stable")])
+        return out
+
     def reset(self) -> None:
         pass
 
     def on(self, device: torch.device) -> "Predictor":
         self.module.to(device)
+        if self.ahead is not None:
+            self.ahead.on(device)
         return self
 
     def save(self, path: str | Path) -> None:
@@ -70,7 +92,10 @@ class Predictor:
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path, threshold: float | None = None) -> "Predictor":
+    def load(cls, path: str | Path, threshold: float | None = None,
+             lookahead: str | Path | None = None) -> "Predictor":
+        """The predictor saved at `path`, with the lookahead predictor saved at `lookahead` (`lookahead_path(path)`
+        where it was trained with it)."""
         path = Path(path)
         try:
             meta = json.loads(path.with_suffix(".json").read_text())
@@ -78,7 +103,14 @@ class Predictor:
             module.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot load predictor ({e})") from e
-        return cls(module, meta["threshold"] if threshold is None else threshold, meta.get("metrics"))
+        ahead = cls.load(lookahead, threshold) if lookahead is not None else None
+        return cls(module, meta["threshold"] if threshold is None else threshold, meta.get("metrics"), ahead)
+
+
+def lookahead_path(predictor: str | Path) -> Path:
+    """Where the lookahead predictor of the predictor saved at `predictor` is saved."""
+    predictor = Path(predictor)
+    return predictor.with_name(predictor.name + "-lookahead")
 
 
 @torch.inference_mode()
@@ -122,15 +154,24 @@ def evaluate(predictor: Predictor, layer: int, x: torch.Tensor, active: torch.Te
     )
 
 
+def pairs(collected: list[tuple[torch.Tensor, torch.Tensor]], lookahead: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, target) per predictor layer: layer i's FFN input and active set, or with `lookahead` layer i + 1's
+    active set."""
+    if not lookahead:
+        return collected
+    return [(x, collected[i + 1][1]) for i, (x, _) in enumerate(collected[:-1])]
+
+
 def train_predictor(model: Transformer, train_tokens: list[int], heldout_tokens: list[int], bos: int | None,
                     rank: int = 64, epochs: int = 4, batch: int = 1024, lr: float = 3e-3, threshold: float = 0.5,
-                    seed: int = 0, progress=print) -> Predictor:
-    """Train every layer's predictor on `train_tokens`, then measure it on `heldout_tokens`."""
+                    seed: int = 0, progress=print, lookahead: bool = False) -> Predictor:
+    """Train every layer's predictor on `train_tokens`, then measure it on `heldout_tokens`; with `lookahead`, the
+    lookahead predictor (one layer fewer: layer i guesses layer i + 1)."""
     torch.manual_seed(seed)
     c = model.config
     t0 = time.perf_counter()
-    train = collect(model, train_tokens, c.max_positions, bos)
-    module = LowRankPredictor(c.n_layers, c.d_model, c.d_ffn, rank)
+    train = pairs(collect(model, train_tokens, c.max_positions, bos), lookahead)
+    module = LowRankPredictor(len(train), c.d_model, c.d_ffn, rank)
     generator = torch.Generator().manual_seed(seed)
     for layer, (x, y) in enumerate(train):
         y = y.float()
@@ -146,11 +187,12 @@ def train_predictor(model: Transformer, train_tokens: list[int], heldout_tokens:
             loss.backward()
             opt.step()
         if progress:
-            progress(f"  predictor layer {layer}: {steps} steps, final loss {loss.item():.4f}")
+            what = f"lookahead layer {layer} -> {layer + 1}" if lookahead else f"predictor layer {layer}"
+            progress(f"  {what}: {steps} steps, final loss {loss.item():.4f}")
     predictor = Predictor(module, threshold)
-    heldout = collect(model, heldout_tokens, c.max_positions, bos)
+    heldout = pairs(collect(model, heldout_tokens, c.max_positions, bos), lookahead)
     layers = [asdict(evaluate(predictor, i, x, y)) for i, (x, y) in enumerate(heldout)]
     predictor.metrics = {"heldout_layers": layers, "train_tokens": len(train_tokens),
                          "heldout_tokens": len(heldout_tokens), "rank": rank, "epochs": epochs, "seed": seed,
-                         "seconds": time.perf_counter() - t0}
+                         "seconds": time.perf_counter() - t0, "lookahead": lookahead}
     return predictor

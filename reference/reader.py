@@ -78,8 +78,10 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, max(nbytes, ALIGNMENT)), dtype=np.uint8)[:nbytes]
 
 
-def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block: int = ALIGNMENT) -> list[Read]:
-    """The reads that fetch records `ids` (output row k gets record ids[k]), coalesced as described above."""
+def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block: int = ALIGNMENT,
+               rows: np.ndarray | None = None) -> list[Read]:
+    """The reads that fetch records `ids` (output row rows[k], default k, gets record ids[k]), coalesced as
+    described above."""
     if len(ids) == 0:
         return []
     # Every piece of every record: file offset, length, output row and column (numpy, for thousands of pieces).
@@ -90,7 +92,7 @@ def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block
     columns = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     offset = (ids[:, None] * stride + base[None, :]).ravel()
     length = np.broadcast_to(lengths, (len(ids), len(lengths))).ravel()
-    row = np.repeat(np.arange(len(ids)), len(lengths))
+    row = np.repeat(np.arange(len(ids)) if rows is None else rows, len(lengths))
     column = np.broadcast_to(columns, (len(ids), len(lengths))).ravel()
     order = np.argsort(offset, kind="stable")
     offset, length, row, column = offset[order], length[order], row[order], column[order]
@@ -228,28 +230,35 @@ class FlashReader:
             self._staging = aligned_buffer(max(nbytes, 2 * len(self._staging)))
         return self._staging
 
-    def read(self, layer: int, ids, out: np.ndarray) -> ReadStats:
-        """Fill out[k] (uint8, [len(ids), record_bytes]) with neuron ids[k]'s record of `layer`."""
+    def read(self, layer: int, ids, out: np.ndarray, rows: np.ndarray | None = None) -> ReadStats:
+        """Fill out[rows[k]] (uint8, [n, record_bytes]; rows default 0, 1, ...) with record ids[k] of `layer`.
+        `rows` lets a caller fill some rows of a buffer from elsewhere (the overlap's read-ahead) and read the
+        others straight into theirs."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows = np.arange(len(ids), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         g = self.geometries[layer]
         rb = g.record_bytes
-        if out.dtype != np.uint8 or out.ndim != 2 or out.shape[0] < len(ids) or out.shape[1] != rb:
-            raise ValueError(f"out must be uint8 [>= {len(ids)}, {rb}], got {out.dtype} {list(out.shape)}")
+        need = int(rows.max()) + 1 if len(rows) else 0
+        if out.dtype != np.uint8 or out.ndim != 2 or out.shape[0] < need or out.shape[1] != rb or \
+                len(rows) != len(ids):
+            raise ValueError(f"out must be uint8 [>= {need}, {rb}] with a row for each of {len(ids)} ids, got "
+                             f"{out.dtype} {list(out.shape)} and {len(rows)} rows")
         if len(ids) and (ids.min() < 0 or ids.max() >= g.d_ffn):
             raise IndexError(f"record ids must lie in [0, {g.d_ffn}), got {ids.min()}..{ids.max()}")
         t0 = time.perf_counter()
-        runs = self._record_runs(g, ids, out)
+        runs = self._record_runs(g, ids, out, rows)
         if runs is not None:  # whole aligned records: each run of adjacent ones is one read straight into `out`
             self._read_in_place(layer, runs, len(ids) * rb)
             n_reads, total = len(runs), len(ids) * rb
         else:
-            n_reads, total = self._read_staged(layer, g, ids, out)
+            n_reads, total = self._read_staged(layer, g, ids, out, rows)
         return ReadStats(
             records=len(ids), reads=n_reads, bytes_requested=len(ids) * rb, bytes_read=total,
             seconds=time.perf_counter() - t0, direct=self.direct,
         )
 
-    def _record_runs(self, g: FFNGeometry, ids: np.ndarray, out: np.ndarray) -> list[tuple[list, int]] | None:
+    def _record_runs(self, g: FFNGeometry, ids: np.ndarray, out: np.ndarray,
+                     out_rows: np.ndarray) -> list[tuple[list, int]] | None:
         """(buffers, file offset) per run of adjacent records, where records can be read in place: each piece of a
         record (the whole record, bundled; each vector, unbundled) a multiple of the alignment long, into aligned
         rows, no duplicates, and no gap filling asked for, or runs so long that gaps would fill nothing (a placed
@@ -273,7 +282,7 @@ class FlashReader:
         if self.gap_bytes and (len(firsts) - 1) > 2 * max(1, len(ids) * stride // RUN_BYTES):
             return None  # short runs: merging past the gaps (staged) takes fewer reads
         flat = memoryview(out.reshape(-1))
-        rows = (order * rb).tolist()
+        rows = (out_rows[order] * rb).tolist()
         runs, column = [], 0
         for base, n in pieces:  # runs of adjacent records, each cut into reads of at most RUN_BYTES and IOV_MAX
             offsets = (sorted_ids * stride + base).tolist()
@@ -306,9 +315,10 @@ class FlashReader:
             for buffers, offset in runs:
                 self._pread(layer, buffers, offset)
 
-    def _read_staged(self, layer: int, g: FFNGeometry, ids: np.ndarray, out: np.ndarray) -> tuple[int, int]:
+    def _read_staged(self, layer: int, g: FFNGeometry, ids: np.ndarray, out: np.ndarray,
+                     out_rows: np.ndarray) -> tuple[int, int]:
         """The general path: covering blocks into the staging buffer, then each piece copied to its row."""
-        reads = plan_reads(g, ids, self.gap_bytes)
+        reads = plan_reads(g, ids, self.gap_bytes, rows=out_rows)
         total = 0
         for r in reads:
             r.staging, total = total, total + r.length

@@ -5,6 +5,13 @@
 - `trace`: replays recorded or generated sets, for synthetic paper-scale models.
 - `all`: every neuron, every token: the naive baseline.
 The real `predictor` source lives in predictor.py.
+
+Each source also guesses, from layer L's FFN input, the sets of layer L+1 (`lookahead`), most confident first, so
+that the overlap technique can read the likeliest while layer L computes: `all` knows them (every neuron), the
+oracle applies layer L+1's rows to layer L's input (the residual stream changes little from one layer to the next,
+as Deja Vu observed), a trace replays guesses drawn with it, and the predictor has a lookahead predictor of its
+own. A guess only decides what is read early: what is read late (the misses) and what the layer multiplies come
+from its own sets.
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ class ActivationSource(Protocol):
         """Per token of x [T, d] (the FFN input), the sorted neuron ids it needs."""
         ...
 
+    def lookahead(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+        """Per token of x [T, d] (layer `layer`'s FFN input), a guess of the ids layer + 1 will need, most
+        confident first."""
+        ...
+
     def reset(self) -> None:
         """A new sequence starts."""
         ...
@@ -43,6 +55,8 @@ class AllNeurons:
 
     def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
         return [self.every] * x.shape[0]
+
+    lookahead = sets  # exact: every neuron again
 
     def reset(self) -> None:
         pass
@@ -65,13 +79,27 @@ class Oracle:
         self.ids = ids or [np.arange(len(w)) for w in weights]
         self.nbytes = sum(w.nbytes for w in weights) + sum(b.nbytes for b in biases if b is not None)
 
-    def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+    def _active(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """The pre-activations [T, n] and which are active."""
         pre = x @ self.weights[layer].t()
         if self.biases[layer] is not None:
             pre = pre + self.biases[layer]
         active = pre > 0 if self.thresholds is None else threshold.active(pre, self.thresholds[layer])
-        active = active.cpu().numpy()
+        return pre, active.cpu().numpy()
+
+    def sets(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+        _, active = self._active(layer, x)
         return [np.sort(self.ids[layer][np.flatnonzero(row)]) for row in active]  # a placed layout's ids: any order
+
+    def lookahead(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+        """Layer + 1's rule on this layer's input, the largest pre-activations first."""
+        pre, active = self._active(layer + 1, x)
+        pre = pre.float().cpu().numpy()
+        out = []
+        for row, on in zip(pre, active):
+            rows = np.flatnonzero(on)
+            out.append(self.ids[layer + 1][rows[np.argsort(-row[rows], kind="stable")]])
+        return out
 
     def reset(self) -> None:
         pass
@@ -83,13 +111,14 @@ class Oracle:
 
 
 class Trace:
-    """Replays sets: `sets[token][layer]` for the tokens in order (prefill tokens first)."""
+    """Replays sets: `sets[token][layer]` for the tokens in order (prefill tokens first), and with `ahead` the
+    lookahead's guesses, `ahead[token][layer]` for that layer (layer 0's unused)."""
 
     name = "trace"
     nbytes = 0
 
-    def __init__(self, sets: list[list[np.ndarray]]):
-        self.trace = sets
+    def __init__(self, sets: list[list[np.ndarray]], ahead: list[list[np.ndarray]] | None = None):
+        self.trace, self.ahead = sets, ahead
         self.reset()
 
     def reset(self) -> None:
@@ -101,6 +130,13 @@ class Trace:
             raise IndexError(f"trace exhausted: {len(self.trace)} tokens recorded, token {start + x.shape[0]} asked")
         self.position[layer] = start + x.shape[0]
         return [np.asarray(self.trace[t][layer], dtype=np.int64) for t in range(start, start + x.shape[0])]
+
+    def lookahead(self, layer: int, x: torch.Tensor) -> list[np.ndarray]:
+        if self.ahead is None:
+            raise ValueError("this trace has no lookahead guesses (suite.traces.lookahead makes them)")
+        start = self.position[layer + 1]
+        return [np.asarray(self.ahead[t][layer + 1], dtype=np.int64)
+                for t in range(start, min(start + x.shape[0], len(self.ahead)))]
 
     def on(self, device: torch.device) -> "Trace":
         return self

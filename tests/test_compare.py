@@ -32,8 +32,8 @@ def slower_reader(mp):
     """Every read operation of the sparse path costs 2 ms more (naive reads whole files, through read_layer)."""
     read = FlashReader.read
 
-    def slow(self, layer, ids, out):
-        stats = read(self, layer, ids, out)
+    def slow(self, layer, ids, out, rows=None):
+        stats = read(self, layer, ids, out, rows)
         time.sleep(0.002 * stats.reads)
         return dataclasses.replace(stats, seconds=stats.seconds + 0.002 * stats.reads)
 

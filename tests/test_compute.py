@@ -56,6 +56,8 @@ def test_the_bound_adds_the_reads_at_fios_bandwidth_and_the_products_at_the_matr
     assert bound["io_ms"] == pytest.approx(2.0) and bound["compute_ms"] == pytest.approx(multiplied / 2e9 * 1e3)
     assert bound["ratio"] == pytest.approx(6.0 / (2.0 + multiplied / 2e6))
     assert latency_bound(metrics, None, rates, "float16", config) is None  # it reads, but no probe point to bound
+    beside = latency_bound(metrics, {"bandwidth_bytes_s": 1e9}, rates, "float16", config, overlap=True)
+    assert beside["ms"] == pytest.approx(max(bound["io_ms"], bound["compute_ms"]))  # reads run beside the products
 
 
 def test_the_engine_counts_the_neurons_it_multiplies(tiny_checkpoint, tmp_path):

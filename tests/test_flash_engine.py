@@ -228,3 +228,49 @@ def test_a_pass_needing_more_reads_than_the_budgets_buffer_holds_is_a_budget_err
     with pytest.raises(BudgetError, match=r"layer \d+: a pass needs \d+ neurons read, the read buffer holds 8"):
         replay(engine, model["tokens"][:4])
     engine.close()
+
+
+OVERLAPPED = [("naive", "unbundled", dict(source="all")), ("hybrid", "bundled", dict(source="all", hybrid=0.25)),
+              ("oracle", "bundled", dict(source="oracle")),
+              ("oracle, window, hybrid", "unbundled", dict(source="oracle", window=4, hybrid=0.1)),
+              ("predictor, window", "bundled", dict(source="predictor", window=4))]
+
+
+def overlapped(model, layout, overlap: bool, **techniques):
+    """Logits and per-step stats over 24 tokens; the predictor source with its shipped lookahead."""
+    from flashbench.reference.predictor import Predictor, lookahead_path
+
+    shipped = model["path"] / "predictor"
+    source = Predictor.load(shipped, lookahead=lookahead_path(shipped)) if techniques["source"] == "predictor" else None
+    with FlashEngine(model["flash"][layout], Techniques(threads=4, overlap=overlap, **techniques), source=source,
+                     neuron_counts=model["counts"]) as engine:
+        logits = replay(engine, model["tokens"][:24])
+    return logits, engine.history[1:]
+
+
+@pytest.mark.parametrize("name, layout, techniques", OVERLAPPED, ids=[o[0] for o in OVERLAPPED])
+def test_overlap_changes_when_bytes_are_read_never_a_logit(model, name, layout, techniques):
+    """The guess decides only what is read early: each layer multiplies the same rows in the same order."""
+    plain, plain_steps = overlapped(model, layout, False, **techniques)
+    ahead, ahead_steps = overlapped(model, layout, True, **techniques)
+    assert torch.equal(plain, ahead)
+    assert [s.multiplied for s in plain_steps] == [s.multiplied for s in ahead_steps]
+    assert sum(s.read_ahead_used for s in ahead_steps) > 0
+    # What is read ahead and not needed is the only extra: every needed neuron is read once, early or late.
+    for p, a in zip(plain_steps, ahead_steps):
+        assert a.io.records == p.io.records + a.read_ahead - a.read_ahead_used
+        assert p.io_wait_s == p.io.seconds  # without overlap every read is waited for
+
+
+def test_naive_overlap_reads_every_next_layer_ahead_and_nothing_after(model):
+    _, steps = overlapped(model, "bundled", True, source="all")
+    n, d = model["flash"]["bundled"].config.n_layers, model["flash"]["bundled"].config.d_ffn
+    assert all(s.read_ahead == s.read_ahead_used == (n - 1) * d for s in steps)  # layer 0's: nothing to hide behind
+
+
+def test_an_overlapping_engine_leaves_no_threads_when_closed(model):
+    threads = threading.active_count()
+    with FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", threads=4, overlap=True)) as engine:
+        engine.prefill(PROMPT[:4])
+        engine.step(PROMPT[4])
+    assert threading.active_count() == threads

@@ -43,7 +43,7 @@ def test_every_record_carries_machine_versions_commit_and_parameters(run):
 
 def test_exact_configurations_pass_and_the_run_exits_0(run):
     exact = [r for r in records(run) if r.get("exact")]
-    assert {r["configuration"] for r in exact} == {"naive", "hybrid", "hybrid+placement"}
+    assert {r["configuration"] for r in exact} == {"naive", "hybrid", "hybrid+placement", "overlap"}
     assert all(r["agreement"]["passed"] and r["agreement"]["tolerance"] == "exact" for r in exact)
     assert run["code"] == 0
 

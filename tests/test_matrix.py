@@ -33,11 +33,11 @@ def test_every_technique_appears_alone_with_its_prerequisites_named():
     assert s["alone:quantization"].prerequisites == ()
 
 
-def test_cumulative_order_is_the_papers_then_memory_quantization_pruning_placement():
+def test_cumulative_order_is_the_papers_then_memory_overlap_quantization_pruning_placement():
     s = by_section(matrix())
     n = len(RELU)
     assert [s[f"cumulative:{i}"].name.split("+")[-1] for i in range(1, n + 1)] == list(RELU)
-    assert RELU[-4:] == ("memory", "quantization", "pruning", "placement")
+    assert RELU[-5:] == ("memory", "overlap", "quantization", "pruning", "placement")
     assert s[f"cumulative:{n}"] is s["all"]
 
 
@@ -49,13 +49,13 @@ def test_a_set_reached_from_two_sections_is_measured_once():
 
 def test_all_but_predictor_names_the_techniques_left_without_effect():
     c = by_section(matrix())["all-but:predictor"]
-    assert c.on == {"hybrid", "quantization", "pruning", "placement"}
+    assert c.on == {"hybrid", "overlap", "quantization", "pruning", "placement"}
     assert c.inactive == ("windowing", "bundling", "memory")
 
 
 def test_only_configurations_without_lossy_techniques_are_exact():
     exact = {c.name for c in matrix() if c.exact}
-    assert exact == {"naive", "hybrid", "hybrid+placement"}
+    assert exact == {"naive", "hybrid", "hybrid+placement", "overlap"}
 
 
 def test_switches_map_to_the_engine_and_the_layout():
@@ -102,8 +102,9 @@ def test_on_a_silu_ffn_every_sparse_technique_needs_threshold():
     assert s["alone:hybrid"].on == {"threshold", "hybrid"} and s["alone:hybrid"].prerequisites == ("threshold",)
     assert s["alone:memory"].prerequisites == ("threshold", "predictor", "windowing")
     assert s["alone:quantization"].on == {"quantization"}  # dense reads: no sparsity needed
+    assert s["alone:overlap"].on == {"overlap"}  # the next layer's whole file read ahead
     assert s["cumulative:1"].name == "threshold" and s["cumulative:2"].name == "threshold+hybrid"
-    assert s["all-but:threshold"].on == {"quantization"}
+    assert s["all-but:threshold"].on == {"overlap", "quantization"}
     assert s["all-but:threshold"].inactive == ("hybrid", "predictor", "windowing", "bundling", "memory", "pruning",
                                               "placement")
 

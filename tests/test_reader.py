@@ -62,6 +62,32 @@ def test_reader_counters_match_the_prediction(opt_flash, layout, geometry):
     assert stats.direct
 
 
+@pytest.fixture(scope="module")
+def block_flash(tmp_path_factory):
+    """fp16 vectors of d_model 2048: whole 4 KiB blocks, so records are read in place, not staged."""
+    from tests.conftest import random_model, tiny_config
+    from flashbench.reference.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("blocks")
+    model = random_model(tiny_config("opt", d_model=2048, d_ffn=64, n_layers=1))
+    ck = save_checkpoint(root / "ck", model.config, model.state_dict())
+    return convert(ck, root / "unbundled", "unbundled", "float16")
+
+
+@pytest.mark.parametrize("which", ["staged bundled", "staged unbundled", "in place"])
+def test_records_can_be_read_into_rows_of_the_callers_choosing(opt_flash, block_flash, which):
+    """The overlap fills some rows from its read-ahead and reads the rest straight into theirs."""
+    flash = block_flash if which == "in place" else opt_flash[which.split()[1]]
+    ids, rows, rb = [3, 17, 18, 40], [5, 0, 2, 7], flash.geometry.record_bytes
+    with FlashReader.for_layout(flash, threads=3) as reader:
+        in_order = aligned_buffer(len(ids) * rb).reshape(len(ids), rb)
+        reader.read(0, ids, in_order)
+        placed = aligned_buffer(8 * rb).reshape(8, rb)
+        reader.read(0, ids, placed, rows=np.array(rows))
+    assert in_order.any() and (placed[rows] == in_order).all()
+    assert not placed[[1, 3, 4, 6]].any()  # rows not asked for are left alone
+
+
 def test_bundled_needs_fewer_reads_than_unbundled_for_the_same_neurons(opt_flash):
     ids = list(range(0, 256, 64))  # far enough apart that no two share or touch a block
     counts = {}

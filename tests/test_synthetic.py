@@ -86,3 +86,17 @@ def test_synth_cli_writes_layouts_without_a_checkpoint_unless_asked(tmp_path, mo
     assert (tmp_path / "m" / "flash-bundled" / "layout.json").is_file() and not (tmp_path / "m" / "checkpoint").exists()
     assert main(["model", "synth", str(tmp_path / "n"), "--shape", "opt-1.3b"]) == 2
     assert "nothing to write" in capsys.readouterr().err
+
+
+def test_a_traces_lookahead_guesses_its_sets_first_in_guesses_of_the_measured_size():
+    from flashbench.suite import traces
+
+    trace = traces.generate(traces.PAPER_OPT_6_7B, n_layers=4, d_ffn=4096, tokens=24, seed=3)
+    guesses = traces.lookahead(trace.sets, 4096, seed=3)
+    assert all(len(g[0]) == 0 for g in guesses)  # nothing guesses layer 0 a layer earlier
+    pairs = [(t[layer], g[layer]) for t, g in zip(trace.sets, guesses) for layer in range(1, 4)]
+    size = sum(len(g) for _, g in pairs) / sum(len(s) for s, _ in pairs)
+    assert size == pytest.approx(traces.LOOKAHEAD_SIZE, abs=0.01)
+    half = [(np.isin(g[: len(g) // 2], s).mean(), np.isin(g[len(g) // 2 :], s).mean()) for s, g in pairs]
+    first, second = np.mean(half, axis=0)
+    assert first > 0.5 > 0.2 > second  # most confident first: the set's ids lead (0.69 and 0.14 here)

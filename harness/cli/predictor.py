@@ -27,13 +27,16 @@ def add_parser(sub) -> None:
     q.add_argument("--epochs", type=int, default=4, help="passes over the training tokens (default 4)")
     q.add_argument("--threshold", type=float, default=0.5, help="sigmoid threshold (default 0.5)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--lookahead", action="store_true",
+                   help="train the lookahead predictor instead (layer i guesses layer i + 1's active set from layer "
+                   "i's FFN input, for the overlap technique), written beside the predictor as <out>-lookahead")
     add_target_sparsity_arg(q)
     q.set_defaults(func=cmd_predictor_train)
 
 
 def cmd_predictor_train(args) -> int:
     from flashbench.reference.activations import thresholds_key
-    from flashbench.reference.predictor import train_predictor
+    from flashbench.reference.predictor import lookahead_path, train_predictor
 
     path, model, tokenizer = load_model(args.model)
     train = training_text(args.train_text)
@@ -41,15 +44,18 @@ def cmd_predictor_train(args) -> int:
     train_tokens = train.tokens(tokenizer, args.tokens)
     heldout = heldout_text(args.text).tokens(tokenizer)
     out = Path(args.out) if args.out else path / "predictor"
-    print(f"training rank-{args.rank} predictors for {path} on {len(train_tokens):,} tokens")
+    if args.lookahead:
+        out = lookahead_path(out)
+    what = "lookahead predictors" if args.lookahead else "predictors"
+    print(f"training rank-{args.rank} {what} for {path} on {len(train_tokens):,} tokens")
     predictor = train_predictor(model, train_tokens, heldout, tokenizer.bos, rank=args.rank, epochs=args.epochs,
-                                threshold=args.threshold, seed=args.seed)
+                                threshold=args.threshold, seed=args.seed, lookahead=args.lookahead)
     thresholds = thresholds_key(model)
     if thresholds is not None:
         predictor.metrics["thresholds"] = thresholds  # the thresholded SiLU it predicts (flashbench run checks it)
     predictor.save(out)
     print(f"on held-out text ({len(heldout):,} tokens), threshold {args.threshold}:")
-    print("layer  recall  precision  predicted/active  active   predicted")
+    print("layer  recall  precision  predicted/active  active   predicted" + ("  (of layer + 1)" if args.lookahead else ""))
     for i, m in enumerate(predictor.metrics["heldout_layers"]):
         print(f"{i:5d}  {m['recall']:6.2%}  {m['precision']:9.2%}  {m['predicted_per_active']:16.2f}  "
               f"{m['active_fraction']:6.2%}  {m['predicted_fraction']:6.2%}")
