@@ -276,12 +276,17 @@ class FlashFFN(nn.Module):
 
     def _read(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
         """The records of neurons `ids` (sorted), in the record buffer, as rows on the device: those the read-ahead
-        brought copied from its buffer, the others read now, straight into their rows."""
+        brought copied from its buffer (or, where it brought exactly these, its buffer taken as the record buffer),
+        the others read now, straight into their rows."""
         sh = self.shared
-        out = sh.record_buffer[: len(ids)]
         self.last_read = len(ids)
         sh.transfer.wait()  # the last copy out of the buffer is done before it is filled again
         ahead = sh.landed(self.layer)
+        if ahead is not None and np.array_equal(ahead.ids, ids):  # all read ahead, in order: the buffers swap roles
+            sh.record_buffer, sh.ahead_buffer = sh.ahead_buffer, sh.record_buffer
+            sh.stats.read_ahead_used += len(ids)
+            return self._rows(ids, sh.record_buffer[: len(ids)])
+        out = sh.record_buffer[: len(ids)]
         if ahead is None:
             sh.read(self.layer, self.record_of[ids], out)
         else:

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +56,26 @@ class ReadStats:
 
 @dataclass
 class Read:
-    """One read operation: `length` bytes at file `offset`, and the copies out of it (staging offset is set
-    when the plan is laid into the staging buffer)."""
+    """One read operation: `length` bytes at file `offset`, holding pieces [first, last) of its plan (the staging
+    offset is set when the plan is laid into the staging buffer)."""
 
     offset: int
     length: int
-    copies: list[tuple[int, int, int, int]] = field(default_factory=list)  # (row, column, file offset, bytes)
+    first: int
+    last: int
     staging: int = 0
+
+
+@dataclass
+class Plan:
+    """The reads that fetch a set of records, and every piece of every record (sorted by file offset): the output
+    row and column it goes to, its file offset and its length."""
+
+    reads: list[Read]
+    row: np.ndarray
+    column: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
 
 
 def _cut_runs(bounds: list[int], most: int) -> list[int]:
@@ -79,11 +92,11 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
 
 
 def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block: int = ALIGNMENT,
-               rows: np.ndarray | None = None) -> list[Read]:
+               rows: np.ndarray | None = None) -> Plan:
     """The reads that fetch records `ids` (output row rows[k], default k, gets record ids[k]), coalesced as
     described above."""
     if len(ids) == 0:
-        return []
+        return Plan([], *(np.zeros(0, dtype=np.int64),) * 4)
     # Every piece of every record: file offset, length, output row and column (numpy, for thousands of pieces).
     first = geometry.extents(0)  # the pieces of neuron 0; neuron i's lie i * stride further
     stride = geometry.record_bytes if geometry.layout == "bundled" else geometry.vector_bytes
@@ -106,11 +119,22 @@ def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block
     new_read[1:] |= start[1:] // RUN_BYTES != start[:-1] // RUN_BYTES
     firsts = np.flatnonzero(new_read)
     lasts = np.append(firsts[1:], len(offset))
-    reads = []
-    pieces = list(zip(row.tolist(), column.tolist(), offset.tolist(), length.tolist()))
-    for a, b, s0, e0 in zip(firsts.tolist(), lasts.tolist(), start[firsts].tolist(), reach[lasts - 1].tolist()):
-        reads.append(Read(s0, e0 - s0, pieces[a:b]))
-    return reads
+    reads = [Read(s0, e0 - s0, a, b) for a, b, s0, e0 in zip(firsts.tolist(), lasts.tolist(), start[firsts].tolist(),
+                                                            reach[lasts - 1].tolist())]
+    return Plan(reads, row, column, offset, length)
+
+
+def copy_pieces(out: np.ndarray, staging: np.ndarray, dst: np.ndarray, src: np.ndarray, length: int) -> None:
+    """out's bytes [dst[k], dst[k] + length) = staging's [src[k], src[k] + length) for every k, in one numpy copy
+    (no Python loop per piece: the reader's threads copy thousands of pieces per layer without holding the GIL
+    for each). Both are cut into rows of the largest size that divides every offset and the length."""
+    if len(dst) == 0:
+        return
+    unit = int(np.gcd.reduce(np.concatenate([dst, src, [length, len(out.reshape(-1)), len(staging)]])))
+    k = length // unit
+    spans = np.arange(k)
+    target = out.reshape(-1, unit)
+    target[(dst // unit)[:, None] + spans] = staging.reshape(-1, unit)[(src // unit)[:, None] + spans]
 
 
 class _Crew:
@@ -240,8 +264,8 @@ class FlashReader:
         rb = g.record_bytes
         need = int(rows.max()) + 1 if len(rows) else 0
         if out.dtype != np.uint8 or out.ndim != 2 or out.shape[0] < need or out.shape[1] != rb or \
-                len(rows) != len(ids):
-            raise ValueError(f"out must be uint8 [>= {need}, {rb}] with a row for each of {len(ids)} ids, got "
+                len(rows) != len(ids) or not out.flags.c_contiguous:
+            raise ValueError(f"out must be contiguous uint8 [>= {need}, {rb}] with a row for each of {len(ids)} ids, got "
                              f"{out.dtype} {list(out.shape)} and {len(rows)} rows")
         if len(ids) and (ids.min() < 0 or ids.max() >= g.d_ffn):
             raise IndexError(f"record ids must lie in [0, {g.d_ffn}), got {ids.min()}..{ids.max()}")
@@ -317,21 +341,23 @@ class FlashReader:
 
     def _read_staged(self, layer: int, g: FFNGeometry, ids: np.ndarray, out: np.ndarray,
                      out_rows: np.ndarray) -> tuple[int, int]:
-        """The general path: covering blocks into the staging buffer, then each piece copied to its row."""
-        reads = plan_reads(g, ids, self.gap_bytes, rows=out_rows)
+        """The general path: covering blocks into the staging buffer, then each read's pieces copied to their rows
+        by the thread that read them (a geometry's pieces have one length: a record, or a vector)."""
+        plan = plan_reads(g, ids, self.gap_bytes, rows=out_rows)
         total = 0
-        for r in reads:
+        for r in plan.reads:
             r.staging, total = total, total + r.length
         staging = self._staging_for(total)
+        dst = plan.row * g.record_bytes + plan.column
+        length = g.extents(0)[0][1]
 
         def run(read: Read) -> None:
             self._pread(layer, [staging[read.staging : read.staging + read.length]], read.offset)
-            for row, column, offset, length in read.copies:
-                src = read.staging + offset - read.offset
-                out[row, column : column + length] = staging[src : src + length]
+            pieces = slice(read.first, read.last)
+            copy_pieces(out, staging, dst[pieces], read.staging + plan.offset[pieces] - read.offset, length)
 
-        self._run_all(run, reads)
-        return len(reads), total
+        self._run_all(run, plan.reads)
+        return len(plan.reads), total
 
     def read_layer(self, layer: int, out: np.ndarray, chunk_bytes: int = 1 << 20) -> ReadStats:
         """Naive mode: the layer's whole FFN file into `out` (an aligned uint8 buffer of its size), in chunks."""

@@ -32,7 +32,7 @@ UNBUNDLED = FFNGeometry("unbundled", "float16", 64, 256, ("up", "down"))
     ],
 )
 def test_plan_predicts_reads_and_bytes(geometry, ids, gap, reads, bytes_read):
-    plan = plan_reads(geometry, np.array(ids, dtype=np.int64), gap_bytes=gap)
+    plan = plan_reads(geometry, np.array(ids, dtype=np.int64), gap_bytes=gap).reads
     assert len(plan) == reads
     assert sum(r.length for r in plan) == bytes_read
     assert all(r.offset % 4096 == 0 and r.length % 4096 == 0 for r in plan)
@@ -54,7 +54,7 @@ def test_reader_counters_match_the_prediction(opt_flash, layout, geometry):
     ids = [255, 3, 17, 18, 40, 200]
     with FlashReader.for_layout(opt_flash[layout], threads=3) as reader:
         stats = reader.read(1, ids, np.zeros((len(ids), 256), np.uint8))
-    plan = plan_reads(geometry, np.array(ids))
+    plan = plan_reads(geometry, np.array(ids)).reads
     assert stats.records == 6
     assert stats.bytes_requested == 6 * 256
     assert stats.reads == len(plan)
