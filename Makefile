@@ -14,7 +14,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[peers,test,train]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The reader's io_uring backend (reference/uring_reads.c) where cc and liburing-dev are installed; without them the
+# reader keeps its threads (`flashbench reader-sweep` and the io_uring tests say so).
+URING := reference/_uring_reads.so
+$(URING): reference/uring_reads.c
+	@cc -O2 -shared -fPIC -o $@ $< -luring 2>/dev/null && echo "built $@ (the io_uring reader)" || \
+		echo "not built: $@ (needs cc and liburing-dev: apt-get install liburing-dev); the reader uses threads"
+
+setup: $(STAMP) $(URING)
 
 # The peers that are other projects (llama.cpp, AirLLM): optional, `make test` skips their tests without them.
 # llama-cpp-python compiles llama.cpp for this CPU (its multimodal library left out: the peer decodes text).

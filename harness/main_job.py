@@ -206,7 +206,7 @@ def activation_source(spec: ModelSpec, path: Path, model: Transformer, tokenizer
     overlap = "overlap" in (spec.techniques or technique_names())
     cached = None  # where this checkpoint's predictors are cached under `work`
 
-    def cache() -> Path:
+    def cache() -> tuple[Path, list[int], str | None]:  # (where, training tokens, thresholds key)
         nonlocal cached
         if cached is None:
             train_ids = train.tokens(tokenizer, spec.predictor_tokens)

@@ -9,8 +9,8 @@ row here plus the engine code behind its switch. A switch goes from TOML to the 
 
 The matrix holds the naive baseline (every technique off); each technique on its own (with the techniques it needs
 switched on too, and named); the cumulative order of the table (the paper's, continued with memory management,
-overlap, quantization, pruning and placement); all combined; and all but one for each technique. The same set reached from
-two sections is measured once and listed in both.
+overlap, quantization, pruning and placement); all combined; and all but one for each technique. The same set
+reached from two sections is measured once and listed in both.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Callable
 from flashbench.reference.device import NAME as DEVICE_NAME
 from flashbench.reference.flash import COMPUTE_DTYPES, Techniques
 from flashbench.reference.layout import DTYPES
+from flashbench.reference import uring
+from flashbench.reference.reader import BACKENDS
 from flashbench.reference.threshold import check_target
 
 from .agreement import APPROXIMATE, Tolerance
@@ -34,7 +36,8 @@ class Settings:
     window: int = 5  # k, with windowing
     hybrid: float = 0.25  # fraction of each layer's neurons kept resident, with the hybrid
     threshold: float = 0.5  # target sparsity of a SiLU FFN's thresholded activations, with threshold
-    threads: int = 16  # reader threads
+    threads: int = 16  # reads in flight (reader threads, or the io_uring ring's depth)
+    reader: str = "threads"  # how the reader issues them: "threads" (preadv) or "io_uring" (from C; `make` builds it)
     storage_dtype: str = "float16"  # how the FFN weights are stored without quantization (int8 with it)
     # The precision the engine (and the dense reference it is judged against) holds weights and computes in.
     compute_dtype: str = "float32"
@@ -59,6 +62,10 @@ class Settings:
                              f"technique), got {self.storage_dtype!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.reader not in BACKENDS:
+            raise ValueError(f"reader must be one of {', '.join(BACKENDS)}, got {self.reader!r}")
+        if self.reader == "io_uring" and (why := uring.unavailable()):
+            raise ValueError(f"reader \"io_uring\" cannot be used here: {why}")
         if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         check_target(self.threshold)
@@ -198,6 +205,7 @@ class Configuration:
     def engine_settings(self, settings: Settings, source: str) -> Techniques:
         """The engine's switches: every technique off (the naive baseline), then each one on as its row says."""
         switches = {"source": "all", "window": 0, "hybrid": 0.0, "memory": "regather", "threads": settings.threads,
+                    "reader": settings.reader,
                     "gap_bytes": settings.whole_gap_bytes, "compute_dtype": settings.compute_dtype,
                     "device": settings.device}
         for name in ordered(self.on):

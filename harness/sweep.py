@@ -43,6 +43,7 @@ class SweepPoint:
     c_bytes_s: float | None = None  # the C reference, making the same calls
     c_fraction_of_fio: float | None = None
     c_error: str | None = None
+    reader: str = "threads"  # the reader's backend (FlashReader's `backend`)
 
 
 class CReferenceError(RuntimeError):
@@ -81,12 +82,12 @@ def synthetic_layer(directory: Path, record_bytes: int, file_bytes: int) -> tupl
 
 
 def measure_reader(geometry: FFNGeometry, path: Path, threads: int, seconds: float, batch: int = 256,
-                   seed: int = 0) -> tuple[ReadStats, int]:
+                   seed: int = 0, backend: str = "threads") -> tuple[ReadStats, int]:
     """Repeated reader calls of `batch` random distinct neurons for about `seconds`; totals and call count."""
     rng = np.random.default_rng(seed)
     out = aligned_buffer(batch * geometry.record_bytes).reshape(batch, geometry.record_bytes)
     total, calls = ReadStats(), 0
-    with FlashReader([geometry], [path], threads=threads) as reader:
+    with FlashReader([geometry], [path], threads=threads, backend=backend) as reader:
         reader.read(0, rng.choice(geometry.d_ffn, batch, replace=False), out)  # warm-up: threads, staging
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
@@ -135,7 +136,7 @@ def check_batches(batches: list[int], record_sizes: list[int], file_bytes: int) 
 
 def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds: float = 2.0, repeats: int = 3,
           file_bytes: int = 1 << 30, with_fio: bool = True, batch: int = 256, c_reference: bool = False,
-          progress=print) -> list[SweepPoint]:
+          progress=print, backend: str = "threads") -> list[SweepPoint]:
     """Per point: a fio run, then `repeats` rounds of a reader run (and a C reference run, in alternating order)
     and a fio run, so that every run lies between two fio runs (see bracketed_fractions). Bandwidths are the medians
     of their runs."""
@@ -161,7 +162,7 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
 
             def run_reader(r: int) -> None:
                 nonlocal direct
-                stats, _ = measure_reader(geometry, path, t, seconds, batch=batch, seed=r)
+                stats, _ = measure_reader(geometry, path, t, seconds, batch=batch, seed=r, backend=backend)
                 ours.append(stats.bytes_read / stats.seconds)
                 reads.append(stats.reads / stats.seconds)
                 direct = direct and stats.direct
@@ -187,7 +188,7 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
 
             median = lambda runs: float(np.median(runs)) if runs else None  # noqa: E731
             point = SweepPoint(record, t, median(ours), median(reads), direct, median(theirs), fio_error,
-                               fraction(ours), batch, median(in_c), fraction(in_c), c_error)
+                               fraction(ours), batch, median(in_c), fraction(in_c), c_error, backend)
             points.append(point)
             if progress:
                 progress(format_point(point))
@@ -203,5 +204,5 @@ def format_point(p: SweepPoint) -> str:
         c_frac = f"{p.c_fraction_of_fio:6.1%}" if p.c_fraction_of_fio is not None else "     -"
         note += f"  C, same calls {mib(p.c_bytes_s)} MiB/s  C/fio {c_frac}"
     note += f"  C reference: {p.c_error}" if p.c_error else ""
-    return f"{p.record_bytes // KIB:6d} KiB {p.threads:4d} threads  reader {mib(p.reader_bytes_s)} MiB/s  " \
+    return f"{p.record_bytes // KIB:6d} KiB {p.threads:4d} threads  reader ({p.reader}) {mib(p.reader_bytes_s)} MiB/s  " \
            f"fio {mib(p.fio_bytes_s)} MiB/s  reader/fio {frac}{note}"

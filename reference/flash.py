@@ -8,7 +8,8 @@ Every technique is a switch of `Techniques` on this one engine:
 - `memory`: `preallocated` (the neuron cache's fixed matrix) or `regather` (matrices rebuilt per token);
 - the flash directory's layout (bundled or unbundled), storage dtype (int8 included) and dead-neuron pruning
   (neurons left out of the layout are dropped from every set) are the directory's;
-- `threads`, `direct`, `gap_bytes`: the reader's settings;
+- `threads`, `direct`, `gap_bytes`, `reader`: the reader's settings (`reader`: how its `threads` reads in flight are
+  issued, by threads or by one io_uring ring from C);
 - `threshold`: a SiLU-gated FFN made sparse (CATS, `threshold.py`): activations of magnitude at most a per-layer
   threshold (calibrated to this target sparsity, passed in as `thresholds`) are zero, so the sparse techniques
   apply; lossy, and 0 (off) for ReLU FFNs, which are sparse already;
@@ -69,6 +70,7 @@ class Techniques:
     hybrid: float = 0.0
     memory: str = "preallocated"
     threads: int = 16
+    reader: str = "threads"  # "threads" (preadv from a thread pool) or "io_uring" (reader.BACKENDS)
     direct: bool = True
     gap_bytes: int = 0
     compute_dtype: str = "float32"
@@ -488,6 +490,7 @@ class FlashEngine(Engine):
                                  for name in ("up.bias", "down.bias", "gate.weight"))
                         for i in range(config.n_layers)}
         reader = FlashReader.for_layout(layout, threads=techniques.threads, direct=techniques.direct,
+                                        backend=techniques.reader,
                                         gap_bytes=techniques.gap_bytes)
         transfer = Transfer(device)
         try:  # a configuration that does not fit (BudgetError) or bad arguments must not leak threads or pinned pages

@@ -154,7 +154,8 @@ def evaluate(predictor: Predictor, layer: int, x: torch.Tensor, active: torch.Te
     )
 
 
-def pairs(collected: list[tuple[torch.Tensor, torch.Tensor]], lookahead: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def pairs(collected: list[tuple[torch.Tensor, torch.Tensor]],
+          lookahead: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input, target) per predictor layer: layer i's FFN input and active set, or with `lookahead` layer i + 1's
     active set."""
     if not lookahead:

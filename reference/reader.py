@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import uring
 from .layout import ALIGNMENT, FFNGeometry, FlashLayout
 from .storage import storage_of
 
@@ -76,6 +77,42 @@ class Plan:
     column: np.ndarray
     offset: np.ndarray
     length: np.ndarray
+
+
+@dataclass
+class Batch:
+    """The reads of one reader call into one buffer: read i fetches file offset `offsets[i]` into the buffer pieces
+    first[i] .. first[i] + count[i] - 1, piece j being lengths[j] bytes at byte starts[j] of `base`."""
+
+    base: np.ndarray  # flat uint8, page aligned where reads are direct
+    offsets: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    first: np.ndarray
+    count: np.ndarray
+
+    @classmethod
+    def whole(cls, base: np.ndarray, offsets, starts, lengths) -> "Batch":
+        """One piece per read."""
+        n = len(offsets)
+        return cls(base, np.asarray(offsets, np.int64), np.asarray(starts, np.int64), np.asarray(lengths, np.int64),
+                   np.arange(n), np.ones(n, np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.lengths.sum())
+
+    def runs(self) -> list[tuple[list, int]]:
+        """(buffers, file offset) per read, as os.preadv takes them."""
+        flat, starts, lengths = memoryview(self.base), self.starts.tolist(), self.lengths.tolist()
+        return [([flat[s : s + n] for s, n in zip(starts[f : f + c], lengths[f : f + c])], o)
+                for o, f, c in zip(self.offsets.tolist(), self.first.tolist(), self.count.tolist())]
+
+    def iovecs(self) -> np.ndarray:
+        iov = np.empty(len(self.starts), dtype=uring.IOVEC)
+        iov["base"] = self.base.ctypes.data + self.starts
+        iov["len"] = self.lengths
+        return iov
 
 
 def _cut_runs(bounds: list[int], most: int) -> list[int]:
@@ -189,14 +226,23 @@ class _Crew:
             t.join()
 
 
+BACKENDS = ("threads", "io_uring")
+
+
 class FlashReader:
     """Reads records of a flash directory's FFN files. One instance per engine; not re-entrant."""
 
     def __init__(self, geometries: list[FFNGeometry], files: list[Path], threads: int = 16, direct: bool = True,
-                 gap_bytes: int = 0):
-        """`files[layer]` is that layer's FFN file, laid out as `geometries[layer]` says."""
+                 gap_bytes: int = 0, backend: str = "threads"):
+        """`files[layer]` is that layer's FFN file, laid out as `geometries[layer]` says. `threads` reads are in
+        flight at once: issued by that many threads (`backend` "threads", preadv), or kept in flight by one io_uring
+        ring from C ("io_uring", where `uring.unavailable()` is None)."""
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "io_uring" and (why := uring.unavailable()):
+            raise ValueError(f"the io_uring reader cannot be used here: {why}")
         if len(geometries) != len(files):
             raise ValueError(f"{len(geometries)} geometries for {len(files)} files")
         self.geometries = geometries
@@ -210,7 +256,9 @@ class FlashReader:
             self._fall_back(f"{self.files[0].parent} lies on {self.storage.filesystem} (memory): no storage device to read")
         self._fds = [self._open(f) for f in self.files]
         self._retired: list[int] = []
-        self._crew = _Crew(threads - 1) if threads > 1 else None
+        self.backend = backend
+        self._ring = uring.Ring(threads) if backend == "io_uring" else None
+        self._crew = _Crew(threads - 1) if threads > 1 and self._ring is None else None
         self._staging = aligned_buffer(0)
         self._lock = threading.Lock()
 
@@ -239,6 +287,9 @@ class FlashReader:
         if self._crew:
             self._crew.close()
             self._crew = None
+        if self._ring:
+            self._ring.close()
+            self._ring = None
         for fd in self._fds + self._retired:
             os.close(fd)
         self._fds, self._retired = [], []
@@ -265,15 +316,15 @@ class FlashReader:
         need = int(rows.max()) + 1 if len(rows) else 0
         if out.dtype != np.uint8 or out.ndim != 2 or out.shape[0] < need or out.shape[1] != rb or \
                 len(rows) != len(ids) or not out.flags.c_contiguous:
-            raise ValueError(f"out must be contiguous uint8 [>= {need}, {rb}] with a row for each of {len(ids)} ids, got "
-                             f"{out.dtype} {list(out.shape)} and {len(rows)} rows")
+            raise ValueError(f"out must be contiguous uint8 [>= {need}, {rb}] with a row for each of {len(ids)} ids, "
+                             f"got {out.dtype} {list(out.shape)} and {len(rows)} rows")
         if len(ids) and (ids.min() < 0 or ids.max() >= g.d_ffn):
             raise IndexError(f"record ids must lie in [0, {g.d_ffn}), got {ids.min()}..{ids.max()}")
         t0 = time.perf_counter()
         runs = self._record_runs(g, ids, out, rows)
         if runs is not None:  # whole aligned records: each run of adjacent ones is one read straight into `out`
-            self._read_in_place(layer, runs, len(ids) * rb)
-            n_reads, total = len(runs), len(ids) * rb
+            self._submit(layer, runs)
+            n_reads, total = len(runs.offsets), len(ids) * rb
         else:
             n_reads, total = self._read_staged(layer, g, ids, out, rows)
         return ReadStats(
@@ -282,8 +333,8 @@ class FlashReader:
         )
 
     def _record_runs(self, g: FFNGeometry, ids: np.ndarray, out: np.ndarray,
-                     out_rows: np.ndarray) -> list[tuple[list, int]] | None:
-        """(buffers, file offset) per run of adjacent records, where records can be read in place: each piece of a
+                     out_rows: np.ndarray) -> Batch | None:
+        """A read per run of adjacent records, straight into their rows, where records can be read in place: each piece of a
         record (the whole record, bundled; each vector, unbundled) a multiple of the alignment long, into aligned
         rows, no duplicates, and no gap filling asked for, or runs so long that gaps would fill nothing (a placed
         layout's cold neurons). Else None (the staged path).
@@ -305,44 +356,63 @@ class FlashReader:
         firsts = _cut_runs([0, *(np.flatnonzero(step != 1) + 1).tolist(), len(ids)], most)
         if self.gap_bytes and (len(firsts) - 1) > 2 * max(1, len(ids) * stride // RUN_BYTES):
             return None  # short runs: merging past the gaps (staged) takes fewer reads
-        flat = memoryview(out.reshape(-1))
-        rows = (out_rows[order] * rb).tolist()
-        runs, column = [], 0
-        for base, n in pieces:  # runs of adjacent records, each cut into reads of at most RUN_BYTES and IOV_MAX
-            offsets = (sorted_ids * stride + base).tolist()
-            runs += [([flat[r + column : r + column + n] for r in rows[i:j]], offsets[i])
-                     for i, j in zip(firsts, firsts[1:])]
-            column += n
-        return runs
+        rows = out_rows[order] * rb
+        first, count = np.array(firsts[:-1]), np.diff(firsts)
+        offsets, starts, columns = [], [], np.cumsum([0] + [n for _, n in pieces])
+        for (base, n), column in zip(pieces, columns):  # runs of adjacent records, cut at RUN_BYTES and IOV_MAX
+            offsets.append(sorted_ids[first] * stride + base)
+            starts.append(rows + column)
+        k = len(pieces)
+        return Batch(out.reshape(-1), np.concatenate(offsets), np.concatenate(starts),
+                     np.full(k * len(ids), pieces[0][1], dtype=np.int64),
+                     np.concatenate([first + j * len(ids) for j in range(k)]), np.tile(count, k))
 
-    def _read_in_place(self, layer: int, runs: list[tuple[list, int]], expected: int) -> None:
-        """Each thread runs `sum(starmap(preadv, shared iterator of runs))`: the loop between reads is wholly in C, so
-        a thread holds the GIL for about a microsecond per read, and 16 threads on two cores spend their CPU on the
-        reads' wake-ups rather than on Python between them.
+    def _submit(self, layer: int, batch: Batch, done=None) -> None:
+        """Issue a batch's reads. With io_uring, all of them from C in one call; with threads, each thread runs
+        `sum(starmap(preadv, shared iterator of reads))`: the loop between reads is wholly in C, so a thread holds
+        the GIL for about a microsecond per read. `done(reads)` (a slice), where given, is called as reads land:
+        per read from the thread that read it, or once for all with io_uring.
 
         The sums tell whether every read was whole. If not (a short read, an error, O_DIRECT refused at read),
-        the runs are read again one by one through `_pread`, which falls back or raises naming the file."""
+        the reads are made again one by one through `_pread`, which falls back or raises naming the file."""
+        n = len(batch.offsets)
+        if self._ring is not None:
+            got = self._ring.read(self._fds[layer], batch.offsets, batch.iovecs(), batch.first, batch.count)
+            if got != batch.nbytes:
+                for buffers, offset in batch.runs():
+                    self._pread(layer, buffers, offset)
+            if done is not None:
+                done(slice(0, n))
+            return
+        runs = batch.runs()
+        if done is not None:
+            def one(i: int) -> None:
+                self._pread(layer, *runs[i])
+                done(slice(i, i + 1))
+
+            self._run_all(one, list(range(n)))
+            return
         preadv, shared = functools.partial(os.preadv, self._fds[layer]), iter(runs)
-        done: list[int] = []
+        finished: list[int] = []
 
         def job() -> None:
             try:
-                done.append(sum(itertools.starmap(preadv, shared)))
+                finished.append(sum(itertools.starmap(preadv, shared)))
             except OSError:
-                done.append(-1)
+                finished.append(-1)
 
-        if self._crew is None or len(runs) == 1:
+        if self._crew is None or n == 1:
             job()
         else:
-            self._crew.run(job, min(self.threads, len(runs)) - 1)
-        if -1 in done or sum(done) != expected:
+            self._crew.run(job, min(self.threads, n) - 1)
+        if -1 in finished or sum(finished) != batch.nbytes:
             for buffers, offset in runs:
                 self._pread(layer, buffers, offset)
 
     def _read_staged(self, layer: int, g: FFNGeometry, ids: np.ndarray, out: np.ndarray,
                      out_rows: np.ndarray) -> tuple[int, int]:
-        """The general path: covering blocks into the staging buffer, then each read's pieces copied to their rows
-        by the thread that read them (a geometry's pieces have one length: a record, or a vector)."""
+        """The general path: covering blocks into the staging buffer, then the pieces of the reads that landed
+        copied to their rows (a geometry's pieces have one length: a record, or a vector)."""
         plan = plan_reads(g, ids, self.gap_bytes, rows=out_rows)
         total = 0
         for r in plan.reads:
@@ -350,13 +420,16 @@ class FlashReader:
         staging = self._staging_for(total)
         dst = plan.row * g.record_bytes + plan.column
         length = g.extents(0)[0][1]
+        read_at = np.repeat([r.offset - r.staging for r in plan.reads], [r.last - r.first for r in plan.reads])
 
-        def run(read: Read) -> None:
-            self._pread(layer, [staging[read.staging : read.staging + read.length]], read.offset)
-            pieces = slice(read.first, read.last)
-            copy_pieces(out, staging, dst[pieces], read.staging + plan.offset[pieces] - read.offset, length)
+        def landed(reads: slice) -> None:
+            pieces = slice(plan.reads[reads.start].first, plan.reads[reads.stop - 1].last)
+            copy_pieces(out, staging, dst[pieces], plan.offset[pieces] - read_at[pieces], length)
 
-        self._run_all(run, plan.reads)
+        batch = Batch.whole(staging, [r.offset for r in plan.reads], [r.staging for r in plan.reads],
+                            [r.length for r in plan.reads])
+        if plan.reads:
+            self._submit(layer, batch, landed)
         return len(plan.reads), total
 
     def read_layer(self, layer: int, out: np.ndarray, chunk_bytes: int = 1 << 20) -> ReadStats:
@@ -366,9 +439,9 @@ class FlashReader:
         if out.dtype != np.uint8 or out.shape != (size,) or out.ctypes.data % ALIGNMENT:
             raise ValueError(f"out must be an aligned uint8 buffer of {size} bytes (see aligned_buffer)")
         t0 = time.perf_counter()
-        chunks = [(o, min(chunk_bytes, size - o)) for o in range(0, size, chunk_bytes)]
-        self._run_all(lambda c: self._pread(layer, [out[c[0] : c[0] + c[1]]], c[0]), chunks)
-        return ReadStats(records=g.d_ffn, reads=len(chunks), bytes_requested=size, bytes_read=size,
+        offsets = np.arange(0, size, chunk_bytes, dtype=np.int64)
+        self._submit(layer, Batch.whole(out, offsets, offsets, np.minimum(chunk_bytes, size - offsets)))
+        return ReadStats(records=g.d_ffn, reads=len(offsets), bytes_requested=size, bytes_read=size,
                          seconds=time.perf_counter() - t0, direct=self.direct)
 
     def _run_all(self, fn, items: list) -> None:

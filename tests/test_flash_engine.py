@@ -262,6 +262,18 @@ def test_overlap_changes_when_bytes_are_read_never_a_logit(model, name, layout, 
         assert p.io_wait_s == p.io.seconds  # without overlap every read is waited for
 
 
+def test_the_io_uring_reader_changes_no_logit(model):
+    from tests.test_reader import io_uring_here
+
+    io_uring_here()
+    logits = {}
+    for reader in ("threads", "io_uring"):
+        with FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", window=4, threads=4, reader=reader,
+                                                               overlap=True)) as engine:
+            logits[reader] = replay(engine, model["tokens"][:16])
+    assert torch.equal(logits["threads"], logits["io_uring"])
+
+
 def test_naive_overlap_reads_every_next_layer_ahead_and_nothing_after(model):
     _, steps = overlapped(model, "bundled", True, source="all")
     n, d = model["flash"]["bundled"].config.n_layers, model["flash"]["bundled"].config.d_ffn

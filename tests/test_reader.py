@@ -88,6 +88,38 @@ def test_records_can_be_read_into_rows_of_the_callers_choosing(opt_flash, block_
     assert not placed[[1, 3, 4, 6]].any()  # rows not asked for are left alone
 
 
+def io_uring_here() -> None:
+    from flashbench.reference import uring
+
+    if why := uring.unavailable():
+        pytest.skip(f"io_uring reader: {why}")
+
+
+@pytest.mark.parametrize("which", ["staged bundled", "staged unbundled", "in place", "whole file"])
+def test_the_io_uring_reader_reads_what_the_threads_read_and_counts_it_alike(opt_flash, block_flash, which):
+    io_uring_here()
+    flash = block_flash if which in ("in place", "whole file") else opt_flash[which.split()[1]]
+    ids, rb = [40, 3, 17, 18, 63, 0], flash.geometry.record_bytes
+    got = {}
+    for backend in ("threads", "io_uring"):
+        with FlashReader.for_layout(flash, threads=4, backend=backend) as reader:
+            if which == "whole file":
+                out = aligned_buffer(flash.geometry.file_bytes)
+                stats = reader.read_layer(0, out)
+            else:
+                out = aligned_buffer(len(ids) * rb).reshape(len(ids), rb)
+                stats = reader.read(0, ids, out)
+        got[backend] = (out, stats)
+    (a, sa), (b, sb) = got["threads"], got["io_uring"]
+    assert a.any() and (a == b).all()
+    assert (sa.records, sa.reads, sa.bytes_read, sa.direct) == (sb.records, sb.reads, sb.bytes_read, sb.direct)
+
+
+def test_an_unknown_reader_backend_is_refused(opt_flash):
+    with pytest.raises(ValueError, match="backend must be one of threads, io_uring"):
+        FlashReader.for_layout(opt_flash["bundled"], backend="aio")
+
+
 def test_bundled_needs_fewer_reads_than_unbundled_for_the_same_neurons(opt_flash):
     ids = list(range(0, 256, 64))  # far enough apart that no two share or touch a block
     counts = {}

@@ -55,7 +55,8 @@ def cmd_predictor_train(args) -> int:
         predictor.metrics["thresholds"] = thresholds  # the thresholded SiLU it predicts (flashbench run checks it)
     predictor.save(out)
     print(f"on held-out text ({len(heldout):,} tokens), threshold {args.threshold}:")
-    print("layer  recall  precision  predicted/active  active   predicted" + ("  (of layer + 1)" if args.lookahead else ""))
+    of_next = "  (of layer + 1)" if args.lookahead else ""
+    print("layer  recall  precision  predicted/active  active   predicted" + of_next)
     for i, m in enumerate(predictor.metrics["heldout_layers"]):
         print(f"{i:5d}  {m['recall']:6.2%}  {m['precision']:9.2%}  {m['predicted_per_active']:16.2f}  "
               f"{m['active_fraction']:6.2%}  {m['predicted_fraction']:6.2%}")

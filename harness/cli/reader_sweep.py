@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flashbench.reference import uring
+from flashbench.reference.reader import BACKENDS
+
 from ..records import provenance, write_json_atomic
 from .common import EXIT_OK, UsageError
 
@@ -23,6 +26,8 @@ def add_parser(sub) -> None:
                    "built with cc): what the reader loses beyond it is Python's cost, not the calls'")
     p.add_argument("--file-mib", type=int, default=1024, help="size of the test file (default 1024 MiB)")
     p.add_argument("--no-fio", action="store_true", help="measure the reader only")
+    p.add_argument("--reader", default="threads", help="the reader's backends, each swept in turn: threads "
+                   "(preadv from a thread pool) and/or io_uring (one ring from C, built by make) (default threads)")
     p.add_argument("--json", help="also write the points as JSON to this path")
     p.set_defaults(func=cmd_reader_sweep)
 
@@ -36,15 +41,21 @@ def cmd_reader_sweep(args) -> int:
     sizes = [int(k) * KIB for k in args.record_kib.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
+    backends = args.reader.split(",")
     check_batches(batches, sizes, args.file_mib << 20)
+    if unknown := set(backends) - set(BACKENDS):
+        raise UsageError(f"--reader {args.reader}: unknown {sorted(unknown)}; known: {', '.join(BACKENDS)}")
+    if "io_uring" in backends and (why := uring.unavailable()):
+        raise UsageError(f"--reader io_uring cannot be used here: {why}")
     points = []
     for batch in batches:
         print(f"reader ({batch} random records per call{', beside the same calls in C' if args.c_reference else ''}) "
               f"vs fio randread (direct=1, psync) on a {args.file_mib} MiB file in {directory}: {args.repeats} runs "
               f"of {args.seconds:g} s each, every one between two fio runs; medians, and x/fio the median of each "
               f"run over the fio runs around it")
-        points += sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20, not args.no_fio,
-                        batch, args.c_reference)
+        for backend in backends:
+            points += sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20,
+                            not args.no_fio, batch, args.c_reference, backend=backend)
     if args.json:
         write_json_atomic(Path(args.json), provenance() | {
                                             "points": [vars(p) for p in points]})
