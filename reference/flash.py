@@ -637,6 +637,7 @@ class FlashEngine(Engine):
             self.shared.read_ahead.close()
         self.shared.reader.close()
         self.shared.transfer.close()
+        self.shared.layers = []  # layers and shared state refer to each other: unlinked, they free with the engine
 
     def __enter__(self) -> "FlashEngine":
         return self

@@ -286,3 +286,19 @@ def test_an_overlapping_engine_leaves_no_threads_when_closed(model):
         engine.prefill(PROMPT[:4])
         engine.step(PROMPT[4])
     assert threading.active_count() == threads
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_nothing_keeps_a_closed_engine_alive(model, overlap):
+    """At paper scale a run makes one engine per configuration, each holding gigabytes: once closed and collected
+    (the harness collects after each), none may linger in a thread pool, a reader or a cache."""
+    import gc
+    import weakref
+
+    engine = FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", window=4, threads=4, overlap=overlap))
+    engine.prefill(PROMPT[:4])
+    state = weakref.ref(engine.shared)
+    engine.close()
+    del engine
+    gc.collect()
+    assert state() is None
