@@ -9,7 +9,6 @@ dense reference, a synthetic one replaying a trace, says why instead). The refer
 
 from __future__ import annotations
 
-import gc
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -230,9 +229,6 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
         return record | {"status": status, "error": str(e.__cause__ or e)}
     finally:
         raw.close()
-        # A closed engine's buffers (gigabytes at paper scale) can sit in reference cycles (the frames of torch's
-        # meta-device construction keep one): freed now, not when the next configuration has allocated its own.
-        gc.collect()
     metrics = metrics_of(step_seconds, before, after)
     fio = fio_reference(metrics, settings.threads, probe) if "mean_read_bytes" in metrics else None
     bound = (latency_bound(metrics, fio, model.rates, settings.compute_dtype, ModelConfig.load(model.checkpoint),

@@ -156,18 +156,12 @@ def decode_vectors(raw: np.ndarray, dtype: str, d_model: int, out: torch.dtype =
 
 def decode_records(records: np.ndarray, geometry: FFNGeometry,
                    out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Reader output rows [n, record_bytes] -> {"up": [n, d], "down": [n, d], ("gate": [n, d])} in `out`: in
-    float32 views of `records`, no copy, where that is the stored dtype; in 16 bits each matrix contiguous, as the
-    CPU's 16-bit matrix-vector products run about 20x slower over rows strided by the record (1.5 against 28.6 ms at
-    1945 x 4096, bfloat16 or float16, 2 threads; float32 the same either way)."""
-    if geometry.dtype != "int8" and records.flags.c_contiguous and len(records):
+    """Reader output rows [n, record_bytes] -> {"up": [n, d], "down": [n, d], ("gate": [n, d])} in `out`: views of
+    `records`, no copy, where `out` is the stored dtype."""
+    if geometry.dtype != "int8" and records.flags.c_contiguous and len(records):  # one conversion for all vectors
         n, v = len(records), len(geometry.vectors)
-        values = torch.from_numpy(records).view(DTYPES[geometry.dtype]).reshape(n, v, geometry.d_model)
-        if out == torch.float32:
-            values = values.to(out)  # one conversion for all vectors; views of it
-            return {name: values[:, j] for j, name in enumerate(geometry.vectors)}
-        return {name: values[:, j].to(out, memory_format=torch.contiguous_format)
-                for j, name in enumerate(geometry.vectors)}
+        values = torch.from_numpy(records).view(DTYPES[geometry.dtype]).reshape(n, v, geometry.d_model).to(out)
+        return {name: values[:, j] for j, name in enumerate(geometry.vectors)}
     vb = geometry.vector_bytes
     return {
         name: decode_vectors(records[:, j * vb : (j + 1) * vb], geometry.dtype, geometry.d_model, out)
