@@ -437,7 +437,9 @@ class FlashFFN(nn.Module):
                 # Rows straight from the read buffer are strided by the record; the CPU's 16-bit products run about
                 # 20x slower over them (28.6 against 1.5 ms at 1945 x 4096, bfloat16 or float16, 2 threads; float32
                 # the same either way). The neuron cache's matrices are contiguous already: no copy for them.
+                t0 = time.perf_counter()
                 weights = {name: w.contiguous() for name, w in weights.items()}
+                self.shared.stats.memory_s += time.perf_counter() - t0
             h = xs @ weights["gate" if self.gated else "up"].t()
             if up_bias is not None:
                 h = h + up_bias
