@@ -7,7 +7,9 @@
     hybrid = 0.25         # fraction of each layer's neurons kept resident, for configurations with the hybrid
     threads = 16          # reader threads
     storage_dtype = "float16"  # how FFN weights are stored where quantization is off (int8 where it is on);
-                               # "checkpoint": as the models' checkpoints store them (so naive reads are exact)
+                               # "checkpoint": as the models' checkpoints store them (so naive reads are exact);
+                               # "compute": in the compute dtype (after "auto" chose it), so rows are multiplied
+                               # where they land, with no conversion per token
     compute_dtype = "float32"  # precision of the engine and its dense reference ("float16": the paper's 16-bit;
                                # "auto": the 16-bit dtype this CPU multiplies fastest, measured when it loads)
     device = "cpu"        # where the engine and its dense reference compute: "cpu", or "cuda" (a GPU)
@@ -237,7 +239,8 @@ def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | 
     """The [engine] table, and what compute_dtype = "auto" measured. storage_dtype = "checkpoint" becomes the dtype
     the models store their FFN weights in (so the layouts hold them exactly), which must then be one dtype for all
     of them; compute_dtype = "auto" the 16-bit dtype this CPU multiplies fastest at the largest model's FFN shape
-    (harness/compute.py)."""
+    (harness/compute.py); storage_dtype = "compute" then the compute dtype, so that no read is converted (the
+    dense reference rounds the checkpoint's weights to the compute dtype too, so naive reads stay exact)."""
     engine, compute = dict(engine), None
     if isinstance(engine.get("device"), str):
         try:
@@ -255,6 +258,8 @@ def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | 
         shape = max(((c.d_ffn, c.d_model) for c in map(_model_config, names)), key=lambda s: s[0] * s[1])
         compute = measure_rates(shape, device=engine.get("device", "cpu")).as_dict()
         engine["compute_dtype"] = compute["chosen"]
+    if engine.get("storage_dtype") == "compute":
+        engine["storage_dtype"] = engine.get("compute_dtype", Settings.compute_dtype)
     return _build(Settings, engine, where, approximate=lambda v: approximate_tier(v, where)), compute
 
 

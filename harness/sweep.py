@@ -22,7 +22,7 @@ import numpy as np
 
 from flashbench.reference.errors import FlashbenchError
 from flashbench.reference.layout import FFNGeometry
-from flashbench.reference.reader import FlashReader, ReadStats, aligned_buffer
+from flashbench.reference.reader import FlashReader, ReadStats, record_buffer
 
 from . import fio
 
@@ -85,7 +85,7 @@ def measure_reader(geometry: FFNGeometry, path: Path, threads: int, seconds: flo
                    seed: int = 0, backend: str = "threads") -> tuple[ReadStats, int]:
     """Repeated reader calls of `batch` random distinct neurons for about `seconds`; totals and call count."""
     rng = np.random.default_rng(seed)
-    out = aligned_buffer(batch * geometry.record_bytes).reshape(batch, geometry.record_bytes)
+    out = record_buffer(geometry, batch)
     total, calls = ReadStats(), 0
     with FlashReader([geometry], [path], threads=threads, backend=backend) as reader:
         reader.read(0, rng.choice(geometry.d_ffn, batch, replace=False), out)  # warm-up: threads, staging

@@ -48,7 +48,7 @@ from .engine import Engine
 from .errors import BudgetError
 from .layout import FlashLayout, decode_layer_file, decode_records
 from .model import Transformer, activation
-from .reader import FlashReader, ReadStats, aligned_buffer
+from .reader import FlashReader, ReadStats, aligned_buffer, record_buffer
 from .sources import ActivationSource, AllNeurons, Oracle
 from .threshold import ThresholdedSiLU, check_target
 
@@ -140,7 +140,7 @@ class Ahead:
 
     layer: int
     ids: np.ndarray | None  # the neurons read (sorted), or None: the whole layer file
-    buffer: np.ndarray
+    buffer: np.ndarray  # a record buffer (ids[k] in row k), or the file's bytes
     stats: ReadStats
     waited_s: float  # how long the engine waited for it to land
 
@@ -155,7 +155,8 @@ class ReadAhead:
         self._pending: tuple[int, np.ndarray | None, np.ndarray, Future] | None = None
 
     def start(self, layer: int, ids: np.ndarray | None, records: np.ndarray | None, buffer: np.ndarray) -> None:
-        """Read `records` of `layer` (neurons `ids`) into buffer's rows, or with ids None the layer's whole file."""
+        """Read `records` of `layer` (neurons `ids`) into buffer's first rows (a record buffer), or with ids None
+        the layer's whole file."""
         if self._pending is not None:  # each layer takes the read-ahead before it starts the next one
             raise RuntimeError(f"a read-ahead for layer {self._pending[0]} is still in flight")
         read = (lambda: self.reader.read_layer(layer, buffer)) if ids is None else (
@@ -191,7 +192,7 @@ class _Shared:
     transfer: Transfer  # read buffers -> the device (the identity on the CPU)
     stats: TokenStats = field(default_factory=TokenStats)
     file_buffers: list[np.ndarray] = field(default_factory=list)  # naive mode: a whole layer file (two: overlap)
-    record_buffer: np.ndarray | None = None  # the delta's records: at most this many neurons read per pass
+    record_buffer: np.ndarray | None = None  # the delta's records (reader.record_buffer): its rows bound a pass's reads
     ahead_buffer: np.ndarray | None = None  # overlap: the next layer's guessed records, as many rows
     read_ahead: ReadAhead | None = None  # overlap
     layers: list["FlashFFN"] = field(default_factory=list)
@@ -254,13 +255,12 @@ class FlashFFN(nn.Module):
         if not len(self.hot):
             return
         sh = self.shared
-        step = len(sh.record_buffer)
+        step = sh.record_buffer.shape[1]
         for i in range(0, len(self.hot), step):  # as many at a time as the read buffer holds
             ids = self.hot[i : i + step]
-            out = sh.record_buffer[: len(ids)]
             sh.transfer.wait()
-            sh.reader.read(self.layer, self.record_of[ids], out)
-            self.cache.insert(ids, self._rows(ids, out), self._bias(ids), pin=True)
+            sh.reader.read(self.layer, self.record_of[ids], sh.record_buffer)
+            self.cache.insert(ids, self._rows(ids, sh.record_buffer), self._bias(ids), pin=True)
 
     def reset(self) -> None:
         self.cache.delete(np.setdiff1d(self.cache.cached_ids(), self.hot))
@@ -288,8 +288,8 @@ class FlashFFN(nn.Module):
         if ahead is not None and np.array_equal(ahead.ids, ids):  # all read ahead, in order: the buffers swap roles
             sh.record_buffer, sh.ahead_buffer = sh.ahead_buffer, sh.record_buffer
             sh.stats.read_ahead_used += len(ids)
-            return self._rows(ids, sh.record_buffer[: len(ids)])
-        out = sh.record_buffer[: len(ids)]
+            return self._rows(ids, sh.record_buffer)
+        out = sh.record_buffer
         if ahead is None:
             sh.read(self.layer, self.record_of[ids], out)
         else:
@@ -297,17 +297,19 @@ class FlashFFN(nn.Module):
             hit = at < len(ahead.ids)
             hit[hit] = ahead.ids[at[hit]] == ids[hit]
             t0 = time.perf_counter()
-            out[hit] = ahead.buffer[at[hit]]
+            hits = np.flatnonzero(hit)
+            out[:, hits] = ahead.buffer[:, at[hits]]
             sh.stats.memory_s += time.perf_counter() - t0
-            sh.stats.read_ahead_used += int(hit.sum())
+            sh.stats.read_ahead_used += len(hits)
             missed = np.flatnonzero(~hit)
             sh.read(self.layer, self.record_of[ids[missed]], out, rows=missed)
         return self._rows(ids, out)
 
-    def _rows(self, ids: np.ndarray, out: np.ndarray) -> dict[str, torch.Tensor]:
+    def _rows(self, ids: np.ndarray, buffer: np.ndarray) -> dict[str, torch.Tensor]:
+        """The vectors of neurons `ids`, the first rows of record buffer `buffer`, on the device."""
         sh = self.shared
         t0 = time.perf_counter()
-        rows = sh.transfer.to_device(decode_records(out, self.geometry, sh.techniques.torch_dtype))
+        rows = sh.transfer.to_device(decode_records(buffer[:, : len(ids)], self.geometry, sh.techniques.torch_dtype))
         if self.gate is not None:  # the gate rows come from DRAM
             rows["gate"] = self.gate[torch.from_numpy(ids).to(self.gate.device)]
         sh.stats.memory_s += time.perf_counter() - t0
@@ -352,7 +354,7 @@ class FlashFFN(nn.Module):
         """No window, so no reuse: the delta (every needed neuron not hot) is multiplied straight from the read
         buffer, beside the hot neurons in the cache; nothing is inserted or evicted."""
         delta = self.cache.missing(needed)
-        room = len(self.shared.record_buffer)
+        room = self.shared.record_buffer.shape[1]
         if len(delta) > room:
             raise BudgetError(f"layer {self.layer}: a pass needs {len(delta)} neurons read, the read buffer holds "
                               f"{room}: raise the DRAM budget")
@@ -377,11 +379,12 @@ class FlashFFN(nn.Module):
         guesses = np.concatenate(sh.source.lookahead(self.layer, xs) or [np.zeros(0, np.int64)]).astype(np.int64)
         _, first = np.unique(guesses, return_index=True)  # each id once, where it was first guessed
         guess = nxt.cache.missing(nxt._stored_only(guesses[np.sort(first)]))
-        most = len(sh.ahead_buffer) if nxt.last_read is None else min(len(sh.ahead_buffer), READ_AHEAD * nxt.last_read)
+        room = sh.ahead_buffer.shape[1]
+        most = room if nxt.last_read is None else min(room, READ_AHEAD * nxt.last_read)
         ids = np.sort(guess[: int(most)])
         sh.stats.predictor_s += time.perf_counter() - t0
         if len(ids):
-            sh.read_ahead.start(nxt.layer, ids, nxt.record_of[ids], sh.ahead_buffer[: len(ids)])
+            sh.read_ahead.start(nxt.layer, ids, nxt.record_of[ids], sh.ahead_buffer)
 
     def _evict_before(self, position: int) -> None:
         """Delete the cached neurons last needed before `position` (hot ones never are)."""
@@ -434,9 +437,10 @@ class FlashFFN(nn.Module):
         out = None
         for weights, up_bias in parts:
             if weights["down"].dtype != torch.float32 and weights["down"].device.type == "cpu":
-                # Rows straight from the read buffer are strided by the record; the CPU's 16-bit products run about
-                # 20x slower over them (28.6 against 1.5 ms at 1945 x 4096, bfloat16 or float16, 2 threads; float32
-                # the same either way). The neuron cache's matrices are contiguous already: no copy for them.
+                # A bundled layout's rows straight from the read buffer are strided by the record; the CPU's 16-bit
+                # products run about 20x slower over them (28.6 against 1.5 ms at 1945 x 4096, bfloat16 or float16,
+                # 2 threads; float32 the same either way). An unbundled layout's rows and the neuron cache's
+                # matrices are contiguous already: no copy for them.
                 t0 = time.perf_counter()
                 weights = {name: w.contiguous() for name, w in weights.items()}
                 self.shared.stats.memory_s += time.perf_counter() - t0
@@ -549,7 +553,7 @@ class FlashEngine(Engine):
             shared.file_buffers = [transfer.pin(aligned_buffer(g.file_bytes)) for _ in range(copies)]
         else:
             shared.record_buffer, shared.ahead_buffer, *_ = [
-                transfer.pin(aligned_buffer(buffer_rows * g.record_bytes)).reshape(buffer_rows, g.record_bytes)
+                record_buffer(g, buffer_rows, transfer.pin(aligned_buffer(buffer_rows * g.record_bytes)))
                 for _ in range(copies)] + [None]
         self.shared = shared
         model = Transformer.for_assignment(

@@ -2,14 +2,13 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from flashbench.reference import CheckpointError, Transformer
 from flashbench.reference.layout import DTYPES, FlashLayout, LayoutError, convert, decode_records, ffn_file
-from flashbench.reference.reader import FlashReader
+from flashbench.reference.reader import FlashReader, record_buffer
 
 ID_SETS = {"empty": [], "first": [0], "last": [255], "scattered": [255, 3, 17, 18, 19, 200, 0], "all": list(range(256))}
 
@@ -42,7 +41,7 @@ def test_records_read_back_equal_the_checkpoint_weights(tiny_checkpoint, tiny_mo
     with FlashReader.for_layout(flash, threads=4) as reader:
         for layer in range(flash.config.n_layers):
             for name, ids in ID_SETS.items():
-                out = np.zeros((len(ids), flash.geometry.record_bytes), np.uint8)
+                out = record_buffer(flash.geometry, len(ids))
                 stats = reader.read(layer, ids, out)
                 got = decode_records(out, flash.geometry)
                 want = expected_vectors(tiny_model, layer, ids, dtype)

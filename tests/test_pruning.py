@@ -12,7 +12,7 @@ from flashbench.reference import Engine, Transformer
 from flashbench.reference.activations import activation_counts, ever_active
 from flashbench.reference.flash import FlashEngine, Techniques
 from flashbench.reference.layout import FlashLayout, LayoutError, convert, decode_records, ffn_file
-from flashbench.reference.reader import FlashReader
+from flashbench.reference.reader import FlashReader, record_buffer
 from flashbench.suite.models.byte_tokenizer import BOS, encode
 from tests.exactness import within_exact_bound
 
@@ -49,7 +49,7 @@ def test_a_kept_neurons_record_holds_its_own_weights(pruned):
     layer = flash.config.n_layers - 1
     neuron = int(flash.kept[layer][-1])
     record = int(np.flatnonzero(flash.kept[layer] == neuron)[0])
-    out = np.zeros((1, flash.geometry.record_bytes), np.uint8)
+    out = record_buffer(flash.geometry_of(layer), 1)
     with FlashReader.for_layout(flash, threads=2) as reader:
         reader.read(layer, [record], out)
     assert torch.equal(decode_records(out, flash.geometry_of(layer))["up"][0], dense.layers[layer].ffn.up.weight[neuron])

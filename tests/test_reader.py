@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from flashbench.reference.layout import FFNGeometry, FlashLayout, convert
-from flashbench.reference.reader import FlashReader, aligned_buffer, plan_reads
+from flashbench.reference.reader import FlashReader, aligned_buffer, plan_reads, record_buffer
 from flashbench.reference.storage import storage_of
 
 # Tiny OPT at fp16: d_model 64, so a vector is 128 bytes, a bundled record 256 bytes: 16 records per 4 KiB block.
@@ -53,7 +53,7 @@ def opt_flash(tmp_path_factory):
 def test_reader_counters_match_the_prediction(opt_flash, layout, geometry):
     ids = [255, 3, 17, 18, 40, 200]
     with FlashReader.for_layout(opt_flash[layout], threads=3) as reader:
-        stats = reader.read(1, ids, np.zeros((len(ids), 256), np.uint8))
+        stats = reader.read(1, ids, record_buffer(geometry, len(ids)))
     plan = plan_reads(geometry, np.array(ids)).reads
     assert stats.records == 6
     assert stats.bytes_requested == 6 * 256
@@ -78,14 +78,48 @@ def block_flash(tmp_path_factory):
 def test_records_can_be_read_into_rows_of_the_callers_choosing(opt_flash, block_flash, which):
     """The overlap fills some rows from its read-ahead and reads the rest straight into theirs."""
     flash = block_flash if which == "in place" else opt_flash[which.split()[1]]
-    ids, rows, rb = [3, 17, 18, 40], [5, 0, 2, 7], flash.geometry.record_bytes
+    ids, rows = [3, 17, 18, 40], [5, 0, 2, 7]
     with FlashReader.for_layout(flash, threads=3) as reader:
-        in_order = aligned_buffer(len(ids) * rb).reshape(len(ids), rb)
+        in_order = record_buffer(flash.geometry, len(ids))
         reader.read(0, ids, in_order)
-        placed = aligned_buffer(8 * rb).reshape(8, rb)
+        placed = record_buffer(flash.geometry, 8)
         reader.read(0, ids, placed, rows=np.array(rows))
-    assert in_order.any() and (placed[rows] == in_order).all()
-    assert not placed[[1, 3, 4, 6]].any()  # rows not asked for are left alone
+    assert in_order.any() and (placed[:, rows] == in_order).all()
+    assert not placed[:, [1, 3, 4, 6]].any()  # rows not asked for are left alone
+
+
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+def test_a_record_buffer_holds_each_record_as_the_layout_stores_it(opt_flash, layout):
+    """Piece j of the record in row k at [j, k]: bundled, the whole record; unbundled, vector j, so that each
+    vector's rows form one contiguous matrix."""
+    flash = opt_flash[layout]
+    g, ids = flash.geometry, [200, 3, 17]
+    data = flash.ffn_path(1).read_bytes()
+    with FlashReader.for_layout(flash, threads=2) as reader:
+        out = record_buffer(g, 4)
+        reader.read(1, ids, out)
+    for k, neuron in enumerate(ids):
+        for j, (offset, length) in enumerate(g.extents(neuron)):
+            assert out[j, k].tobytes() == data[offset : offset + length]
+    assert out.shape == (g.pieces, 4, g.piece_bytes) and g.pieces == (1 if layout == "bundled" else 2)
+
+
+def test_a_run_of_adjacent_records_is_read_into_one_buffer_per_vector(block_flash, monkeypatch):
+    """Unbundled, a run of adjacent neurons' vectors lands in consecutive rows of their vector's plane: one
+    buffer per read, not one per record (many small buffers slow a direct read)."""
+    real_preadv, buffers_per_read = os.preadv, []
+
+    def counting_preadv(fd, buffers, offset):
+        buffers_per_read.append(len(buffers))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    with FlashReader.for_layout(block_flash, threads=1) as reader:
+        out = record_buffer(block_flash.geometry, 16)
+        stats = reader.read(0, np.arange(8, 24), out)
+    assert stats.reads == 2 and buffers_per_read == [1, 1]  # one read per vector region, each into one buffer
+    data = block_flash.ffn_path(0).read_bytes()
+    assert out[1, 15].tobytes() == data[block_flash.geometry.extents(23)[1][0]:][: block_flash.geometry.vector_bytes]
 
 
 def io_uring_here() -> None:
@@ -99,7 +133,7 @@ def io_uring_here() -> None:
 def test_the_io_uring_reader_reads_what_the_threads_read_and_counts_it_alike(opt_flash, block_flash, which):
     io_uring_here()
     flash = block_flash if which in ("in place", "whole file") else opt_flash[which.split()[1]]
-    ids, rb = [40, 3, 17, 18, 63, 0], flash.geometry.record_bytes
+    ids = [40, 3, 17, 18, 63, 0]
     got = {}
     for backend in ("threads", "io_uring"):
         with FlashReader.for_layout(flash, threads=4, backend=backend) as reader:
@@ -107,7 +141,7 @@ def test_the_io_uring_reader_reads_what_the_threads_read_and_counts_it_alike(opt
                 out = aligned_buffer(flash.geometry.file_bytes)
                 stats = reader.read_layer(0, out)
             else:
-                out = aligned_buffer(len(ids) * rb).reshape(len(ids), rb)
+                out = record_buffer(flash.geometry, len(ids))
                 stats = reader.read(0, ids, out)
         got[backend] = (out, stats)
     (a, sa), (b, sb) = got["threads"], got["io_uring"]
@@ -125,13 +159,13 @@ def test_bundled_needs_fewer_reads_than_unbundled_for_the_same_neurons(opt_flash
     counts = {}
     for layout, flash in opt_flash.items():
         with FlashReader.for_layout(flash, threads=2) as reader:
-            counts[layout] = reader.read(0, ids, np.zeros((len(ids), 256), np.uint8)).reads
+            counts[layout] = reader.read(0, ids, record_buffer(flash.geometry, len(ids))).reads
     assert counts["bundled"] < counts["unbundled"]
 
 
 def test_empty_id_set_reads_nothing(opt_flash):
     with FlashReader.for_layout(opt_flash["bundled"]) as reader:
-        stats = reader.read(0, [], np.zeros((0, 256), np.uint8))
+        stats = reader.read(0, [], record_buffer(opt_flash["bundled"].geometry, 0))
     assert (stats.records, stats.reads, stats.bytes_read) == (0, 0, 0)
 
 
@@ -146,7 +180,7 @@ def test_naive_mode_reads_the_whole_layer_file(opt_flash):
 
 def test_out_of_range_ids_are_refused(opt_flash):
     with FlashReader.for_layout(opt_flash["bundled"]) as reader, pytest.raises(IndexError, match=r"\[0, 256\)"):
-        reader.read(0, [256], np.zeros((1, 256), np.uint8))
+        reader.read(0, [256], record_buffer(opt_flash["bundled"].geometry, 1))
 
 
 def test_on_a_memory_filesystem_the_reader_uses_buffered_reads_and_says_so(opt_flash):
@@ -160,17 +194,17 @@ def test_on_a_memory_filesystem_the_reader_uses_buffered_reads_and_says_so(opt_f
         with pytest.warns(UserWarning, match="NOT flash"):
             reader = FlashReader.for_layout(flash, threads=2)
         with reader:
-            out = np.zeros((2, 256), np.uint8)
+            out = record_buffer(flash.geometry, 2)
             stats = reader.read(0, [0, 9], out)
             assert not stats.direct and "tmpfs (memory)" in reader.fallback_reason
-            assert out[1].tobytes() == (copy / "ffn-000.bin").read_bytes()[9 * 256 : 10 * 256]
+            assert out[0, 1].tobytes() == (copy / "ffn-000.bin").read_bytes()[9 * 256 : 10 * 256]
     finally:
         shutil.rmtree(copy)
 
 
 def test_direct_io_can_be_switched_off_and_is_labelled(opt_flash):
     with FlashReader.for_layout(opt_flash["bundled"], direct=False) as reader:
-        assert not reader.read(0, [1], np.zeros((1, 256), np.uint8)).direct
+        assert not reader.read(0, [1], record_buffer(opt_flash["bundled"].geometry, 1)).direct
         assert reader.fallback_reason == "direct I/O switched off by the caller"
 
 
@@ -186,10 +220,10 @@ def test_where_o_direct_is_refused_at_open_the_reader_falls_back_and_says_so(opt
     with pytest.warns(UserWarning, match="falling back to buffered reads"):
         reader = FlashReader.for_layout(opt_flash["bundled"], threads=2)
     with reader:
-        out = np.zeros((1, 256), np.uint8)
+        out = record_buffer(opt_flash["bundled"].geometry, 1)
         assert not reader.read(1, [5], out).direct
         assert "O_DIRECT refused when opening" in reader.fallback_reason
-        assert out[0].tobytes() == opt_flash["bundled"].ffn_path(1).read_bytes()[5 * 256 : 6 * 256]
+        assert out[0, 0].tobytes() == opt_flash["bundled"].ffn_path(1).read_bytes()[5 * 256 : 6 * 256]
 
 
 @pytest.fixture
@@ -212,12 +246,12 @@ def test_where_o_direct_is_refused_at_read_the_reader_falls_back_and_says_so(pag
             return real_preadv(fd, buffers, offset)
 
         monkeypatch.setattr(os, "preadv", refusing_preadv)
-        out = aligned_buffer(8 * 16384).reshape(8, 16384)
+        out = record_buffer(geometry, 8)
         with pytest.warns(UserWarning, match="falling back to buffered reads"):
             stats = reader.read(0, [3, 4, 100, 7, 900, 901, 902, 11], out)
     assert not stats.direct and "O_DIRECT read refused" in reader.fallback_reason
     data = path.read_bytes()
-    assert out[2].tobytes() == data[100 * 16384 : 101 * 16384] and out[5].tobytes() == data[901 * 16384 : 902 * 16384]
+    assert out[0, 2].tobytes() == data[100 * 16384 : 101 * 16384] and out[0, 5].tobytes() == data[901 * 16384 : 902 * 16384]
 
 
 def test_a_file_truncated_under_the_reader_is_a_short_read_error(page_records):
@@ -225,4 +259,4 @@ def test_a_file_truncated_under_the_reader_is_a_short_read_error(page_records):
     with FlashReader([geometry], [path], threads=4) as reader:
         os.truncate(path, 512 * 16384)
         with pytest.raises(OSError, match=r"short read: 0 of 16384 bytes at offset 16384000 of .*sweep-16MiB.bin \(file truncated\?\)"):
-            reader.read(0, [10, 1000], aligned_buffer(2 * 16384).reshape(2, 16384))
+            reader.read(0, [10, 1000], record_buffer(geometry, 2))

@@ -23,6 +23,12 @@ def test_the_default_scenario_runs_the_embedded_models():
     assert {"shakespeare-opt", "shakespeare-llama-relu"} <= set(names)
 
 
+def test_storage_dtype_compute_stores_the_ffn_in_the_compute_dtype(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('[engine]\nstorage_dtype = "compute"\ncompute_dtype = "bfloat16"\n[[models]]\nname = "shakespeare-opt"\n')
+    assert sc.load(str(f)).settings.storage_dtype == "bfloat16"
+
+
 def test_an_unknown_key_is_named(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text('[[models]]\nname = "shakespeare-opt"\ntokenz = 3\n')

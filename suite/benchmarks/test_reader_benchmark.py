@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from flashbench.harness.sweep import KIB, synthetic_layer
-from flashbench.reference.reader import FlashReader, aligned_buffer
+from flashbench.reference.reader import FlashReader, record_buffer
 
 BATCH = 256
 
@@ -18,7 +18,7 @@ def layers(bench_dir):
 @pytest.mark.parametrize("record_kib", [4, 16, 32, 64])
 def test_reader_random_records(benchmark, layers, record_kib, threads):
     geometry, path = layers[record_kib]
-    out = aligned_buffer(BATCH * geometry.record_bytes).reshape(BATCH, geometry.record_bytes)
+    out = record_buffer(geometry, BATCH)
     rng = np.random.default_rng(0)
     with FlashReader([geometry], [path], threads=threads) as reader:
         stats = benchmark(lambda: reader.read(0, rng.choice(geometry.d_ffn, BATCH, replace=False), out))
