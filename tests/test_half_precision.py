@@ -53,9 +53,17 @@ def test_float16_engine_is_exact_against_float16_dense_inference(model, techniqu
 
 
 @pytest.mark.exactness
-def test_bfloat16_engine_is_exact_against_bfloat16_dense_inference(model):
-    flash = convert(model["path"], model["root"] / "bf16", "bundled", "bfloat16")
-    engine = FlashEngine(flash, Techniques(source="oracle", window=4, threads=4, compute_dtype="bfloat16"))
+@pytest.mark.parametrize("layout, techniques", [
+    ("bundled", Techniques(source="oracle", window=4, threads=4, compute_dtype="bfloat16")),
+    ("unbundled", Techniques(source="oracle", window=0, threads=4, compute_dtype="bfloat16")),
+    ("unbundled", Techniques.naive(threads=4, compute_dtype="bfloat16")),
+], ids=["window-4", "no-window", "naive"])
+def test_bfloat16_engine_is_exact_against_bfloat16_dense_inference(model, layout, techniques):
+    """Rows multiplied from the neuron cache, where they landed in the read buffer (an unbundled layout's vectors
+    each one contiguous matrix there), and from whole layer files."""
+    path = model["root"] / f"bf16-{layout}"
+    flash = path if (path / "layout.json").is_file() else convert(model["path"], path, layout, "bfloat16")
+    engine = FlashEngine(flash, techniques)
     logits = teacher_forced_logits(engine)
     engine.close()
     assert verdict(model["dense"]["bfloat16"], logits, torch.bfloat16) == []
@@ -112,3 +120,4 @@ def test_the_main_job_judges_a_float16_run_against_a_float16_dense_reference(tmp
     assert rec["agreement"]["tolerance"] == "exact at float16" and rec["agreement"]["passed"], rec["agreement"]
     predicted = measure(engine, mut, Configuration(frozenset({"predictor", "windowing"})), settings, None, 1 << 30)
     assert predicted["status"] == "measured" and predicted["agreement"]["tolerance"] == "approximate"
+

@@ -54,3 +54,19 @@ def test_the_hybrid_on_a_placed_layout_gives_dense_logits_and_reads_one_range_pe
     # the cold neurons' rows are adjacent: the blocks read are their own bytes, to within a block per vector
     assert all(s.io.bytes_read <= s.io.bytes_requested + 2 * len(g.vectors) * layers * 4096 for s in placed)
     assert sum(s.io.bytes_read for s in placed) < sum(s.io.bytes_read for s in plain)
+
+
+def test_a_placed_layout_is_read_in_file_order_and_overlap_changes_no_logit(layouts):
+    """Each pass reads and multiplies its neurons in the order their records lie in the file (adjacent records into
+    adjacent rows); the read-ahead's hits are found by record, so overlap still changes only when bytes are read."""
+    got = []
+    for overlap in (False, True):
+        techniques = Techniques(source="oracle", window=4, hybrid=0.1, overlap=overlap)
+        with FlashEngine(layouts["placed"], techniques, neuron_counts=layouts["counts"]) as e:
+            got.append(torch.cat([e.prefill(TOKENS[:1])] + [e.step(t)[None] for t in TOKENS[1:-1]]))
+            ffn = e.model.layers[0].ffn
+            delta = ffn._in_file_order(np.arange(0, ffn.geometry.d_ffn, 7))
+            assert (np.diff(ffn.record_of[delta]) > 0).all() and not ffn.in_id_order
+            if overlap:
+                assert sum(s.read_ahead_used for s in e.history) > 0
+    assert torch.equal(got[0], got[1]) and within_exact_bound(got[0], layouts["logits"])
