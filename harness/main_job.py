@@ -39,6 +39,7 @@ from flashbench.reference.config import ModelConfig
 from flashbench.reference.device import exact_float32, resolve
 from flashbench.reference.errors import CheckpointError
 from flashbench.reference.flash import COMPUTE_DTYPES, BudgetError, FlashEngine, Techniques
+from flashbench.reference.layout import ELEMENT_BYTES
 from flashbench.reference.predictor import Predictor, lookahead_path
 from flashbench.reference.storage import storage_of
 from flashbench.reference.threshold import CALIBRATION_TOKENS, threshold_at, unthresholded
@@ -48,13 +49,14 @@ from .agreement import dense_reference, heldout_sequences
 from .adapters import EngineSUT
 from .compute import measure_rates
 from .matrix import LayoutSpec, Settings, describe, effective, matrix, ordered, technique_names
-from .measure import ModelUnderTest, measure
+from .measure import ModelUnderTest, measure, return_freed_memory
 from .peers import measure_peer
 from .probe import Probe, probe, table
 from .records import SCHEMA, RecordError, git_commit, machine_info, portable_path, versions, write_json_atomic
 from .scenario import ModelSpec, Scenario
 from .texts import Text, TextError, heldout_text, training_text
 from .sut import Guarded, SUTError, SystemUnderTest
+from .sweep import choose_reader
 
 
 def checkpoint_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dtype = torch.float32,
@@ -338,6 +340,13 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dt
     return mut, info
 
 
+def largest_record(scenario: Scenario) -> int:
+    """Bytes of the largest bundled record among the scenario's models, in its storage dtype (what `reader = "auto"`
+    measures the reader with)."""
+    size = ELEMENT_BYTES[scenario.settings.storage_dtype]
+    return max((3 if c.gated else 2) * c.d_model * size for c in map(model_config, scenario.models))
+
+
 def model_config(spec: ModelSpec) -> ModelConfig:
     """The model's configuration, before anything is prepared."""
     if spec.name.startswith("synthetic:"):
@@ -464,15 +473,25 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
 
     if rec := resumed("probe.json"):
         storage_probe = Probe.from_dict(rec["probe"])
+        reader = rec["probe"].get("reader_choice")
         progress("[probe] kept from the interrupted run")
     else:
         progress(f"[probe] fio over {len(scenario.probe.chunk_bytes)} chunk sizes x {len(scenario.probe.threads)} "
                  f"parallelisms x {len(scenario.probe.ioengines)} engines in {work}")
         storage_probe = probe(work, scenario.probe, fresh=fresh_probe or scenario.fresh_probe, progress=progress)
         progress(table(storage_probe))
+        reader = None
+        if scenario.settings.reader == "auto":
+            progress("[reader] reader = \"auto\": threads against io_uring on the probe's file")
+            reader = choose_reader(work, scenario.probe.file_mib << 20, largest_record(scenario),
+                                   scenario.settings.threads, seconds=scenario.probe.seconds)
+            progress(f"[reader] {reader['why']}")
         write("probe.json", {"kind": "probe", "probe": storage_probe.as_dict() | {
             "directory": portable_path(storage_probe.directory),
-            "cached_from": storage_probe.cached_from and portable_path(storage_probe.cached_from)}})
+            "cached_from": storage_probe.cached_from and portable_path(storage_probe.cached_from),
+            "reader_choice": reader}})
+    if scenario.settings.reader == "auto":  # every configuration of the run reads with the backend chosen
+        scenario = replace(scenario, settings=replace(scenario.settings, reader=reader["chosen"]))
 
     outside = None
     if sut is not None:
@@ -526,6 +545,7 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
                 progress(f"  [{j:2d}/{len(configs)}] {_summary(rec)}")
             check_exact(rel, rec)
         model.release()
+        return_freed_memory()  # the peers run in processes of their own, capped: what we freed is theirs to use
         for peer in spec.peers:
             if resumed(f"{name}/peer-{peer}.json"):
                 progress(f"  peer {peer}: kept")

@@ -37,7 +37,9 @@ class Settings:
     hybrid: float = 0.25  # fraction of each layer's neurons kept resident, with the hybrid
     threshold: float = 0.5  # target sparsity of a SiLU FFN's thresholded activations, with threshold
     threads: int = 16  # reads in flight (reader threads, or the io_uring ring's depth)
-    reader: str = "threads"  # how the reader issues them: "threads" (preadv) or "io_uring" (from C; `make` builds it)
+    # How the reader issues them: "threads" (preadv) or "io_uring" (from C; `make` builds it); "auto": the faster of
+    # the two on the run's storage, measured after the probe (harness/sweep.py, `choose_reader`)
+    reader: str = "threads"
     storage_dtype: str = "float16"  # how the FFN weights are stored without quantization (int8 with it)
     # The precision the engine (and the dense reference it is judged against) holds weights and computes in.
     compute_dtype: str = "float32"
@@ -62,8 +64,8 @@ class Settings:
                              f"technique), got {self.storage_dtype!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
-        if self.reader not in BACKENDS:
-            raise ValueError(f"reader must be one of {', '.join(BACKENDS)}, got {self.reader!r}")
+        if self.reader not in (*BACKENDS, "auto"):
+            raise ValueError(f"reader must be one of {', '.join(BACKENDS)} or auto, got {self.reader!r}")
         if self.reader == "io_uring" and (why := uring.unavailable()):
             raise ValueError(f"reader \"io_uring\" cannot be used here: {why}")
         if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):

@@ -228,6 +228,8 @@ def _probe_section(probe: dict | None) -> list:
     blocks.append(Para(f"Random reads with direct=1 on a {p['grid']['file_mib']} MiB file in {p['directory']}, "
                        f"{p['grid']['seconds']} s per point, by {source}.{cached} Bandwidth in MiB/s; in brackets the "
                        "I/Os in flight on average as fio measured them (IOPS x mean latency)."))
+    if choice := p.get("reader_choice"):
+        blocks.append(Para(f"The reader's backend (`reader = \"auto\"`): {choice['why']}."))
     threads = p["grid"]["threads"]
     for engine in p["grid"]["ioengines"]:
         pts = {(q["chunk_bytes"], q["threads"]): q for q in p["points"] if q["ioengine"] == engine

@@ -5,7 +5,9 @@
     [engine]              # the technique settings every configuration shares
     window = 5            # k, for configurations with windowing
     hybrid = 0.25         # fraction of each layer's neurons kept resident, for configurations with the hybrid
-    threads = 16          # reader threads
+    threads = 16          # reads in flight
+    reader = "threads"    # how they are issued: "threads", "io_uring", or "auto" (the faster here, measured after
+                          # the probe with one layer's delta of the largest model's records)
     storage_dtype = "float16"  # how FFN weights are stored where quantization is off (int8 where it is on);
                                # "checkpoint": as the models' checkpoints store them (so naive reads are exact);
                                # "compute": in the compute dtype (after "auto" chose it), so rows are multiplied

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from flashbench.reference import uring
 from flashbench.reference.errors import FlashbenchError
 from flashbench.reference.layout import FFNGeometry
-from flashbench.reference.reader import FlashReader, ReadStats, record_buffer
+from flashbench.reference.reader import BACKENDS, FlashReader, ReadStats, record_buffer
 
 from . import fio
 
@@ -94,6 +95,33 @@ def measure_reader(geometry: FFNGeometry, path: Path, threads: int, seconds: flo
             total += reader.read(0, rng.choice(geometry.d_ffn, batch, replace=False), out)
             calls += 1
     return total, calls
+
+
+def choose_reader(directory: Path, file_bytes: int, record_bytes: int, threads: int, batch: int = 256,
+                  seconds: float = 1.0, repeats: int = 2) -> dict:
+    """`reader = "auto"`: the backend whose reader calls of `batch` random records of `record_bytes` (one layer's
+    delta) read faster on this storage, `threads` reads in flight, on the probe's file in `directory` (written as the
+    probe writes it where it is missing); the backends alternate `repeats` times, as the disk drifts. Where the
+    io_uring reader cannot run here, threads, with the reason."""
+    if record_bytes % 4:
+        raise FlashbenchError(f"record size must be a multiple of 4 bytes, got {record_bytes}")
+    choice = {"record_bytes": record_bytes, "batch": batch, "threads": threads, "bytes_s": {}}
+    if why := uring.unavailable():
+        return choice | {"chosen": "threads", "why": f"threads: the io_uring reader cannot run here ({why})"}
+    _, path = synthetic_layer(directory, 1 << 20, file_bytes)  # the probe's file: 1 MiB records of random bytes
+    geometry = FFNGeometry("bundled", "float16", record_bytes // 4, file_bytes // record_bytes, ("up", "down"))
+    batch = choice["batch"] = min(batch, geometry.d_ffn)
+    rates: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    for r in range(repeats):
+        for backend in BACKENDS if r % 2 == 0 else BACKENDS[::-1]:
+            stats, _ = measure_reader(geometry, path, threads, seconds, batch, seed=r, backend=backend)
+            rates[backend].append(stats.bytes_read / stats.seconds)
+    mean = {b: sum(v) / len(v) for b, v in rates.items()}
+    chosen = max(BACKENDS, key=lambda b: mean[b])
+    said = ", ".join(f"{b} {mean[b] / 2**20:.0f} MiB/s" for b in BACKENDS)
+    return choice | {"bytes_s": mean, "chosen": chosen,
+                     "why": f"{chosen}: the faster reader here ({said}; calls of {batch} random {record_bytes / KIB:g} "
+                            f"KiB records, {threads} reads in flight, {repeats} alternating runs of {seconds:g} s)"}
 
 
 def build_c_reference(directory: Path) -> Path:

@@ -286,9 +286,9 @@ class FlashFFN(nn.Module):
         return self.up_bias[torch.from_numpy(ids).to(self.up_bias.device)]
 
     def _read(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
-        """The records of neurons `ids` (in file order), in the record buffer, as rows on the device: those the read-ahead
-        brought copied from its buffer (or, where it brought exactly these, its buffer taken as the record buffer),
-        the others read now, straight into their rows."""
+        """The records of neurons `ids` (in file order), in the record buffer, as rows on the device: those the
+        read-ahead brought copied from its buffer (or, where it brought exactly these, its buffer taken as the record
+        buffer), the others read now, straight into their rows."""
         sh = self.shared
         self.last_read = len(ids)
         sh.transfer.wait()  # the last copy out of the buffer is done before it is filled again

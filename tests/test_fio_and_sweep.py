@@ -6,8 +6,8 @@ import pytest
 
 from flashbench.harness import fio
 from flashbench.harness.cli import main
-from flashbench.harness.sweep import (KIB, CReferenceError, bracketed_fractions, build_c_reference, format_point,
-                                      measure_c_reference, sweep)
+from flashbench.harness.sweep import (KIB, CReferenceError, bracketed_fractions, build_c_reference, choose_reader,
+                                      format_point, measure_c_reference, sweep)
 
 REPORT = '{"jobs": [{"read": {"bw_bytes": 1048576, "iops": 32.0, "runtime": 2000, "clat_ns": {"percentile": {"50.000000": 1000, "99.000000": 9000}}}}]}'
 
@@ -78,3 +78,11 @@ def test_the_c_reference_names_a_file_it_cannot_read_directly(tmp_path):
     exe = build_c_reference(tmp_path)
     with pytest.raises(CReferenceError, match="missing.bin: cannot open with O_DIRECT"):
         measure_c_reference(exe, tmp_path / "missing.bin", 16 * KIB, 2, 0.1, 4, seed=0)
+
+
+def test_reader_auto_takes_threads_where_io_uring_cannot_run_and_says_why(tmp_path, monkeypatch):
+    from flashbench.reference import uring
+
+    monkeypatch.setattr(uring, "unavailable", lambda: "not built here")
+    choice = choose_reader(tmp_path, 8 << 20, 16384, threads=2, seconds=0.05)
+    assert choice["chosen"] == "threads" and "not built here" in choice["why"] and choice["bytes_s"] == {}

@@ -9,7 +9,8 @@ from flashbench.harness.matrix import matrix
 
 from .tiny import scenario
 
-SCENARIO = scenario("tiny", tokens=24, window=2, engine="hybrid = 0.25", model='peers = ["llama.cpp", "mmap"]')
+SCENARIO = scenario("tiny", tokens=24, window=2, engine='hybrid = 0.25\nreader = "auto"',
+                    model='peers = ["llama.cpp", "mmap"]')
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,18 @@ def test_every_record_carries_machine_versions_commit_and_parameters(run):
         assert r["scenario"]["name"] == "tiny"
         if r["kind"] == "configuration":
             assert r["settings"]["window"] == 2 and r["engine"]["threads"] == 4 and "seeds" in r
+
+
+def test_reader_auto_measures_both_backends_after_the_probe_and_every_configuration_reads_with_the_faster(run):
+    recs = records(run)
+    choice = next(r for r in recs if r["kind"] == "probe")["probe"]["reader_choice"]
+    configurations = [r for r in recs if r["kind"] == "configuration" and r["status"] == "measured"]
+    assert choice["chosen"] in ("threads", "io_uring") and choice["why"].startswith(choice["chosen"])
+    if choice["bytes_s"]:  # both measured (io_uring can run here)
+        assert choice["bytes_s"][choice["chosen"]] == max(choice["bytes_s"].values())
+    assert configurations and all(r["settings"]["reader"] == r["engine"]["reader"] == choice["chosen"]
+                                  for r in configurations)
+    assert choice["why"] in (run["dir"] / "report.md").read_text()
 
 
 def test_exact_configurations_pass_and_the_run_exits_0(run):
