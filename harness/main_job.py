@@ -39,7 +39,7 @@ from flashbench.reference.config import ModelConfig
 from flashbench.reference.device import exact_float32, resolve
 from flashbench.reference.errors import CheckpointError
 from flashbench.reference.flash import COMPUTE_DTYPES, BudgetError, FlashEngine, Techniques
-from flashbench.reference.layout import ELEMENT_BYTES
+from flashbench.reference.layout import FFNGeometry, record_vectors
 from flashbench.reference.predictor import Predictor, lookahead_path
 from flashbench.reference.storage import storage_of
 from flashbench.reference.threshold import CALIBRATION_TOKENS, threshold_at, unthresholded
@@ -343,8 +343,9 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dt
 def largest_record(scenario: Scenario) -> int:
     """Bytes of the largest bundled record among the scenario's models, in its storage dtype (what `reader = "auto"`
     measures the reader with)."""
-    size = ELEMENT_BYTES[scenario.settings.storage_dtype]
-    return max((3 if c.gated else 2) * c.d_model * size for c in map(model_config, scenario.models))
+    dtype = scenario.settings.storage_dtype
+    return max(FFNGeometry("bundled", dtype, c.d_model, c.d_ffn, record_vectors(c)).record_bytes
+               for c in map(model_config, scenario.models))
 
 
 def model_config(spec: ModelSpec) -> ModelConfig:
