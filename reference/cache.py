@@ -27,6 +27,7 @@ class NeuronCache:
         self.slot_of = np.full(d_ffn, -1, dtype=np.int64)
         self.n = 0
         self.pinned = 0
+        self.last_inserted = 0  # rows appended by the last insert: [n - last_inserted, n)
 
     def missing(self, ids: np.ndarray) -> np.ndarray:
         """Which of `ids` are not cached (the delta to read)."""
@@ -48,6 +49,7 @@ class NeuronCache:
         self.ids[slots] = ids
         self.slot_of[ids] = np.arange(self.n, self.n + k)
         self.n += k
+        self.last_inserted = k
         if pin:
             self.pinned = self.n
 
@@ -74,6 +76,7 @@ class NeuronCache:
             self.slot_of[self.ids[holes]] = holes
             self.ids[movers] = -1
         self.n = new_n
+        self.last_inserted = 0
 
     def cached_ids(self) -> np.ndarray:
         return self.ids[: self.n].copy()
@@ -82,6 +85,12 @@ class NeuronCache:
         """The occupied rows, as views: what the FFN multiplies, with no copy."""
         rows = {name: self.rows[name][: self.n] for name in self.vectors}
         return rows, (self.up_bias[: self.n] if self.up_bias is not None else None)
+
+    def newest(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The rows the last insert appended, as views (the engine multiplies them apart from the rows it held)."""
+        rows = slice(self.n - self.last_inserted, self.n)
+        return ({name: self.rows[name][rows] for name in self.vectors},
+                self.up_bias[rows] if self.up_bias is not None else None)
 
 
 class RegatherCache:
@@ -96,6 +105,7 @@ class RegatherCache:
         self.rows = {v: torch.zeros(0, d_model, dtype=dtype, device=device) for v in self.vectors}
         self.up_bias = torch.zeros(0, dtype=dtype, device=device) if bias else None
         self.pinned_ids = np.zeros(0, dtype=np.int64)
+        self.last_ids = np.zeros(0, dtype=np.int64)  # the neurons of the last insert
 
     @property
     def n(self) -> int:
@@ -121,6 +131,7 @@ class RegatherCache:
                        bias)
         if pin:
             self.pinned_ids = np.union1d(self.pinned_ids, ids)
+        self.last_ids = np.asarray(ids)
 
     def delete(self, ids: np.ndarray) -> None:
         if len(ids) == 0:
@@ -129,6 +140,7 @@ class RegatherCache:
             raise RuntimeError("cannot delete a pinned or uncached neuron")
         keep = np.flatnonzero(~np.isin(self.ids, ids))
         self.ids = self.ids[keep]
+        self.last_ids = np.zeros(0, dtype=np.int64)
         keep = torch.from_numpy(keep).to(self.device)
         self.rows = {v: self.rows[v].index_select(0, keep) for v in self.vectors}
         if self.up_bias is not None:
@@ -139,3 +151,9 @@ class RegatherCache:
 
     def matrices(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         return self.rows, self.up_bias
+
+    def newest(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The last insert's rows, gathered anew (in the order they were inserted)."""
+        at = torch.from_numpy(np.searchsorted(self.ids, self.last_ids)).to(self.device)
+        return ({v: self.rows[v].index_select(0, at) for v in self.vectors},
+                self.up_bias.index_select(0, at) if self.up_bias is not None else None)

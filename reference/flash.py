@@ -18,12 +18,14 @@ Every technique is a switch of `Techniques` on this one engine:
   need, and is compared with a dense engine of the same precision;
 - `device`: where the resident weights, the neuron cache, the KV cache and the compute live (`cpu`, or `cuda`: reads
   land in pinned host buffers and go to the GPU in asynchronous copies, `device.py`);
-- `overlap`: while layer L computes, read what layer L + 1 will need, guessed by the source's lookahead from layer
-  L's FFN input (`ReadAhead`): its most confident guesses not cached, at most READ_AHEAD times as many as layer
-  L + 1 read for the last pass; layer L + 1 then reads only what the guess missed. Naive reads read the next layer's
-  whole file ahead (double buffering). The guess decides only when bytes are read: each layer multiplies exactly the
-  rows it would without overlap, in the same order, so the logits are the same to the last bit. Nothing is read
-  ahead across a token: each pass ends with its reads done.
+- `overlap`: reads run on a thread of their own (`ReadAhead`) while the engine computes, twice over. While layer L
+  computes, read what layer L + 1 will need, guessed by the source's lookahead from layer L's FFN input: its most
+  confident guesses not cached, at most READ_AHEAD times as many as layer L + 1 read for the last pass. Layer L + 1
+  then reads only what the guess missed, and multiplies the rows it holds (hot and window neurons) while those reads
+  are in flight, then the rows read. Naive reads read the next layer's whole file ahead (double buffering). Every
+  layer multiplies its rows in two groups, those held before the pass and those it read, with or without overlap, so
+  overlap decides only when bytes are read and the logits are the same to the last bit. Nothing is read ahead across
+  a token: each pass ends with its reads done.
 With no window, nothing is reused, so the delta is multiplied straight from the read buffer and only the hot
 neurons live in the neuron cache.
 Per token it reports I/O, memory management, predictor and compute seconds, and the reader's exact counters.
@@ -146,21 +148,23 @@ class Ahead:
 
 
 class ReadAhead:
-    """One read in flight on a thread of its own, while the engine computes (the overlap technique). The reader
-    is not re-entrant, so the engine takes (waits for) the read-ahead before it reads anything else."""
+    """One read in flight on a thread of its own, while the engine computes (the overlap technique): the next
+    layer's guessed needs, or a layer's own delta while it multiplies the rows it holds. The reader is not
+    re-entrant, so the engine takes (waits for) the read in flight before it reads anything else."""
 
     def __init__(self, reader: FlashReader):
         self.reader = reader
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flash-read-ahead")
         self._pending: tuple[int, np.ndarray | None, np.ndarray, Future] | None = None
 
-    def start(self, layer: int, ids: np.ndarray | None, records: np.ndarray | None, buffer: np.ndarray) -> None:
-        """Read `records` of `layer` (neurons `ids`) into buffer's first rows (a record buffer), or with ids None
-        the layer's whole file."""
-        if self._pending is not None:  # each layer takes the read-ahead before it starts the next one
-            raise RuntimeError(f"a read-ahead for layer {self._pending[0]} is still in flight")
+    def start(self, layer: int, ids: np.ndarray | None, records: np.ndarray | None, buffer: np.ndarray,
+              rows: np.ndarray | None = None) -> None:
+        """Read `records` of `layer` (neurons `ids`) into buffer's first rows (a record buffer), or into `rows`,
+        or with ids None the layer's whole file."""
+        if self._pending is not None:  # each read is taken before the next one starts
+            raise RuntimeError(f"a read for layer {self._pending[0]} is still in flight")
         read = (lambda: self.reader.read_layer(layer, buffer)) if ids is None else (
-            lambda: self.reader.read(layer, records, buffer))
+            lambda: self.reader.read(layer, records, buffer, rows))
         self._pending = (layer, ids, buffer, self._pool.submit(read))
 
     def take(self) -> Ahead | None:
@@ -208,11 +212,23 @@ class _Shared:
         self.stats.read_ahead += ahead.stats.records
         return ahead if ahead.layer == layer else None
 
-    def read(self, layer: int, records: np.ndarray, out: np.ndarray, rows: np.ndarray | None = None) -> None:
-        """A read the pass waits for, counted."""
+    def read(self, layer: int, ids: np.ndarray, records: np.ndarray, out: np.ndarray,
+             rows: np.ndarray | None = None) -> None:
+        """A read of the pass's own, counted: done now, or with overlap started in the background, for `wait_read`
+        to wait for while the layer multiplies the rows it holds."""
+        if self.read_ahead is not None:
+            self.read_ahead.start(layer, ids, records, out, rows)
+            return
         stats = self.reader.read(layer, records, out, rows)
         self.stats.io += stats
         self.stats.io_wait_s += stats.seconds
+
+    def wait_read(self) -> None:
+        """Wait for the pass's own read in flight (overlap), if any, counting how long it took and was waited for."""
+        done = self.read_ahead.take() if self.read_ahead else None
+        if done is not None:
+            self.stats.io += done.stats
+            self.stats.io_wait_s += done.waited_s
 
 
 class FlashFFN(nn.Module):
@@ -285,10 +301,10 @@ class FlashFFN(nn.Module):
             return None
         return self.up_bias[torch.from_numpy(ids).to(self.up_bias.device)]
 
-    def _read(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
-        """The records of neurons `ids` (in file order), in the record buffer, as rows on the device: those the
+    def _fetch(self, ids: np.ndarray) -> np.ndarray:
+        """Bring the records of neurons `ids` (in file order) into a record buffer, which it returns: those the
         read-ahead brought copied from its buffer (or, where it brought exactly these, its buffer taken as the record
-        buffer), the others read now, straight into their rows."""
+        buffer), the others read straight into their rows, in the background with overlap (`_Shared.wait_read`)."""
         sh = self.shared
         self.last_read = len(ids)
         sh.transfer.wait()  # the last copy out of the buffer is done before it is filled again
@@ -296,10 +312,10 @@ class FlashFFN(nn.Module):
         if ahead is not None and np.array_equal(ahead.ids, ids):  # all read ahead, in order: the buffers swap roles
             sh.record_buffer, sh.ahead_buffer = sh.ahead_buffer, sh.record_buffer
             sh.stats.read_ahead_used += len(ids)
-            return self._rows(ids, sh.record_buffer)
+            return sh.record_buffer
         out = sh.record_buffer
         if ahead is None:
-            sh.read(self.layer, self.record_of[ids], out)
+            sh.read(self.layer, ids, self.record_of[ids], out)
         else:
             have, want = self.record_of[ahead.ids], self.record_of[ids]  # both in file order: increasing
             at = np.searchsorted(have, want)
@@ -311,8 +327,8 @@ class FlashFFN(nn.Module):
             sh.stats.memory_s += time.perf_counter() - t0
             sh.stats.read_ahead_used += len(hits)
             missed = np.flatnonzero(~hit)
-            sh.read(self.layer, self.record_of[ids[missed]], out, rows=missed)
-        return self._rows(ids, out)
+            sh.read(self.layer, ids[missed], self.record_of[ids[missed]], out, rows=missed)
+        return out
 
     def _rows(self, ids: np.ndarray, buffer: np.ndarray) -> dict[str, torch.Tensor]:
         """The vectors of neurons `ids`, the first rows of record buffer `buffer`, on the device."""
@@ -343,16 +359,19 @@ class FlashFFN(nn.Module):
         for j, ids in enumerate(sets):
             self.last_needed[ids] = np.maximum(self.last_needed[ids], start + j)
         delta = self._in_file_order(self._make_room(needed, start, self.cache.missing(needed)))
-        rows = self._read(delta)
+        buffer = self._fetch(delta)
+        held = self._share(xs, *self.cache.matrices())  # the window's and hot rows, while the delta is read
+        sh.wait_read()
+        rows = self._rows(delta, buffer)
         self._read_ahead(xs)
         t0 = time.perf_counter()
         self.cache.insert(delta, rows, self._bias(delta))
         self.peak_rows = max(self.peak_rows, self.cache.n)
-        cached = self.cache.matrices()
+        read = self.cache.newest()
         sh.stats.memory_s += time.perf_counter() - t0
         sh.stats.multiplied += self.cache.n
 
-        out = self._ffn(xs, [cached])
+        out = self._total(xs, [held, self._share(xs, *read)])
         t0 = time.perf_counter()
         self._evict_before(end - sh.techniques.window)  # keep what the last k tokens needed
         sh.stats.memory_s += time.perf_counter() - t0
@@ -367,14 +386,15 @@ class FlashFFN(nn.Module):
         if len(delta) > room:
             raise BudgetError(f"layer {self.layer}: a pass needs {len(delta)} neurons read, the read buffer holds "
                               f"{room}: raise the DRAM budget")
-        parts = [(self._read(delta), self._bias(delta))]
+        buffer = self._fetch(delta)
+        hot = self._share(xs, *self.cache.matrices())  # while the delta is read
+        self.shared.wait_read()
+        rows = self._rows(delta, buffer)
         self._read_ahead(xs)
-        if self.cache.n:
-            parts.append(self.cache.matrices())
         self.peak_rows = max(self.peak_rows, self.cache.n)
         self.shared.stats.cached += self.cache.n
         self.shared.stats.multiplied += len(delta) + self.cache.n
-        return self._ffn(xs, parts)
+        return self._total(xs, [hot, self._share(xs, rows, self._bias(delta))])
 
     def _read_ahead(self, xs: torch.Tensor) -> None:
         """Overlap: start reading the next layer's likeliest needs that it does not hold, while this layer
@@ -438,29 +458,37 @@ class FlashFFN(nn.Module):
                 torch.from_numpy(self.stored).to(self.gate.device)]
         sh.stats.memory_s += time.perf_counter() - t0
         sh.stats.multiplied += len(self.stored)
-        return self._ffn(xs, [(weights, self._bias(self.stored))])
+        return self._total(xs, [self._share(xs, weights, self._bias(self.stored))])
 
-    def _ffn(self, xs: torch.Tensor, parts: list[tuple[dict[str, torch.Tensor], torch.Tensor | None]]) -> torch.Tensor:
-        """The FFN summed over groups of neurons' rows (weights, up bias): down(act(up x + b)), or
-        down(act(gate x) * up x) if gated. The sum over neurons may be split anywhere: act acts per neuron."""
-        out = None
-        for weights, up_bias in parts:
-            if weights["down"].dtype != torch.float32 and weights["down"].device.type == "cpu":
-                # A bundled layout's rows straight from the read buffer are strided by the record; the CPU's 16-bit
-                # products run about 20x slower over them (28.6 against 1.5 ms at 1945 x 4096, bfloat16 or float16,
-                # 2 threads; float32 the same either way). An unbundled layout's rows and the neuron cache's
-                # matrices are contiguous already: no copy for them.
-                t0 = time.perf_counter()
-                weights = {name: w.contiguous() for name, w in weights.items()}
-                self.shared.stats.memory_s += time.perf_counter() - t0
-            h = xs @ weights["gate" if self.gated else "up"].t()
-            if up_bias is not None:
-                h = h + up_bias
-            h = self.act(h[None])[0]  # hooked as the dense FFN's is: [1, T, n]
-            if self.gated:
-                h = h * (xs @ weights["up"].t())
-            part = _down(h, weights["down"])
-            out = part if out is None else out + part
+    def _share(self, xs: torch.Tensor, weights: dict[str, torch.Tensor],
+               up_bias: torch.Tensor | None) -> torch.Tensor | None:
+        """One group of neurons' share of the FFN over their rows: down(act(up x + b)), or down(act(gate x) * up x)
+        if gated; None for no rows. The FFN is the sum of its groups' shares (act acts per neuron), so a group can be
+        multiplied as soon as its rows are in DRAM."""
+        if not len(weights["down"]):
+            return None
+        if weights["down"].dtype != torch.float32 and weights["down"].device.type == "cpu":
+            # A bundled layout's rows straight from the read buffer are strided by the record; the CPU's 16-bit
+            # products run about 20x slower over them (28.6 against 1.5 ms at 1945 x 4096, bfloat16 or float16,
+            # 2 threads; float32 the same either way). An unbundled layout's rows and the neuron cache's matrices
+            # are contiguous already: no copy for them.
+            t0 = time.perf_counter()
+            weights = {name: w.contiguous() for name, w in weights.items()}
+            self.shared.stats.memory_s += time.perf_counter() - t0
+        h = xs @ weights["gate" if self.gated else "up"].t()  # [T, n]
+        if up_bias is not None:
+            h = h + up_bias
+        h = self.act(h[None])[0]  # hooked as the dense FFN's is: [1, T, n]
+        if self.gated:
+            h = h * (xs @ weights["up"].t())
+        return _down(h, weights["down"])  # [T, d]
+
+    def _total(self, xs: torch.Tensor, shares: list[torch.Tensor | None]) -> torch.Tensor:
+        """The FFN's output from its groups' shares, summed in the order given, and the down bias."""
+        shares = [s for s in shares if s is not None]
+        out = shares[0] if shares else torch.zeros_like(xs)
+        for share in shares[1:]:
+            out = out + share
         return out + self.down_bias if self.down_bias is not None else out
 
 

@@ -6,7 +6,9 @@
    fb_ring_open(depth): a ring that keeps at most `depth` reads in flight (the reader's parallelism); NULL on failure,
    with errno set. fb_ring_read(ring, fd, n, offsets, iov, first, count): read i is preadv(fd, iov + first[i],
    count[i], offsets[i]); returns the bytes read in all, or -errno of the first failed read or of the ring itself.
-   A short read shows as a total short of what the caller expected. */
+   A short read shows as a total short of what the caller expected. No read of a call lands after it returns: where
+   the ring itself fails, the reads the kernel took are waited for and the ring is made anew without the ones it did
+   not take (the next call would otherwise submit them, into buffers the caller has moved on from). */
 #include <errno.h>
 #include <liburing.h>
 #include <stdlib.h>
@@ -15,6 +17,7 @@
 struct fb_ring {
     struct io_uring ring;
     unsigned depth;
+    int broken;  /* -errno: the ring could not be made anew after a failure; every call fails with it */
 };
 
 void *fb_ring_open(unsigned depth) {
@@ -33,13 +36,31 @@ void *fb_ring_open(unsigned depth) {
 void fb_ring_close(void *handle) {
     struct fb_ring *r = handle;
     if (r == NULL) return;
-    io_uring_queue_exit(&r->ring);
+    if (!r->broken) io_uring_queue_exit(&r->ring);
     free(r);
+}
+
+/* The ring failed with `err` (-errno) while `in_flight` reads were the kernel's: wait for them, then make the ring
+   anew, dropping the reads queued but never taken. Returns err. */
+static long long fail(struct fb_ring *r, long in_flight, int err) {
+    while (in_flight > 0) {
+        struct io_uring_cqe *cqe;
+        int ret = io_uring_wait_cqe(&r->ring, &cqe);  /* waits without submitting */
+        if (ret == -EINTR) continue;
+        if (ret < 0) break;  /* nothing more can be waited for */
+        io_uring_cqe_seen(&r->ring, cqe);
+        in_flight--;
+    }
+    io_uring_queue_exit(&r->ring);
+    int ret = io_uring_queue_init(r->depth, &r->ring, 0);
+    r->broken = ret < 0 ? ret : 0;
+    return err;
 }
 
 long long fb_ring_read(void *handle, int fd, long n, const long long *offsets, const struct iovec *iov,
                        const int *first, const int *count) {
     struct fb_ring *r = handle;
+    if (r->broken) return r->broken;
     long submitted = 0, done = 0;
     long long total = 0;
     int failed = 0;
@@ -51,7 +72,8 @@ long long fb_ring_read(void *handle, int fd, long n, const long long *offsets, c
             submitted++;
         }
         int ret = io_uring_submit_and_wait(&r->ring, 1);
-        if (ret < 0 && ret != -EINTR) return ret;
+        if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)  /* the last two: retry once some land */
+            return fail(r, submitted - (long)io_uring_sq_ready(&r->ring) - done, ret);
         struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
         io_uring_for_each_cqe(&r->ring, head, cqe) {

@@ -79,3 +79,21 @@ def test_occupied_rows_are_views_of_the_preallocated_matrix():
     cache = NeuronCache(8, D_MODEL, D_FFN, gated=False, bias=False)
     cache.insert(np.array([1, 2, 3]), vectors_of([1, 2, 3], gated=False))
     assert cache.matrices()[0]["up"].data_ptr() == cache.rows["up"].data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["preallocated", "regather"])
+def test_newest_gives_the_last_inserts_rows_in_their_order(kind):
+    """The engine multiplies a pass's delta apart from the rows it held before: `newest` must be exactly those."""
+    from flashbench.reference.cache import RegatherCache
+
+    cache = (NeuronCache(8, D_MODEL, D_FFN, gated=True, bias=True) if kind == "preallocated"
+             else RegatherCache(8, D_MODEL, gated=True, bias=True))
+    for ids in ([7, 2], [9, 1, 4]):
+        ids = np.array(ids)
+        cache.insert(ids, vectors_of(ids), torch.as_tensor(ids, dtype=torch.float32))
+    rows, bias = cache.newest()
+    for name, want in vectors_of([9, 1, 4]).items():
+        assert torch.equal(rows[name], want)
+    assert bias.tolist() == [9, 1, 4]
+    cache.delete(np.array([2]))
+    assert len(cache.newest()[0]["up"]) == 0  # a delete moves rows: nothing counts as newest after one

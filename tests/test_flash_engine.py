@@ -262,6 +262,30 @@ def test_overlap_changes_when_bytes_are_read_never_a_logit(model, name, layout, 
         assert p.io_wait_s == p.io.seconds  # without overlap every read is waited for
 
 
+def test_with_overlap_a_layer_multiplies_the_rows_it_holds_while_its_delta_is_read(model):
+    """Layer 0 (which nothing reads ahead for) starts reading its delta, multiplies its cached rows, then waits:
+    here its read is held back until those rows were multiplied, which an engine that waited first never does."""
+    with FlashEngine(model["flash"]["unbundled"], Techniques(source="oracle", window=4, threads=4,
+                                                             overlap=True)) as engine:
+        engine.prefill(PROMPT[:4])
+        ffn, reader = engine.model.layers[0].ffn, engine.shared.reader
+        multiplied, waited = threading.Event(), []
+        real_read, real_share = reader.read, ffn._share
+
+        def read(layer, *args, **kwargs):
+            if layer == 0:
+                waited.append(multiplied.wait(timeout=5))
+            return real_read(layer, *args, **kwargs)
+
+        def share(*args):
+            multiplied.set()
+            return real_share(*args)
+
+        reader.read, ffn._share = read, share
+        engine.step(PROMPT[4])
+    assert waited == [True]
+
+
 def test_the_io_uring_reader_changes_no_logit(model):
     from tests.test_reader import io_uring_here
 
