@@ -32,8 +32,8 @@ import torch
 
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
-from flashbench.reference.activations import (COUNTS_FILE, activation_counts, counts_provenance, dead_neuron_pruning,
-                                              load_counts, thresholds_key)
+from flashbench.reference.activations import (COACTIVATION_TOKENS, COUNTS_FILE, active_sample, activation_counts,
+                                              counts_provenance, dead_neuron_pruning, load_counts, thresholds_key)
 from flashbench.reference.checkpoint import expected_shapes, stored_dtype, weight_files
 from flashbench.reference.config import ModelConfig
 from flashbench.reference.device import exact_float32, resolve
@@ -151,10 +151,16 @@ def _sparse_sources(spec: ModelSpec, mut: ModelUnderTest, model: Transformer, to
     if not shipped:
         counts, _ = activation_counts(model, train_ids, model.config.max_positions, tokenizer.bos)
     kept, pruning = dead_neuron_pruning(counts, train.label, len(train_ids))
+    active = None
+    if spec.techniques is None or "placement" in spec.techniques:
+        sample = train_ids[:COACTIVATION_TOKENS]
+        progress(f"  activations on {len(sample):,} training tokens: the placed layout's co-activation order")
+        active = active_sample(model, sample, model.config.max_positions, tokenizer.bos)
+        texts["train"]["coactivation_tokens"] = len(sample)
     source, label, new_source = activation_source(spec, path, model, tokenizer, train, ids, mut.work, progress)
     texts["train"]["predictor_tokens"] = spec.predictor_tokens if source == "predictor" else None
     mut = replace(mut, source=source, source_label=label, new_source=new_source, neuron_counts=counts, kept=kept,
-                  pruning=pruning)
+                  pruning=pruning, active=active, active_tokens=len(train_ids[:COACTIVATION_TOKENS]))
     return mut, info | {"activation_source": label, "pruning": pruning,
                         "counts": {"text": train.label, "tokens": len(train_ids), "shipped": shipped}}
 
@@ -316,6 +322,14 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dt
     for sets in counting:
         for layer, ids in enumerate(sets):
             counts[layer, ids] += 1
+    active = None
+    if spec.techniques is None or "placement" in spec.techniques:  # the placed layout's co-activation order
+        sample = counting[:COACTIVATION_TOKENS]
+        active = [np.zeros((len(sample), config.d_ffn), dtype=bool) for _ in range(config.n_layers)]
+        for t, sets in enumerate(sample):
+            for layer, ids in enumerate(sets):
+                active[layer][t, ids] = True
+        active = [np.packbits(a, axis=0) for a in active]
     kept, pruning = dead_neuron_pruning(counts, "the trace's counting tokens", len(counting))
     achieved = (np.mean([l["predicted_achieved"] for l in trace.layers]), np.mean([l["new_achieved"] for l in trace.layers]))
     label = (f"trace, profile {profile.name} ({profile.description}); achieved {achieved[0]:.1%} predicted and "
@@ -331,7 +345,8 @@ def synthetic_model(spec: ModelSpec, work: Path, progress=print, dtype: torch.dt
         no_reference=("synthetic random weights replaying a trace: the trace is not the model's own active set, "
                       "so its outputs are not comparable with dense inference; agreement is judged on the embedded "
                       "models"),
-        kept=kept, pruning=pruning, whole_read_tokens=spec.whole_read_tokens,
+        kept=kept, pruning=pruning, whole_read_tokens=spec.whole_read_tokens, active=active,
+        active_tokens=len(counting[:COACTIVATION_TOKENS]),
     )
     info = {"checkpoint": portable_path(checkpoint), "shape": shape, "config": config.as_dict(),
             "activation_source": label,

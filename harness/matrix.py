@@ -45,9 +45,11 @@ class Settings:
     compute_dtype: str = "float32"
     device: str = "cpu"  # where the engine computes: "cpu", or "cuda" (weights, caches and compute on the GPU)
     gap_bytes: int = 0  # the reader merges reads this close, reading the bytes between (sparse configurations)
-    # Configurations that need every neuron not kept resident (the hybrid alone): one long read past a hot neuron's
-    # bytes costs less than two reads, so these merge reads up to this far apart.
-    whole_gap_bytes: int = 1 << 20
+    # Configurations that need every neuron not kept resident (the hybrid alone) merge reads up to this far apart.
+    # 0: a merged read goes through the staging buffer and is copied piece by piece, while runs of cold records are
+    # read straight into their rows; at the OPT 6.7B shape (hybrid 5%) merging at 1 MiB made the hybrid 0.48x naive
+    # with io_uring and 0.80x with threads, not merging 1.03x and 1.00x (docs/results.md).
+    whole_gap_bytes: int = 0
     approximate: Tolerance = APPROXIMATE
 
     def __post_init__(self):
@@ -82,7 +84,8 @@ class LayoutSpec:
     layout: str = "unbundled"
     storage_dtype: str = "float16"
     pruned: bool = False
-    placed: bool = False  # each layer's records hot first (by activation count), not in neuron-id order
+    placed: bool = False  # each layer's records hot first (by activation count), then by co-activation
+    hot: float = 0.0  # placed: the fraction of neurons stored first as the hot block (the run's hybrid fraction)
     gate_resident: bool = False  # a gated FFN's gate matrices in DRAM, its records up and down only
 
     @property
@@ -135,8 +138,8 @@ TECHNIQUES: tuple[Technique, ...] = (
               sparse=True,
               layout={"pruned": True}),
     # Without the hybrid nothing is read apart from the rest, so the order of the records changes nothing.
-    Technique("placement", "store each layer's records by activation count on the counting text, most often "
-              "active first: the hybrid's hot neurons are one block and the rest one contiguous range",
+    Technique("placement", "store each layer's hot neurons first, as one block, and the rest so that neurons active "
+              "together on the counting text lie together: predicted sets coalesce into fewer, longer reads",
               needs=("hybrid",), layout={"placed": True}),
 )
 
@@ -218,7 +221,7 @@ class Configuration:
         spec = LayoutSpec(storage_dtype=settings.storage_dtype)
         for name in ordered(self.on):
             spec = replace(spec, **technique(name).layout)
-        return spec
+        return replace(spec, hot=settings.hybrid) if spec.placed else spec
 
 
 def needs(name: str, dense_ffn: bool = False) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from flashbench.reference.activations import NEIGHBOURS, placement_order
 from flashbench.reference.config import ModelConfig
 from flashbench.reference.flash import BudgetError, TokenStats
 from flashbench.reference.layout import FlashLayout, LayoutError, checkpoint_hash, convert
@@ -56,6 +57,10 @@ class ModelUnderTest:
     gate_resident: bool = False
     rates: ComputeRates | None = None  # this CPU's matrix-vector rates at the model's FFN shape: the compute bound
     kept: list[np.ndarray] | None = None  # pruning: the neurons each layer keeps
+    # Per layer, which neurons were active at each position of a sample of the counting text (bits packed along
+    # positions, `activations.active_sample`): a placed layout's co-activation order (None: every neuron by count)
+    active: list[np.ndarray] | None = None
+    active_tokens: int = 0  # the positions in that sample
     pruning: dict | None = None
     whole_read_tokens: int | None = None  # fewer tokens for configurations that read every neuron
     layouts: dict[str, FlashLayout] = field(default_factory=dict)
@@ -84,7 +89,7 @@ class ModelUnderTest:
             out = self.work / spec.name
             kept, placement = self.kept if spec.pruned else None, None
             if spec.placed:
-                kept, placement = self.placement(kept)
+                kept, placement = self.placement(kept, spec.hot)
             if out.exists():
                 try:
                     existing = FlashLayout.open(out, verify=False)
@@ -102,14 +107,20 @@ class ModelUnderTest:
                                               gate_resident=spec.gate_resident)
         return self.layouts[spec.name]
 
-    def placement(self, kept: list[np.ndarray] | None) -> tuple[list[np.ndarray], dict]:
-        """Per layer, the neurons in the order a placed layout stores them: by activation count, most often active
-        first, ties by id (so the hybrid's hot neurons, the first of that order, are one block at any fraction),
-        less those pruning leaves out; and how that order was chosen, for layout.json."""
-        order = [np.argsort(-row, kind="stable").astype(np.int64) for row in self.neuron_counts]
+    def placement(self, kept: list[np.ndarray] | None, hot: float) -> tuple[list[np.ndarray], dict]:
+        """Per layer, the neurons in the order a placed layout stores them (`activations.placement_order`): the
+        hybrid's `hot` fraction first, by activation count, then the rest by co-activation on the counting text's
+        sample (by count where there is none), less those pruning leaves out; and how that order was chosen, for
+        layout.json."""
+        active = self.active or [None] * len(self.neuron_counts)
+        order = [placement_order(row, hot, a) for row, a in zip(self.neuron_counts, active)]
         if kept is not None:
             order = [o[np.isin(o, k)] for o, k in zip(order, kept)]
-        return order, {"order": "activation count on the counting text, descending; ties by neuron id"}
+        how = {"order": "activation count on the counting text, descending; ties by neuron id", "hot": hot}
+        if self.active:
+            how["cold"] = (f"after the hot {hot:.0%}: chains of neurons active together on {self.active_tokens:,} "
+                           f"counting tokens (greedy path merging over each neuron's {NEIGHBOURS} most co-activated)")
+        return order, how
 
     @property
     def checkpoint_sha256(self) -> str:

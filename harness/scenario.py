@@ -16,7 +16,7 @@
                                # "auto": the 16-bit dtype this CPU multiplies fastest, measured when it loads)
     device = "cpu"        # where the engine and its dense reference compute: "cpu", or "cuda" (a GPU)
     gap_bytes = 0         # merge reads this close (sparse configurations)
-    whole_gap_bytes = 1048576  # ... and in configurations that need every non-resident neuron
+    whole_gap_bytes = 0   # ... and in configurations that need every non-resident neuron
     [engine.approximate]  # optional: limits of the approximate tier to replace (max_mean_kl, min_top1_agreement,
     max_mean_kl = 0.05    # max_perplexity_ratio, min_greedy_match, max_abs_logit_diff)
     [probe]

@@ -63,6 +63,7 @@ def test_switches_map_to_the_engine_and_the_layout():
     t = c.engine_settings(Settings(window=4, hybrid=0.1, threads=8, gap_bytes=4096), source="trace")
     assert (t.source, t.window, t.hybrid, t.memory, t.threads, t.gap_bytes) == ("trace", 4, 0.1, "preallocated", 8, 4096)
     assert c.layout().name == "bundled-int8-pruned-placed"
+    assert c.layout(Settings(hybrid=0.1)).hot == 0.1  # the placed layout's hot block is the hybrid's
 
 
 def test_configurations_needing_every_resident_neuron_merge_reads_past_hot_ones():

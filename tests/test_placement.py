@@ -1,5 +1,6 @@
-"""Neuron placement: each layer's records stored by activation count, most often active first, so that the hybrid's
-hot neurons are one block and everything it reads one contiguous range; the same logits, fewer bytes read."""
+"""Neuron placement: each layer's records stored hot first, by activation count, so that the hybrid's hot neurons are
+one block and everything it reads one contiguous range, then the rest by co-activation, so that a pass's delta
+coalesces into fewer reads; the same logits, fewer bytes and reads."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
-from flashbench.reference.activations import activation_counts, hot_neurons
+from flashbench.reference.activations import (active_sample, activation_counts, coactivation_order, hot_neurons,
+                                              placement_order)
 from flashbench.reference.flash import FlashEngine, Techniques
 from flashbench.reference.layout import FlashLayout, convert
 from flashbench.suite.models.byte_tokenizer import BOS, encode
@@ -20,14 +22,20 @@ TOKENS = encode(suite.heldout_text())[:48]
 def layouts(tmp_path_factory):
     path = suite.model_path("shakespeare-opt")
     dense = Transformer.from_checkpoint(path)
-    counts, _ = activation_counts(dense, encode(suite.heldout_text(), bos=False)[:8192], 512, BOS)
+    text = encode(suite.heldout_text(), bos=False)
+    counts, _ = activation_counts(dense, text[:8192], 512, BOS)
     order = [np.argsort(-row, kind="stable") for row in counts]
+    active = active_sample(dense, text[:4096], 512, BOS)
+    coactive = [placement_order(c, 0.25, a) for c, a in zip(counts, active)]
     root = tmp_path_factory.mktemp("placement")
     plain = convert(path, root / "plain", "unbundled", "float32")
     placed = convert(path, root / "placed", "unbundled", "float32", keep=order, placement={"order": "by count"})
+    chained = convert(path, root / "chained", "bundled", "float32", keep=coactive, placement={"order": "chains"})
+    by_count = convert(path, root / "by-count", "bundled", "float32", keep=order, placement={"order": "by count"})
     engine = Engine(dense)
     logits = torch.cat([engine.prefill(TOKENS[:1])] + [engine.step(t)[None] for t in TOKENS[1:-1]])
-    return {"plain": plain, "placed": placed, "counts": counts, "order": order, "logits": logits}
+    return {"plain": plain, "placed": placed, "chained": chained, "by count": by_count, "counts": counts,
+            "order": order, "coactive": coactive, "logits": logits}
 
 
 def run(layout, counts):
@@ -70,3 +78,39 @@ def test_a_placed_layout_is_read_in_file_order_and_overlap_changes_no_logit(layo
             if overlap:
                 assert sum(s.read_ahead_used for s in e.history) > 0
     assert torch.equal(got[0], got[1]) and within_exact_bound(got[0], layouts["logits"])
+
+
+def test_coactivation_order_lays_neurons_active_together_next_to_each_other():
+    """Four groups interleaved by id (neuron i in group i % 4), each token activating most of one group: the order
+    puts each group in one run."""
+    rng = np.random.default_rng(0)
+    active = np.zeros((200, 40), dtype=bool)
+    for t in range(len(active)):
+        group = rng.integers(4)
+        active[t, group::4] = rng.random(10) < 0.8
+    order = coactivation_order(np.packbits(active, axis=0), np.arange(40))
+    assert sorted(order) == list(range(40))
+    assert all(len(set(order[i : i + 10] % 4)) == 1 for i in range(0, 40, 10))
+
+
+def test_the_placed_order_is_the_hot_block_then_every_other_neuron_once(layouts):
+    for order, hot, counts in zip(layouts["coactive"], hot_neurons(layouts["counts"], 0.25), layouts["counts"]):
+        assert set(order[: len(hot)]) == set(hot)
+        assert sorted(order) == list(range(len(counts)))
+
+
+def test_a_coactivation_placed_layout_reads_the_same_windowed_deltas_in_fewer_reads(layouts):
+    """The oracle's sets, window 4, hybrid 25%, on held-out text past the sample the order was made from: the same
+    records per token as on the layout placed by count, in fewer reads (on this machine 1244 against 1323)."""
+    tokens = encode(suite.heldout_text(), bos=False)[16384 : 16384 + 64]
+    reads, records = {}, {}
+    for name in ("by count", "chained"):
+        techniques = Techniques(source="oracle", window=4, hybrid=0.25, threads=4)
+        with FlashEngine(layouts[name], techniques, neuron_counts=layouts["counts"]) as e:
+            e.prefill(tokens[:1])
+            for t in tokens[1:]:
+                e.step(t)
+            reads[name] = sum(s.io.reads for s in e.history[1:])
+            records[name] = sum(s.io.records for s in e.history[1:])
+    assert records["chained"] == records["by count"]
+    assert reads["chained"] < reads["by count"]
