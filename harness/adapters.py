@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from flashbench.reference.flash import FlashEngine, TokenStats, Techniques
+from flashbench.reference.flash import FlashEngine, TokenStats, Techniques, down_kernel
 from flashbench.reference.layout import FlashLayout, LayoutError, checkpoint_hash, convert
 
 from .matrix import Configuration, Settings, technique_names
@@ -82,7 +82,7 @@ class EngineSUT(SystemUnderTest):
                              "predictor": sum(p.predictor_s for p in passes) * 1e3 / tokens,
                              "compute": sum(p.compute_s for p in passes) * 1e3 / tokens},
             "decode_steps": token_metrics(self.steps) if self.steps else None,
-            "engine": vars(self.techniques),
+            "engine": vars(self.techniques) | {"down_kernel": down_kernel(self.techniques)},
             "layout": vars(self.spec) | {"name": self.spec.name, "path": portable_path(engine.layout.path)},
             "dram": vars(engine.dram) | {"weights_total": engine.dram.weights_total,
                                          "cache_peak_used": engine.cache_peak_used()},

@@ -4,13 +4,14 @@ import itertools
 import os
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
 from flashbench.reference.activations import activation_counts
-from flashbench.reference.flash import BudgetError, FlashEngine, Techniques
+from flashbench.reference.flash import BudgetError, FlashEngine, FlashFFN, Techniques
 from flashbench.reference.layout import convert
 from flashbench.suite.models.byte_tokenizer import BOS, encode
 from tests.exactness import within_exact_bound
@@ -126,24 +127,53 @@ def test_an_engine_closes_its_reader_as_a_context_manager(model):
     assert threading.active_count() == threads
 
 
-def test_a_tight_budget_shrinks_the_window_and_stays_exact(model):
+def tight_budget(model) -> tuple[int, list]:
+    """A DRAM budget whose neuron cache holds every pass but not every window (windows of 8 on two-token prompts),
+    and the logits of the same run with room."""
     flash = model["flash"]["bundled"]
-    short = PROMPT[:2]  # a long prompt's union of sets would not fit a tight budget in one prefill
-    roomy = FlashEngine(flash, Techniques(source="oracle", window=8, threads=4))  # the same, with room
-    dense_logits = replay(roomy, model["tokens"][:48], short)
+    roomy = FlashEngine(flash, Techniques(source="oracle", window=8, threads=4))
+    logits = replay(roomy, model["tokens"][:48], PROMPT[:2])  # a long prompt's union of sets would not fit
     roomy.close()
     layers = [b.ffn for b in roomy.model.layers]
     capacity = max(f.max_needed for f in layers)  # every pass fits, but not every window
     assert capacity < max(f.peak_rows for f in layers)
     fixed = roomy.dram.weights_total - roomy.dram.cache - roomy.dram.buffers
     row_bytes = roomy.dram.cache // (flash.geometry.d_ffn * flash.config.n_layers)
-    budget = fixed + capacity * (row_bytes * flash.config.n_layers + flash.geometry.record_bytes)
-    engine = FlashEngine(flash, Techniques(source="oracle", window=8, threads=4), dram_budget=budget)
-    logits = replay(engine, model["tokens"][:48], short)
+    return fixed + capacity * (row_bytes * flash.config.n_layers + flash.geometry.record_bytes), logits
+
+
+def test_a_tight_budget_shrinks_the_window_and_stays_exact(model):
+    budget, roomy_logits = tight_budget(model)
+    engine = FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", window=8, threads=4),
+                         dram_budget=budget)
+    logits = replay(engine, model["tokens"][:48], PROMPT[:2])
     engine.close()
     assert engine.dram.weights_total <= budget
     assert sum(s.window_shrinks for s in engine.history) > 0
-    assert within_exact_bound(logits, dense_logits)
+    assert within_exact_bound(logits, roomy_logits)
+
+
+def test_a_shrinking_window_forgets_its_oldest_tokens_first_and_no_more_than_make_room(model, monkeypatch):
+    make_room, shrinks = FlashFFN._make_room, []
+
+    def watched(self, needed, start, delta):
+        before = self.last_needed[self.cache.cached_ids()]
+        out = make_room(self, needed, start, delta)
+        kept = self.last_needed[self.cache.cached_ids()]
+        if len(kept) < len(before):
+            gone = np.setdiff1d(before, kept)  # the positions forgotten (the neurons last needed there)
+            assert not len(kept) or gone.max() < kept.min()  # the oldest first
+            newest_gone = (before == gone.max()).sum()  # keeping that position's neurons too would not fit
+            assert self.cache.n + newest_gone + len(delta) > self.cache.capacity
+            shrinks.append(len(gone))
+        return out
+
+    monkeypatch.setattr(FlashFFN, "_make_room", watched)
+    budget, _ = tight_budget(model)
+    with FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", window=8, threads=4),
+                     dram_budget=budget) as engine:
+        replay(engine, model["tokens"][:48], PROMPT[:2])
+    assert shrinks
 
 
 class Recording:
