@@ -1,6 +1,7 @@
 """Flash layout: the converter's output reads back bit for bit, and bad input or a damaged directory is refused."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -102,6 +103,21 @@ def test_existing_output_directory_is_not_overwritten(tiny_checkpoint, tmp_path)
     (tmp_path / "out").mkdir()
     with pytest.raises(ValueError, match="already exists"):
         convert(tiny_checkpoint, tmp_path / "out")
+
+
+def test_a_layout_is_on_the_disk_before_it_appears_under_its_name(tiny_checkpoint, tmp_path, monkeypatch):
+    synced, fsync = [], os.fsync
+
+    def watched(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watched)
+    out = tmp_path / "flash"
+    convert(tiny_checkpoint, out, "bundled", "float16")
+    converting = {path.rsplit("/", 1)[-1] for path in synced if ".flash.converting-" in path}
+    assert converting >= {p.name for p in out.iterdir()}  # every file, synced before the rename
+    assert synced[-1] == str(tmp_path)  # and the rename itself
 
 
 @pytest.fixture
