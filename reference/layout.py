@@ -18,6 +18,7 @@ per neuron and matrix) followed by the int8 values; dequantized it is `scale * v
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -437,23 +438,27 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
         for path in [*tmp.iterdir(), tmp]:
             _fsync(path)
         os.replace(tmp, out_dir)
-        _fsync(out_dir.parent)
     except OSError as e:  # a full disk, say: the half-written directory goes, and the message says where
         shutil.rmtree(tmp, ignore_errors=True)
         raise LayoutError(f"{out_dir}: conversion failed ({e}); nothing was left behind") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync(out_dir.parent)  # the rename itself
     return FlashLayout.open(out_dir, verify=False)
 
 
 def _fsync(path: Path) -> None:
     """`path` (a file, or a directory's entries) on the disk. A layout is renamed into place only once every byte of
     it is: a crash then never leaves a whole-looking layout with missing bytes, and the run measuring it next does not
-    share the disk with its write-back (gigabytes at paper scale)."""
+    share the disk with its write-back (gigabytes at paper scale). A file system that cannot sync a directory (EINVAL)
+    is left to its own ordering."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL or not path.is_dir():
+            raise
     finally:
         os.close(fd)
 
