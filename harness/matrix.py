@@ -45,10 +45,10 @@ class Settings:
     compute_dtype: str = "float32"
     device: str = "cpu"  # where the engine computes: "cpu", or "cuda" (weights, caches and compute on the GPU)
     gap_bytes: int = 0  # the reader merges reads this close, reading the bytes between (sparse configurations)
-    # Configurations that need every neuron not kept resident (the hybrid alone) merge reads up to this far apart.
-    # 0: a merged read goes through the staging buffer and is copied piece by piece, while runs of cold records are
-    # read straight into their rows; at the OPT 6.7B shape (hybrid 5%) merging at 1 MiB made the hybrid 0.48x naive
-    # with io_uring and 0.80x with threads, not merging 1.03x and 1.00x (docs/results.md).
+    # Configurations that need every neuron not kept resident (the hybrid alone) merge reads up to this far apart
+    # (runs of cold records straight into their rows, the hot neurons' bytes between them into a sink). With 5% hot
+    # (the paper's) the cold runs are long and merging costs more than it saves: 0; with 25% (the default scenario's)
+    # they are about 4 records long and merging up to 64 KiB pays (docs/results.md, 2026-12-03).
     whole_gap_bytes: int = 0
     approximate: Tolerance = APPROXIMATE
 

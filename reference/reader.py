@@ -5,7 +5,8 @@ that cover it (O_DIRECT reads whole blocks into aligned memory), and blocks that
 `gap_bytes` of each other are coalesced into one read, cut at every 1 MiB of the file (RUN_BYTES) so that a long
 range is shared between threads, as naive reads of whole files are. A pool of threads then issues the reads with
 `os.preadv` (which releases the GIL) into an aligned staging buffer and copies each record into the caller's output
-row; records whose pieces are whole blocks are read straight into their rows instead.
+row; records whose pieces are whole blocks are read straight into their rows instead, and where such reads are
+merged past a gap, the gap's bytes land in a sink buffer and are thrown away (no copy).
 
 Counters are exact and per call: records, read operations, bytes requested (the records' own bytes) and bytes
 read (whole blocks), seconds, and whether the reads were direct. Where O_DIRECT is refused (tmpfs, some
@@ -82,7 +83,8 @@ class Plan:
 @dataclass
 class Batch:
     """The reads of one reader call into one buffer: read i fetches file offset `offsets[i]` into the buffer pieces
-    first[i] .. first[i] + count[i] - 1, piece j being lengths[j] bytes at byte starts[j] of `base`."""
+    first[i] .. first[i] + count[i] - 1, piece j being lengths[j] bytes at byte starts[j] of `base`, or of `sink`
+    where to_sink[j]: the bytes a read takes between the records it was asked for, thrown away."""
 
     base: np.ndarray  # flat uint8, page aligned where reads are direct
     offsets: np.ndarray
@@ -90,6 +92,8 @@ class Batch:
     lengths: np.ndarray
     first: np.ndarray
     count: np.ndarray
+    sink: np.ndarray | None = None
+    to_sink: np.ndarray | None = None  # bool per piece; None: none
 
     @classmethod
     def whole(cls, base: np.ndarray, offsets, starts, lengths) -> "Batch":
@@ -102,10 +106,16 @@ class Batch:
     def nbytes(self) -> int:
         return int(self.lengths.sum())
 
+    def _sunk(self) -> np.ndarray:
+        return np.zeros(len(self.starts), dtype=bool) if self.to_sink is None else self.to_sink
+
     def runs(self) -> list[tuple[list, int]]:
         """(buffers, file offset) per read, as os.preadv takes them."""
-        flat, starts, lengths = memoryview(self.base), self.starts.tolist(), self.lengths.tolist()
-        return [([flat[s : s + n] for s, n in zip(starts[f : f + c], lengths[f : f + c])], o)
+        flat = memoryview(self.base)
+        sink = memoryview(self.sink) if self.sink is not None else None
+        buffers = [(sink if sunk else flat)[s : s + n]
+                   for s, n, sunk in zip(self.starts.tolist(), self.lengths.tolist(), self._sunk().tolist())]
+        return [(buffers[f : f + c], o)
                 for o, f, c in zip(self.offsets.tolist(), self.first.tolist(), self.count.tolist())]
 
     def joined(self) -> "Batch":
@@ -113,19 +123,22 @@ class Batch:
         read into consecutive rows of a plane is one buffer, not one per record. (Many small scattered buffers slow
         a direct read: 4 KiB buffers at an 8 KiB stride read about 25% slower than one 1 MiB buffer, measured.)
         Reads list their buffers in order, read after read."""
-        n = len(self.starts)
+        n, sunk = len(self.starts), self._sunk()
         read_of = np.repeat(np.arange(len(self.offsets)), self.count)
         join = np.zeros(n, dtype=bool)
-        join[1:] = (read_of[1:] == read_of[:-1]) & (self.starts[:-1] + self.lengths[:-1] == self.starts[1:])
+        join[1:] = ((read_of[1:] == read_of[:-1]) & (self.starts[:-1] + self.lengths[:-1] == self.starts[1:])
+                    & ~sunk[:-1] & ~sunk[1:])
         keep = np.flatnonzero(~join)
         group = np.cumsum(~join) - 1
         first = group[self.first]
         return Batch(self.base, self.offsets, self.starts[keep], np.add.reduceat(self.lengths, keep) if n else
-                     self.lengths, first, np.diff(np.append(first, len(keep))))
+                     self.lengths, first, np.diff(np.append(first, len(keep))), self.sink,
+                     None if self.to_sink is None else sunk[keep])
 
     def iovecs(self) -> np.ndarray:
         iov = np.empty(len(self.starts), dtype=uring.IOVEC)
-        iov["base"] = self.base.ctypes.data + self.starts
+        sink = self.sink.ctypes.data if self.sink is not None else 0
+        iov["base"] = np.where(self._sunk(), sink, self.base.ctypes.data) + self.starts
         iov["len"] = self.lengths
         return iov
 
@@ -285,6 +298,7 @@ class FlashReader:
         self._ring = uring.Ring(threads) if backend == "io_uring" else None
         self._crew = _Crew(threads - 1) if threads > 1 and self._ring is None else None
         self._staging = aligned_buffer(0)
+        self._sink = aligned_buffer(0)
         self._lock = threading.Lock()
 
     @classmethod
@@ -325,6 +339,12 @@ class FlashReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _sink_for(self, nbytes: int) -> np.ndarray:
+        """Where merged reads drop the bytes between their records (every gap of a call at its start)."""
+        if len(self._sink) < nbytes:
+            self._sink = aligned_buffer(max(nbytes, 2 * len(self._sink)))
+        return self._sink
+
     def _staging_for(self, nbytes: int) -> np.ndarray:
         if len(self._staging) < nbytes:
             self._staging = aligned_buffer(max(nbytes, 2 * len(self._staging)))
@@ -349,7 +369,7 @@ class FlashReader:
         runs = self._record_runs(g, ids, out, rows)
         if runs is not None:  # whole aligned records: each run of adjacent ones is one read straight into `out`
             self._submit(layer, runs)
-            n_reads, total = len(runs.offsets), len(ids) * g.record_bytes
+            n_reads, total = len(runs.offsets), runs.nbytes
         else:
             n_reads, total = self._read_staged(layer, g, ids, out, rows)
         return ReadStats(
@@ -361,11 +381,11 @@ class FlashReader:
                      out_rows: np.ndarray) -> Batch | None:
         """A read per run of adjacent records, straight into their rows, where records can be read in place: each
         piece of a record (the whole record, bundled; each vector, unbundled) a multiple of the alignment long, into
-        an aligned buffer, no duplicates, and no gap filling asked for, or runs so long that gaps would fill nothing
-        (a placed layout's cold neurons). Else None (the staged path).
+        an aligned buffer, no duplicates. Else None (the staged path). With `gap_bytes`, runs at most that far apart
+        are one read, the bytes between them read into a sink (`_merged_runs`).
 
-        The bytes read are the ones `plan_reads` plans for these ids (aligned pieces never share a block); a run
-        is cut after RUN_BYTES of its own rather than at the file's 1 MiB boundaries."""
+        The bytes read are the ones `plan_reads` plans for these ids (aligned pieces never share a block); without
+        gaps, a run is cut after RUN_BYTES of its own rather than at the file's 1 MiB boundaries."""
         stride, plane = g.piece_bytes, out.strides[0]  # neuron i's pieces lie i * stride further in the file
         pieces = g.extents(0)
         if stride % ALIGNMENT or len(ids) == 0 or out.ctypes.data % ALIGNMENT:
@@ -375,17 +395,46 @@ class FlashReader:
         step = np.diff(sorted_ids)
         if (step == 0).any():
             return None
+        rows = out_rows[order] * stride
+        if self.gap_bytes:
+            return self._merged_runs(g, sorted_ids, rows, out)
         most = max(1, min(IOV_MAX, RUN_BYTES // stride))
         firsts = _cut_runs([0, *(np.flatnonzero(step != 1) + 1).tolist(), len(ids)], most)
-        if self.gap_bytes and (len(firsts) - 1) > 2 * max(1, len(ids) * stride // RUN_BYTES):
-            return None  # short runs: merging past the gaps (staged) takes fewer reads
-        rows = out_rows[order] * stride
         first, count = np.array(firsts[:-1]), np.diff(firsts)
         k = len(pieces)
         return Batch(out.reshape(-1), np.concatenate([sorted_ids[first] * stride + base for base, _ in pieces]),
                      np.concatenate([rows + j * plane for j in range(k)]),
                      np.full(k * len(ids), stride, dtype=np.int64),
                      np.concatenate([first + j * len(ids) for j in range(k)]), np.tile(count, k)).joined()
+
+    def _merged_runs(self, g: FFNGeometry, sorted_ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> Batch:
+        """Records `sorted_ids` into byte offsets `rows` of their planes, neighbours at most `gap_bytes` apart in one
+        read (cut where `plan_reads` cuts: at the file's RUN_BYTES boundaries), the records straight into their
+        rows and each gap's bytes into a sink, so merging costs the gap's bytes on the disk and no copy."""
+        stride, plane, n = g.piece_bytes, out.strides[0], len(sorted_ids)
+        gap = np.diff(sorted_ids) - 1  # records between neighbours
+        offsets, starts, lengths, to_sink, first = [], [], [], [], []
+        done = 0  # pieces of the planes before this one
+        for j, (base, _) in enumerate(g.extents(0)):
+            offset = sorted_ids * stride + base
+            new = np.ones(n, dtype=bool)
+            new[1:] = (gap * stride > self.gap_bytes) | (offset[1:] // RUN_BYTES != offset[:-1] // RUN_BYTES)
+            hole = np.zeros(n, dtype=bool)  # record k continues a read past a gap: a sink piece before it
+            hole[1:] = ~new[1:] & (gap > 0)
+            at = np.arange(n) + np.cumsum(hole)  # record k's piece
+            size = n + int(hole.sum())
+            start, length, sunk = np.zeros(size, np.int64), np.full(size, stride, np.int64), np.zeros(size, bool)
+            start[at] = rows + j * plane
+            length[at[hole] - 1] = gap[hole[1:]] * stride
+            sunk[at[hole] - 1] = True
+            offsets.append(offset[new])
+            first.append(at[new] + done)
+            starts.append(start), lengths.append(length), to_sink.append(sunk)
+            done += size
+        first = np.concatenate(first)
+        sink = self._sink_for(self.gap_bytes // stride * stride)  # the longest gap a read may take
+        return Batch(out.reshape(-1), np.concatenate(offsets), np.concatenate(starts), np.concatenate(lengths), first,
+                     np.diff(np.append(first, done)), sink, np.concatenate(to_sink)).joined()
 
     def _submit(self, layer: int, batch: Batch, done=None) -> None:
         """Issue a batch's reads. With io_uring, all of them from C in one call; with threads, each thread runs

@@ -122,6 +122,27 @@ def test_a_run_of_adjacent_records_is_read_into_one_buffer_per_vector(block_flas
     assert out[1, 15].tobytes() == data[block_flash.geometry.extents(23)[1][0]:][: block_flash.geometry.vector_bytes]
 
 
+@pytest.mark.parametrize("backend", ["threads", "io_uring"])
+def test_merged_gaps_are_read_into_a_sink_and_the_records_straight_into_their_rows(block_flash, backend):
+    """With gap_bytes, records a gap apart are one read: the reads and bytes plan_reads predicts, each record in its
+    row as an unmerged read puts it, and nothing copied through the staging buffer."""
+    if backend == "io_uring":
+        io_uring_here()
+    g, ids = block_flash.geometry, np.array([40, 3, 5, 6, 10, 30, 31])
+    with FlashReader.for_layout(block_flash, threads=3, backend=backend) as reader:
+        apart = record_buffer(g, len(ids))
+        reader.read(0, ids, apart)
+    with FlashReader.for_layout(block_flash, threads=3, backend=backend, gap_bytes=3 * g.piece_bytes) as reader:
+        merged = record_buffer(g, len(ids))
+        stats = reader.read(0, ids, merged)
+        staged = len(reader._staging)
+    plan = plan_reads(g, ids, gap_bytes=3 * g.piece_bytes).reads
+    assert stats.reads == len(plan) == 6  # 3, 5-6 and 10 merge; 30-31 and 40 do not: 3 reads per vector
+    assert stats.bytes_read == sum(r.length for r in plan) > stats.bytes_requested
+    assert (merged == apart).all() and apart.any()
+    assert staged == 0
+
+
 def io_uring_here() -> None:
     from flashbench.reference import uring
 
