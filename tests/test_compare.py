@@ -25,7 +25,10 @@ from flashbench.reference.storage import storage_of
 from .tiny import scenario
 
 SCENARIO = scenario("compare-tiny", tokens=24, model='techniques = ["predictor", "windowing"]\npeers = []')
-EASY = "counters,verdicts,speedup_over_naive:50%"  # run-to-run noise on a tiny model stays well inside 50%
+EASY = "counters,verdicts,speedup_over_naive:50%"  # what a slower reader (2 ms a read) falls well outside
+# Two runs of the unchanged engine: timing ratios of a 24-token run on a shared 2-core machine have moved 59% (a test
+# running beside them), so the same-engine comparisons allow 80%; the counters and verdicts are exact either way.
+SAME = "counters,verdicts,speedup_over_naive:80%"
 
 
 def slower_reader(mp):
@@ -78,7 +81,7 @@ def compare(capsys, *args):
 
 
 def test_two_runs_of_the_unchanged_engine_pass(runs, capsys):
-    code, out = compare(capsys, runs["base"], runs["again"], "--fail-on", EASY)
+    code, out = compare(capsys, runs["base"], runs["again"], "--fail-on", SAME)
     assert code == 0, out.out
     assert "PASSED: no regression" in out.out
 
@@ -114,7 +117,7 @@ def test_a_lossy_engine_fails_on_verdicts_naming_the_failing_checks(runs, capsys
 
 
 def test_json_holds_every_comparison_and_its_findings(runs, capsys, tmp_path):
-    code, _ = compare(capsys, runs["base"], runs["again"], runs["hungry"], "--fail-on", EASY,
+    code, _ = compare(capsys, runs["base"], runs["again"], runs["hungry"], "--fail-on", SAME,
                       "--json", tmp_path / "c.json")
     data = json.loads((tmp_path / "c.json").read_text())
     assert code == 1 and data["passed"] is False
