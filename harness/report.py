@@ -155,7 +155,8 @@ def _dram_weights(r: dict) -> str:
     d = r.get("dram")
     if not d:
         return "-"
-    return _bytes(d["resident"] + d.get("cache_peak_used", d["cache"]) + d["buffers"] + d["source"])
+    return _bytes(d["resident"] + d.get("cache_peak_used", d["cache"]) + d["buffers"] + d["source"]
+                  + d.get("staging", 0))
 
 
 def _f(x, fmt: str = ".2f", none: str = "-") -> str:

@@ -44,7 +44,7 @@ from torch import nn
 
 from . import sparse_down
 from .activations import hot_neurons
-from .cache import NeuronCache, RegatherCache
+from .cache import NeuronCache, RegatherCache, RowMover
 from .device import NAME as DEVICE_NAME
 from .device import Transfer, exact_float32, resolve
 from .engine import Engine
@@ -195,6 +195,9 @@ class _Shared:
     source: ActivationSource
     capacity: int  # neuron cache rows per layer
     transfer: Transfer  # read buffers -> the device (the identity on the CPU)
+    mover: RowMover  # moves scattered rows of the read buffers (the read-ahead's) through one staging buffer
+    cache_mover: RowMover  # the same for the neuron caches' evictions, on their device
+    touch_caches: bool  # the caches' pages written at build (their capacity is the DRAM budget's)
     stats: TokenStats = field(default_factory=TokenStats)
     file_buffers: list[np.ndarray] = field(default_factory=list)  # naive mode: a whole layer file (two: overlap)
     record_buffer: np.ndarray | None = None  # the delta's records (reader.record_buffer): its rows bound a pass's reads
@@ -257,7 +260,7 @@ class FlashFFN(nn.Module):
             self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None, dtype, device)
         else:
             self.cache = NeuronCache(shared.capacity, g.d_model, d_ffn, self.gated, up_bias is not None, dtype,
-                                     device)
+                                     device, touch=shared.touch_caches, mover=shared.cache_mover)
         self.in_id_order = bool((np.diff(self.stored) > 0).all())  # records by neuron id (not a placed layout)
         self.hot = self._in_file_order(self._stored_only(np.sort(hot).astype(np.int64)))
         # The window: the position of the last token that needed each neuron (hot ones: never evicted).
@@ -324,7 +327,8 @@ class FlashFFN(nn.Module):
             hit[hit] = have[at[hit]] == want[hit]
             t0 = time.perf_counter()
             hits = np.flatnonzero(hit)
-            out[:, hits] = ahead.buffer[:, at[hits]]
+            for plane, ahead_plane in zip(out, ahead.buffer):  # [rows, piece_bytes] per piece
+                sh.mover.copy(torch.from_numpy(plane), hits, torch.from_numpy(ahead_plane), at[hits])
             sh.stats.memory_s += time.perf_counter() - t0
             sh.stats.read_ahead_used += len(hits)
             missed = np.flatnonzero(~hit)
@@ -531,10 +535,11 @@ class DramUse:
     buffers: int
     source: int
     kv_cache: int
+    staging: int  # the row movers' staging buffers
 
     @property
     def weights_total(self) -> int:
-        return self.resident + self.cache + self.buffers + self.source
+        return self.resident + self.cache + self.buffers + self.source + self.staging
 
 
 class FlashEngine(Engine):
@@ -603,9 +608,19 @@ class FlashEngine(Engine):
         # A neuron cache row: its vectors (a resident gate's rows too) and up bias, in the compute dtype.
         vectors = 3 if config.gated else 2
         self.row_bytes = row_bytes = (vectors * g.d_model + (1 if config.bias else 0)) * dtype.itemsize
-        capacity, buffer_rows = self._sizes(techniques, layout, resident_bytes + source.nbytes, n_hot, dram_budget,
-                                            max_delta=g.d_ffn - min(len(h) for h in hot))
-        shared = _Shared(techniques, layout, reader, source, capacity, transfer)
+        # The row movers' staging: one buffer on the host (the read buffers' rows), one on a GPU (the caches').
+        staging = 0 if techniques.reads_whole_layers else min(RowMover.STAGING_BYTES,
+                                                              g.d_ffn * max(g.record_bytes, row_bytes))
+        staging_bytes = staging * (2 if transfer.gpu else 1)
+        capacity, buffer_rows = self._sizes(techniques, layout, resident_bytes + source.nbytes + staging_bytes, n_hot,
+                                            dram_budget, max_delta=g.d_ffn - min(len(h) for h in hot))
+        # Within a budget the caches' capacity is the budget's: preallocated in earnest, every page written now (at
+        # the paper's shape, all combined, the inserts took 110 ms a pass with first-touch faults, 44 without). Without
+        # one the capacity is the whole layer, an upper bound: pages are touched as rows first fill.
+        host = RowMover("cpu", staging)
+        shared = _Shared(techniques, layout, reader, source, capacity, transfer, host,
+                         host if not transfer.gpu else RowMover(transfer.device, staging),
+                         touch_caches=dram_budget is not None)
         copies = 2 if techniques.overlap else 1  # overlap: a second buffer, read ahead into while the first is used
         if techniques.reads_whole_layers:
             shared.file_buffers = [transfer.pin(aligned_buffer(g.file_bytes)) for _ in range(copies)]
@@ -629,7 +644,8 @@ class FlashEngine(Engine):
         self.history: list[TokenStats] = []
         cache_bytes = capacity * config.n_layers * row_bytes
         buffer_bytes = copies * (g.file_bytes if techniques.reads_whole_layers else buffer_rows * g.record_bytes)
-        self.dram = DramUse(resident_bytes, cache_bytes, buffer_bytes, source.nbytes, self.cache.nbytes)
+        self.dram = DramUse(resident_bytes, cache_bytes, buffer_bytes, source.nbytes, self.cache.nbytes,
+                            staging_bytes)
         if dram_budget is not None and self.dram.weights_total > dram_budget:
             raise BudgetError(f"DRAM budget {dram_budget:,} bytes < {self.dram.weights_total:,} needed ({self.dram})")
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashbench.reference.cache import NeuronCache
+from flashbench.reference.cache import NeuronCache, as_words
 
 D_FFN, D_MODEL = 40, 3
 
@@ -97,3 +97,16 @@ def test_newest_gives_the_last_inserts_rows_in_their_order(kind):
     assert bias.tolist() == [9, 1, 4]
     cache.delete(np.array([2]))
     assert len(cache.newest()[0]["up"]) == 0  # a delete moves rows: nothing counts as newest after one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", [1, 3, 4, 4096])
+def test_rows_moved_as_words_arrive_bit_for_bit(dtype, width):
+    """Evictions move rows as the widest integer words a row divides into: the same bytes, whatever the width."""
+    matrix = torch.randn(5, width).to(dtype)
+    before = matrix.clone()
+    words = as_words(matrix)
+    assert words.data_ptr() == matrix.data_ptr() and words.element_size() * words.shape[1] == width * dtype.itemsize
+    words.index_copy_(0, torch.tensor([0, 3]), words.index_select(0, torch.tensor([4, 1])))
+    assert torch.equal(matrix[[0, 3]].view(torch.uint8), before[[4, 1]].view(torch.uint8))
+    assert torch.equal(matrix[[1, 2, 4]], before[[1, 2, 4]])

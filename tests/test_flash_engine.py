@@ -240,7 +240,7 @@ def test_the_hybrid_alone_fits_a_budget_below_one_whole_layer_cached_per_layer(m
     roomy = FlashEngine(flash, techniques, neuron_counts=model["counts"])
     roomy.close()
     g, n_layers = flash.geometry, flash.config.n_layers
-    fixed = roomy.dram.resident + roomy.dram.source
+    fixed = roomy.dram.resident + roomy.dram.source + roomy.dram.staging
     budget = roomy.dram.weights_total
     assert budget < fixed + g.d_ffn * (n_layers * roomy.row_bytes + g.record_bytes)  # a cache of every neuron
     engine = FlashEngine(flash, techniques, neuron_counts=model["counts"], dram_budget=budget)
@@ -253,7 +253,7 @@ def test_a_pass_needing_more_reads_than_the_budgets_buffer_holds_is_a_budget_err
     flash = model["flash"]["bundled"]
     roomy = FlashEngine(flash, Techniques(source="oracle", threads=4))
     roomy.close()
-    budget = roomy.dram.resident + roomy.dram.source + 8 * flash.geometry.record_bytes  # 8 neurons per pass
+    budget = roomy.dram.resident + roomy.dram.source + roomy.dram.staging + 8 * flash.geometry.record_bytes  # 8 a pass
     engine = FlashEngine(flash, Techniques(source="oracle", threads=4), dram_budget=budget)
     with pytest.raises(BudgetError, match=r"layer \d+: a pass needs \d+ neurons read, the read buffer holds 8"):
         replay(engine, model["tokens"][:4])
