@@ -85,7 +85,8 @@ class EngineSUT(SystemUnderTest):
             "engine": vars(self.techniques) | {"down_kernel": down_kernel(self.techniques)},
             "layout": vars(self.spec) | {"name": self.spec.name, "path": portable_path(engine.layout.path)},
             "dram": vars(engine.dram) | {"weights_total": engine.dram.weights_total,
-                                         "cache_peak_used": engine.cache_peak_used()},
+                                         "cache_peak_used": engine.cache_peak_used(),
+                                         "cache_held": engine.cache_held()},
         }
 
     def close(self) -> None:

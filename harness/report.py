@@ -155,8 +155,8 @@ def _dram_weights(r: dict) -> str:
     d = r.get("dram")
     if not d:
         return "-"
-    return _bytes(d["resident"] + d.get("cache_peak_used", d["cache"]) + d["buffers"] + d["source"]
-                  + d.get("staging", 0))
+    cache = d.get("cache_held", d.get("cache_peak_used", d["cache"]))
+    return _bytes(d["resident"] + cache + d["buffers"] + d["source"] + d.get("staging", 0))
 
 
 def _f(x, fmt: str = ".2f", none: str = "-") -> str:
@@ -555,8 +555,9 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
                         "reads ahead included); effective read "
                         "bandwidth and its ratio to the probe's at the nearest chunk size and thread count; DRAM held "
                         f"for weights (resident, held in the compute dtype "
-                        f"({recs[0]['settings'].get('compute_dtype', 'float32')}), + the neuron cache rows in use at the "
-                        f"peak + read buffers + predictor; KV cache apart)."),
+                        f"({recs[0]['settings'].get('compute_dtype', 'float32')}), + the neuron caches (all of them "
+                        f"where a DRAM budget sized them: they are written through when the engine is built; else the "
+                        f"rows in use at the peak) + read and staging buffers + predictor; KV cache apart)."),
                    _matrix_table(recs)]
         blocks += _agreement_table(recs) + _all_but_one(recs) + _peers_section(recs, peers.get(model, []))
         for key, caption in ((f"latency-{model}", "per-token latency by part, per configuration"),

@@ -654,6 +654,11 @@ class FlashEngine(Engine):
         (`dram.cache` is what was reserved, which a budget caps)."""
         return sum(block.ffn.peak_rows for block in self.model.layers) * self.row_bytes
 
+    def cache_held(self) -> int:
+        """Bytes of neuron-cache DRAM the run held: all it reserved where the caches were written through at build
+        (within a budget), else the rows ever occupied at once (untouched pages cost nothing)."""
+        return self.dram.cache if self.shared.touch_caches else self.cache_peak_used()
+
     def _sizes(self, techniques: Techniques, layout: FlashLayout, fixed: int, n_hot: int, dram_budget: int | None,
                max_delta: int) -> tuple[int, int]:
         """Neuron cache rows per layer and read buffer rows (records), within `dram_budget` where one is given.

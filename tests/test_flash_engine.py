@@ -153,6 +153,20 @@ def test_a_tight_budget_shrinks_the_window_and_stays_exact(model):
     assert within_exact_bound(logits, roomy_logits)
 
 
+def test_a_budgets_caches_count_whole_in_the_dram_held_and_an_unbudgeted_engines_only_where_used(model):
+    """Within a budget the caches are written through at build (no token pays first-touch faults), so the DRAM they
+    hold is all they reserved; without one, only the rows the run occupied were ever touched."""
+    budget, _ = tight_budget(model)
+    for dram_budget in (budget, None):
+        engine = FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", window=8, threads=4),
+                             dram_budget=dram_budget)
+        replay(engine, model["tokens"][:8], PROMPT[:2])
+        engine.close()
+        used = engine.cache_peak_used()
+        assert 0 < used < engine.dram.cache
+        assert engine.cache_held() == (engine.dram.cache if dram_budget else used)
+
+
 def test_a_shrinking_window_forgets_its_oldest_tokens_first_and_no_more_than_make_room(model, monkeypatch):
     make_room, shrinks = FlashFFN._make_room, []
 
