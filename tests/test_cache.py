@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashbench.reference.cache import NeuronCache, as_words
+from flashbench.reference.cache import NeuronCache, RowMover, as_words
 
 D_FFN, D_MODEL = 40, 3
 
@@ -110,3 +110,13 @@ def test_rows_moved_as_words_arrive_bit_for_bit(dtype, width):
     words.index_copy_(0, torch.tensor([0, 3]), words.index_select(0, torch.tensor([4, 1])))
     assert torch.equal(matrix[[0, 3]].view(torch.uint8), before[[4, 1]].view(torch.uint8))
     assert torch.equal(matrix[[1, 2, 4]], before[[1, 2, 4]])
+
+
+@pytest.mark.parametrize("staging_rows", [0.5, 2, 100])
+def test_the_row_mover_copies_any_rows_whatever_its_staging_holds(staging_rows):
+    """Rows larger than the staging buffer, rows in several chunks of it, or all at once: the same rows arrive."""
+    src, dst = torch.randn(9, 6).to(torch.bfloat16), torch.zeros(7, 6, dtype=torch.bfloat16)
+    mover = RowMover(nbytes=int(staging_rows * 6 * 2))
+    mover.copy(dst, np.array([6, 0, 3, 2, 5]), src, np.array([1, 8, 4, 0, 7]))
+    assert torch.equal(dst[[6, 0, 3, 2, 5]], src[[1, 8, 4, 0, 7]])
+    assert not dst[[1, 4]].any()
