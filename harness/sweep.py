@@ -164,10 +164,12 @@ def check_batches(batches: list[int], record_sizes: list[int], file_bytes: int) 
 
 def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds: float = 2.0, repeats: int = 3,
           file_bytes: int = 1 << 30, with_fio: bool = True, batch: int = 256, c_reference: bool = False,
-          progress=print, backend: str = "threads") -> list[SweepPoint]:
-    """Per point: a fio run, then `repeats` rounds of a reader run (and a C reference run, in alternating order)
-    and a fio run, so that every run lies between two fio runs (see bracketed_fractions). Bandwidths are the medians
-    of their runs."""
+          progress=print, backends: tuple[str, ...] = ("threads",)) -> list[SweepPoint]:
+    """Per point (record size, threads): a fio run, then `repeats` rounds of a run of each backend's reader and of
+    the C reference, and a fio run, so that every run lies between two fio runs (see bracketed_fractions); a point per
+    backend. The runs of a round take turns going first, round by round: swept one after the other, whichever
+    backend ran first read faster against fio by more than the backends differ (docs/results.md). Bandwidths are
+    the medians of their runs."""
     exe, c_error = None, None
     if c_reference:
         try:
@@ -178,7 +180,10 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
     for record in record_sizes:
         geometry, path = synthetic_layer(directory, record, file_bytes)
         for t in threads:
-            ours, reads, in_c, theirs, fio_error, direct = [], [], [], [], None, True
+            ours = {b: [] for b in backends}
+            reads = {b: [] for b in backends}
+            direct = dict.fromkeys(backends, True)
+            in_c, theirs, fio_error = [], [], None
 
             def run_fio() -> None:
                 nonlocal fio_error
@@ -188,12 +193,13 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
                     except fio.FioError as e:
                         fio_error = str(e)
 
-            def run_reader(r: int) -> None:
-                nonlocal direct
-                stats, _ = measure_reader(geometry, path, t, seconds, batch=batch, seed=r, backend=backend)
-                ours.append(stats.bytes_read / stats.seconds)
-                reads.append(stats.reads / stats.seconds)
-                direct = direct and stats.direct
+            def reader_of(backend: str):
+                def run(r: int) -> None:
+                    stats, _ = measure_reader(geometry, path, t, seconds, batch=batch, seed=r, backend=backend)
+                    ours[backend].append(stats.bytes_read / stats.seconds)
+                    reads[backend].append(stats.reads / stats.seconds)
+                    direct[backend] = direct[backend] and stats.direct
+                return run
 
             def run_c(r: int) -> None:
                 nonlocal c_error
@@ -203,9 +209,11 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
                     except CReferenceError as e:
                         c_error = str(e)
 
+            turns = [reader_of(b) for b in backends] + ([run_c] if exe is not None else [])
             run_fio()
             for r in range(repeats):
-                for run in (run_c, run_reader) if r % 2 else (run_reader, run_c):
+                first = r % len(turns)
+                for run in turns[first:] + turns[:first]:
                     run(r)
                 run_fio()
 
@@ -215,11 +223,12 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
                 return float(np.median(bracketed_fractions(runs, theirs)))
 
             median = lambda runs: float(np.median(runs)) if runs else None  # noqa: E731
-            point = SweepPoint(record, t, median(ours), median(reads), direct, median(theirs), fio_error,
-                               fraction(ours), batch, median(in_c), fraction(in_c), c_error, backend)
-            points.append(point)
-            if progress:
-                progress(format_point(point))
+            for b in backends:
+                point = SweepPoint(record, t, median(ours[b]), median(reads[b]), direct[b], median(theirs), fio_error,
+                                   fraction(ours[b]), batch, median(in_c), fraction(in_c), c_error, b)
+                points.append(point)
+                if progress:
+                    progress(format_point(point))
     return points
 
 

@@ -8,6 +8,8 @@ hold the hybrid's hot neurons, which are never deleted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -58,6 +60,21 @@ class RowMover:
             into.index_copy_(0, to[i : i + per], chunk)
 
 
+@dataclass(frozen=True)
+class Part:
+    """Where some of an insert's rows lie: one matrix per vector, in which the insert's neurons `at` (positions in
+    its ids) are rows `rows`; `at` None: all the insert's neurons, in order, each matrix's rows exactly. Rows read
+    ahead stay where they landed until the insert moves them into the cache: one copy, not two."""
+
+    vectors: dict[str, torch.Tensor]
+    at: np.ndarray | None = None
+    rows: np.ndarray | None = None
+
+
+def parts_of(rows: dict[str, torch.Tensor] | list[Part]) -> list[Part]:
+    return rows if isinstance(rows, list) else [Part(rows)]
+
+
 class NeuronCache:
     def __init__(self, capacity: int, d_model: int, d_ffn: int, gated: bool, bias: bool,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", touch: bool = False,
@@ -81,17 +98,22 @@ class NeuronCache:
         """Which of `ids` are not cached (the delta to read)."""
         return ids[self.slot_of[ids] < 0]
 
-    def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor], up_bias: torch.Tensor | None = None,
+    def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor] | list[Part], up_bias: torch.Tensor | None = None,
                pin: bool = False) -> None:
-        """Append neurons `ids` (not cached yet) with their vectors; `pin` keeps them for good (hybrid)."""
+        """Append neurons `ids` (not cached yet) with their vectors (one matrix each, or parts that together hold
+        every vector of every neuron); `pin` keeps them for good (hybrid)."""
         k = len(ids)
         if self.n + k > self.capacity:
             raise RuntimeError(f"neuron cache full: {self.n} + {k} rows > capacity {self.capacity}")
         if pin and self.n != self.pinned:
             raise RuntimeError("pinned neurons must be inserted before any others")
         slots = slice(self.n, self.n + k)
-        for name in self.vectors:
-            self.rows[name][slots] = rows[name]
+        for part in parts_of(rows):
+            for name, vectors in part.vectors.items():
+                if part.at is None:
+                    self.rows[name][slots] = vectors
+                else:
+                    self.mover.copy(self.rows[name], self.n + part.at, vectors, part.rows)
         if self.up_bias is not None:
             self.up_bias[slots] = up_bias
         self.ids[slots] = ids
@@ -170,12 +192,20 @@ class RegatherCache:
         if self.up_bias is not None:
             self.up_bias = up_bias.index_select(0, order)
 
-    def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor], up_bias: torch.Tensor | None = None,
+    def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor] | list[Part], up_bias: torch.Tensor | None = None,
                pin: bool = False) -> None:
         if self.n + len(ids) > self.capacity:
             raise RuntimeError(f"neuron cache full: {self.n} + {len(ids)} rows > capacity {self.capacity}")
+        new = {v: self.rows[v].new_empty(len(ids), self.rows[v].shape[1]) for v in self.vectors}
+        for part in parts_of(rows):
+            for name, vectors in part.vectors.items():
+                if part.at is None:
+                    new[name][:] = vectors
+                else:
+                    at, rows = (torch.from_numpy(i).to(self.device) for i in (part.at, part.rows))
+                    new[name][at] = vectors[rows]
         bias = torch.cat([self.up_bias, up_bias]) if self.up_bias is not None else None
-        self._regather(np.concatenate([self.ids, ids]), {v: torch.cat([self.rows[v], rows[v]]) for v in self.vectors},
+        self._regather(np.concatenate([self.ids, ids]), {v: torch.cat([self.rows[v], new[v]]) for v in self.vectors},
                        bias)
         if pin:
             self.pinned_ids = np.union1d(self.pinned_ids, ids)

@@ -44,7 +44,7 @@ from torch import nn
 
 from . import sparse_down
 from .activations import hot_neurons
-from .cache import NeuronCache, RegatherCache, RowMover
+from .cache import NeuronCache, Part, RegatherCache, RowMover
 from .device import NAME as DEVICE_NAME
 from .device import Transfer, exact_float32, resolve
 from .engine import Engine
@@ -135,6 +135,16 @@ class TokenStats:
     @property
     def compute_s(self) -> float:
         return max(0.0, self.total_s - self.io_wait_s - self.memory_s - self.predictor_s)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where some of a pass's records lie: in `buffer` (a record buffer), the neurons at positions `at` of the pass's
+    ids in rows `rows`; `at` None: all of them, in its first rows."""
+
+    buffer: np.ndarray
+    at: np.ndarray | None = None
+    rows: np.ndarray | None = None
 
 
 @dataclass
@@ -281,7 +291,7 @@ class FlashFFN(nn.Module):
             ids = self.hot[i : i + step]
             sh.transfer.wait()
             sh.reader.read(self.layer, self.record_of[ids], sh.record_buffer)
-            self.cache.insert(ids, self._rows(ids, sh.record_buffer), self._bias(ids), pin=True)
+            self.cache.insert(ids, self._rows(ids, [Piece(sh.record_buffer)]), self._bias(ids), pin=True)
 
     def reset(self) -> None:
         self.cache.delete(np.setdiff1d(self.cache.cached_ids(), self.hot))
@@ -305,10 +315,13 @@ class FlashFFN(nn.Module):
             return None
         return self.up_bias[torch.from_numpy(ids).to(self.up_bias.device)]
 
-    def _fetch(self, ids: np.ndarray) -> np.ndarray:
-        """Bring the records of neurons `ids` (in file order) into a record buffer, which it returns: those the
-        read-ahead brought copied from its buffer (or, where it brought exactly these, its buffer taken as the record
-        buffer), the others read straight into their rows, in the background with overlap (`_Shared.wait_read`)."""
+    def _fetch(self, ids: np.ndarray, gather: bool) -> list[Piece]:
+        """Bring the records of neurons `ids` (in file order) into record buffers and say where they lie: those the
+        read-ahead brought stay in its buffer (where it brought exactly these, the buffers swap roles), the others are
+        read straight into their rows of the record buffer, in the background with overlap (`_Shared.wait_read`).
+        With `gather`, the read-ahead's are copied into the record buffer too, so that all lie in one (for products
+        straight from it); without, the cache's insert moves them from where they landed, before the next read-ahead
+        reuses its buffer."""
         sh = self.shared
         self.last_read = len(ids)
         sh.transfer.wait()  # the last copy out of the buffer is done before it is filled again
@@ -316,34 +329,40 @@ class FlashFFN(nn.Module):
         if ahead is not None and np.array_equal(ahead.ids, ids):  # all read ahead, in order: the buffers swap roles
             sh.record_buffer, sh.ahead_buffer = sh.ahead_buffer, sh.record_buffer
             sh.stats.read_ahead_used += len(ids)
-            return sh.record_buffer
+            return [Piece(sh.record_buffer)]
         out = sh.record_buffer
         if ahead is None:
             sh.read(self.layer, ids, self.record_of[ids], out)
-        else:
-            have, want = self.record_of[ahead.ids], self.record_of[ids]  # both in file order: increasing
-            at = np.searchsorted(have, want)
-            hit = at < len(have)
-            hit[hit] = have[at[hit]] == want[hit]
-            t0 = time.perf_counter()
-            hits = np.flatnonzero(hit)
-            for plane, ahead_plane in zip(out, ahead.buffer):  # [rows, piece_bytes] per piece
-                sh.mover.copy(torch.from_numpy(plane), hits, torch.from_numpy(ahead_plane), at[hits])
-            sh.stats.memory_s += time.perf_counter() - t0
-            sh.stats.read_ahead_used += len(hits)
-            missed = np.flatnonzero(~hit)
-            sh.read(self.layer, ids[missed], self.record_of[ids[missed]], out, rows=missed)
-        return out
+            return [Piece(out)]
+        have, want = self.record_of[ahead.ids], self.record_of[ids]  # both in file order: increasing
+        at = np.searchsorted(have, want)
+        hit = at < len(have)
+        hit[hit] = have[at[hit]] == want[hit]
+        hits, missed = np.flatnonzero(hit), np.flatnonzero(~hit)
+        sh.read(self.layer, ids[missed], self.record_of[ids[missed]], out, rows=missed)  # first: copies run beside it
+        sh.stats.read_ahead_used += len(hits)
+        if not gather:
+            return [Piece(ahead.buffer, hits, at[hits]), Piece(out, missed, missed)]
+        t0 = time.perf_counter()
+        for plane, ahead_plane in zip(out, ahead.buffer):  # [rows, piece_bytes] per piece
+            sh.mover.copy(torch.from_numpy(plane), hits, torch.from_numpy(ahead_plane), at[hits])
+        sh.stats.memory_s += time.perf_counter() - t0
+        return [Piece(out)]
 
-    def _rows(self, ids: np.ndarray, buffer: np.ndarray) -> dict[str, torch.Tensor]:
-        """The vectors of neurons `ids`, the first rows of record buffer `buffer`, on the device."""
+    def _rows(self, ids: np.ndarray, pieces: list[Piece]) -> list[Part]:
+        """The vectors of neurons `ids` where `_fetch` left them, on the device (views of the buffers where the
+        dtypes agree), and their gate rows from DRAM where the layout keeps them there."""
         sh = self.shared
         t0 = time.perf_counter()
-        rows = sh.transfer.to_device(decode_records(buffer[:, : len(ids)], self.geometry, sh.techniques.torch_dtype))
-        if self.gate is not None:  # the gate rows come from DRAM
-            rows["gate"] = self.gate[torch.from_numpy(ids).to(self.gate.device)]
+        parts = []
+        for piece in pieces:
+            n = len(ids) if piece.at is None else int(piece.rows.max(initial=-1)) + 1  # the buffer rows in use
+            vectors = decode_records(piece.buffer[:, :n], self.geometry, sh.techniques.torch_dtype)
+            parts.append(Part(sh.transfer.to_device(vectors), piece.at, piece.rows))
+        if self.gate is not None:
+            parts.append(Part({"gate": self.gate[torch.from_numpy(ids).to(self.gate.device)]}))
         sh.stats.memory_s += time.perf_counter() - t0
-        return rows
+        return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != 1:
@@ -364,16 +383,16 @@ class FlashFFN(nn.Module):
         for j, ids in enumerate(sets):
             self.last_needed[ids] = np.maximum(self.last_needed[ids], start + j)
         delta = self._in_file_order(self._make_room(needed, start, self.cache.missing(needed)))
-        buffer = self._fetch(delta)
+        pieces = self._fetch(delta, gather=sh.transfer.gpu)  # on a GPU, one buffer: one copy to the device
         held = self._share(xs, *self.cache.matrices())  # the window's and hot rows, while the delta is read
         sh.wait_read()
-        rows = self._rows(delta, buffer)
-        self._read_ahead(xs)
+        rows = self._rows(delta, pieces)
         t0 = time.perf_counter()
-        self.cache.insert(delta, rows, self._bias(delta))
+        self.cache.insert(delta, rows, self._bias(delta))  # before the read-ahead refills the buffer it moves from
         self.peak_rows = max(self.peak_rows, self.cache.n)
         read = self.cache.newest()
         sh.stats.memory_s += time.perf_counter() - t0
+        self._read_ahead(xs)
         sh.stats.multiplied += self.cache.n
 
         out = self._total(xs, [held, self._share(xs, *read)])
@@ -391,10 +410,10 @@ class FlashFFN(nn.Module):
         if len(delta) > room:
             raise BudgetError(f"layer {self.layer}: a pass needs {len(delta)} neurons read, the read buffer holds "
                               f"{room}: raise the DRAM budget")
-        buffer = self._fetch(delta)
+        pieces = self._fetch(delta, gather=True)
         hot = self._share(xs, *self.cache.matrices())  # while the delta is read
         self.shared.wait_read()
-        rows = self._rows(delta, buffer)
+        rows = {name: m for part in self._rows(delta, pieces) for name, m in part.vectors.items()}
         self._read_ahead(xs)
         self.peak_rows = max(self.peak_rows, self.cache.n)
         self.shared.stats.cached += self.cache.n

@@ -6,6 +6,7 @@ import pytest
 
 from flashbench.harness import fio
 from flashbench.harness.cli import main
+from flashbench.reference.reader import ReadStats
 from flashbench.harness.sweep import (KIB, CReferenceError, bracketed_fractions, build_c_reference, choose_reader,
                                       format_point, measure_c_reference, sweep)
 
@@ -34,6 +35,23 @@ def test_sweep_measures_reader_and_fio_on_the_same_file(tmp_path):
     assert p.reader_direct and p.reader_bytes_s > 0 and p.fio_bytes_s > 0 and p.fio_error is None
     assert p.fraction_of_fio > 0 and p.batch == 256
     assert (tmp_path / "sweep-8MiB.bin").stat().st_size == 8 << 20
+
+
+def test_the_backends_take_turns_going_first_round_by_round(tmp_path, monkeypatch):
+    from flashbench.harness import sweep as sweeping
+
+    order = []
+
+    def measured(geometry, path, threads, seconds, batch, seed, backend):
+        order.append((seed, backend))
+        return ReadStats(records=1, reads=1, bytes_read=1 << 20, seconds=1.0), 1
+
+    monkeypatch.setattr(sweeping, "measure_reader", measured)
+    points = sweep(tmp_path, [16 * KIB], [2], seconds=0.1, repeats=3, file_bytes=8 << 20, with_fio=False,
+                   progress=None, backends=("threads", "io_uring"))
+    assert order == [(0, "threads"), (0, "io_uring"), (1, "io_uring"), (1, "threads"), (2, "threads"),
+                     (2, "io_uring")]
+    assert [p.reader for p in points] == ["threads", "io_uring"] and points[0].reader_bytes_s == 1 << 20
 
 
 def test_each_reader_run_is_judged_against_the_fio_runs_around_it():

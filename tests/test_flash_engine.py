@@ -277,7 +277,9 @@ def test_a_pass_needing_more_reads_than_the_budgets_buffer_holds_is_a_budget_err
 OVERLAPPED = [("naive", "unbundled", dict(source="all")), ("hybrid", "bundled", dict(source="all", hybrid=0.25)),
               ("oracle", "bundled", dict(source="oracle")),
               ("oracle, window, hybrid", "unbundled", dict(source="oracle", window=4, hybrid=0.1)),
-              ("predictor, window", "bundled", dict(source="predictor", window=4))]
+              ("predictor, window", "bundled", dict(source="predictor", window=4)),
+              ("predictor, window, regather", "bundled", dict(source="predictor", window=4, memory="regather")),
+              ("predictor, window, bfloat16", "bundled", dict(source="predictor", window=4, compute_dtype="bfloat16"))]
 
 
 def overlapped(model, layout, overlap: bool, **techniques):

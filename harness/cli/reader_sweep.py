@@ -26,8 +26,9 @@ def add_parser(sub) -> None:
                    "built with cc): what the reader loses beyond it is Python's cost, not the calls'")
     p.add_argument("--file-mib", type=int, default=1024, help="size of the test file (default 1024 MiB)")
     p.add_argument("--no-fio", action="store_true", help="measure the reader only")
-    p.add_argument("--reader", default="threads", help="the reader's backends, each swept in turn: threads "
-                   "(preadv from a thread pool) and/or io_uring (one ring from C, built by make) (default threads)")
+    p.add_argument("--reader", default="threads", help="the reader's backends: threads (preadv from a thread pool) "
+                   "and/or io_uring (one ring from C, built by make); several take turns within each round of runs "
+                   "(default threads)")
     p.add_argument("--json", help="also write the points as JSON to this path")
     p.set_defaults(func=cmd_reader_sweep)
 
@@ -53,9 +54,8 @@ def cmd_reader_sweep(args) -> int:
               f"vs fio randread (direct=1, psync) on a {args.file_mib} MiB file in {directory}: {args.repeats} runs "
               f"of {args.seconds:g} s each, every one between two fio runs; medians, and x/fio the median of each "
               f"run over the fio runs around it")
-        for backend in backends:
-            points += sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20,
-                            not args.no_fio, batch, args.c_reference, backend=backend)
+        points += sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20, not args.no_fio,
+                        batch, args.c_reference, backends=tuple(backends))
     if args.json:
         write_json_atomic(Path(args.json), provenance() | {
                                             "points": [vars(p) for p in points]})
