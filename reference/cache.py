@@ -75,6 +75,13 @@ def parts_of(rows: dict[str, torch.Tensor] | list[Part]) -> list[Part]:
     return rows if isinstance(rows, list) else [Part(rows)]
 
 
+def whole(rows: dict[str, torch.Tensor] | list[Part]) -> dict[str, torch.Tensor]:
+    """One matrix per vector, from parts that each hold all the insert's neurons (some of their vectors)."""
+    if any(part.at is not None for part in parts_of(rows)):
+        raise ValueError("expected parts that each hold all the neurons")
+    return {name: m for part in parts_of(rows) for name, m in part.vectors.items()}
+
+
 class NeuronCache:
     def __init__(self, capacity: int, d_model: int, d_ffn: int, gated: bool, bias: bool,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", touch: bool = False,
@@ -196,14 +203,7 @@ class RegatherCache:
                pin: bool = False) -> None:
         if self.n + len(ids) > self.capacity:
             raise RuntimeError(f"neuron cache full: {self.n} + {len(ids)} rows > capacity {self.capacity}")
-        new = {v: self.rows[v].new_empty(len(ids), self.rows[v].shape[1]) for v in self.vectors}
-        for part in parts_of(rows):
-            for name, vectors in part.vectors.items():
-                if part.at is None:
-                    new[name][:] = vectors
-                else:
-                    at, rows = (torch.from_numpy(i).to(self.device) for i in (part.at, part.rows))
-                    new[name][at] = vectors[rows]
+        new = whole(rows)  # the engine hands a regathering cache one buffer's rows
         bias = torch.cat([self.up_bias, up_bias]) if self.up_bias is not None else None
         self._regather(np.concatenate([self.ids, ids]), {v: torch.cat([self.rows[v], new[v]]) for v in self.vectors},
                        bias)

@@ -44,7 +44,7 @@ from torch import nn
 
 from . import sparse_down
 from .activations import hot_neurons
-from .cache import NeuronCache, Part, RegatherCache, RowMover
+from .cache import NeuronCache, Part, RegatherCache, RowMover, whole
 from .device import NAME as DEVICE_NAME
 from .device import Transfer, exact_float32, resolve
 from .engine import Engine
@@ -383,7 +383,8 @@ class FlashFFN(nn.Module):
         for j, ids in enumerate(sets):
             self.last_needed[ids] = np.maximum(self.last_needed[ids], start + j)
         delta = self._in_file_order(self._make_room(needed, start, self.cache.missing(needed)))
-        pieces = self._fetch(delta, gather=sh.transfer.gpu)  # on a GPU, one buffer: one copy to the device
+        # One buffer on a GPU (one copy to the device) and for the regathering cache (the plain implementation).
+        pieces = self._fetch(delta, gather=sh.transfer.gpu or not isinstance(self.cache, NeuronCache))
         held = self._share(xs, *self.cache.matrices())  # the window's and hot rows, while the delta is read
         sh.wait_read()
         rows = self._rows(delta, pieces)
@@ -413,7 +414,7 @@ class FlashFFN(nn.Module):
         pieces = self._fetch(delta, gather=True)
         hot = self._share(xs, *self.cache.matrices())  # while the delta is read
         self.shared.wait_read()
-        rows = {name: m for part in self._rows(delta, pieces) for name, m in part.vectors.items()}
+        rows = whole(self._rows(delta, pieces))
         self._read_ahead(xs)
         self.peak_rows = max(self.peak_rows, self.cache.n)
         self.shared.stats.cached += self.cache.n
