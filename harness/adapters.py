@@ -102,10 +102,6 @@ class ReferenceSUT(SystemUnderTest):
     techniques = Techniques(source="oracle", window=5, threads=8)
 
     def __init__(self):
-        # Start-up before 'hello' (PROTOCOL.md): the first model built on torch's meta device imports sympy,
-        # torch._dynamo and more (about 67 MiB of Python modules), which is not the engine's memory.
-        with torch.device("meta"):  # what Transformer.for_assignment builds there
-            torch.arange(1), torch.nn.Embedding(1, 1)
         self.engine: FlashEngine | None = None
         self.totals = {"bytes_read": 0, "neurons_loaded": 0, "reads": 0, "tokens": 0}
         self.ms = {"io": 0.0, "memory": 0.0, "compute": 0.0}

@@ -248,10 +248,8 @@ def run_mmap(given: PeerInput) -> PeerResult:
         config = ModelConfig.load(given.checkpoint)
         state = mmap_state(given.checkpoint, config)
         dtype = next(iter(state.values())).dtype
-        with torch.device("meta"):
-            model = Transformer(config)
-        model = model.to_empty(device="cpu").to(dtype)  # never touched: replaced by the mapped weights below
-        model.load_state_dict(state, strict=True, assign=True)
+        model = Transformer.for_assignment(config)
+        model.load_state_dict(state, strict=True, assign=True)  # the mapped weights
         if config.arch != "opt":
             model.rope_cos, model.rope_sin = (t.to(dtype) for t in rope_tables(config))
         engine = Engine(model.eval(), max_len=len(given.prompt) + given.tokens + 1)

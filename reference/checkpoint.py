@@ -235,7 +235,7 @@ def write_safetensors_streaming(path: Path, names: list[str], shapes: dict, dtyp
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name in names:
-            f.write(load(name).to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(load(name).to(dtype).contiguous().view(torch.uint8).numpy())
 
 
 def save_checkpoint_streaming(out_dir: str | Path, config: ModelConfig, load, dtype: torch.dtype = torch.float16,

@@ -409,12 +409,14 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
         resident = [n for n in shapes if ".ffn." not in n or n.endswith(".bias")
                     or (gate_resident and n.endswith(".ffn.gate.weight"))]
         write_safetensors_streaming(tmp / "resident.safetensors", resident, shapes, DTYPES[resident_dtype], tensor)
+        _fsync(tmp / "resident.safetensors")
         for layer in range(config.n_layers):
             weights = {v: tensor(f"layers.{layer}.ffn.{v}.weight") for v in vectors}
             if keep is not None:
                 ids = torch.from_numpy(keep[layer])
                 weights = {v: w[:, ids] if v == "down" else w[ids] for v, w in weights.items()}
             _write_ffn_file(tmp / ffn_file(layer), replace(geometry, d_ffn=weights["down"].shape[1]), weights)
+            _fsync(tmp / ffn_file(layer))  # file by file: a checkpoint bigger than DRAM never fills it with dirty pages
             if progress:
                 progress(layer + 1, config.n_layers)
         files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
@@ -435,8 +437,8 @@ def write_layout(config: ModelConfig, tensor: Callable[[str], torch.Tensor], ori
             "gate": "resident" if gate_resident else "records",
         }
         (tmp / "layout.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for path in [*tmp.iterdir(), tmp]:
-            _fsync(path)
+        _fsync(tmp / "layout.json")
+        _fsync(tmp)
         os.replace(tmp, out_dir)
     except OSError as e:  # a full disk, say: the half-written directory goes, and the message says where
         shutil.rmtree(tmp, ignore_errors=True)
@@ -470,9 +472,9 @@ def _write_ffn_file(path: Path, geometry: FFNGeometry, weights: dict[str, torch.
     }
     with open(path, "wb") as f:
         if geometry.layout == "bundled":
-            f.write(np.concatenate([encoded[v] for v in geometry.vectors], axis=1).tobytes())
+            f.write(np.concatenate([encoded[v] for v in geometry.vectors], axis=1))
         else:
             for v in geometry.vectors:
-                data = encoded[v].tobytes()
-                f.write(data + b"\0" * (geometry.region_bytes - len(data)))
+                f.write(encoded[v])
+                f.write(bytes(geometry.region_bytes - encoded[v].nbytes))
         f.truncate(geometry.file_bytes)

@@ -48,10 +48,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position, [max_positions, head_dim], as Llama's rotate-half convention needs."""
+    """cos and sin of every position, [max_positions, head_dim], as Llama's rotate-half convention needs. On the CPU
+    even within torch's meta device (`Transformer.for_assignment`): arange there imports sympy and some 800 other
+    modules, about 70 MiB that a flash engine under a DRAM cap would carry."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    freqs = torch.outer(torch.arange(config.max_positions, dtype=torch.float32), inv_freq)
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    freqs = torch.outer(torch.arange(config.max_positions, dtype=torch.float32, device="cpu"), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -118,6 +120,15 @@ class FFN(nn.Module):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding, left uninitialised on the meta device (`Transformer.for_assignment`): torch's normal_ there
+    imports sympy and the rest, as `rope_tables` says."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, ffn: nn.Module):
         super().__init__()
@@ -137,9 +148,9 @@ class Transformer(nn.Module):
         """`ffn(layer)` makes each layer's FFN module: the dense `FFN` by default, the flash engine's otherwise."""
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed = Embedding(config.vocab_size, config.d_model)
         if config.arch == "opt":
-            self.pos_embed = nn.Embedding(config.max_positions + OPT_POSITION_OFFSET, config.d_model)
+            self.pos_embed = Embedding(config.max_positions + OPT_POSITION_OFFSET, config.d_model)
             self.final_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
         else:
             self.final_norm = RMSNorm(config.d_model, config.norm_eps)
@@ -176,17 +187,15 @@ class Transformer(nn.Module):
         return KVCache(self.config, max_len or self.config.max_positions, batch, device=p.device, dtype=p.dtype)
 
     @classmethod
-    def for_assignment(cls, config: ModelConfig, ffn=None) -> "Transformer":
-        """A model whose weights will all come from `load_state_dict(..., assign=True)`: built without initialising
-        them (that takes seconds at paper scale), with its computed buffers filled in."""
+    def for_assignment(cls, config: ModelConfig, ffn: Callable[[int], nn.Module] | None = None) -> "Transformer":
+        """A model whose weights will all come from `load_state_dict(..., assign=True)`, with FFNs `ffn(layer)` (the
+        dense `FFN` by default): the weights are built on torch's meta device, never initialised (that takes seconds
+        at paper scale); its computed buffers (RoPE tables) are real, made on the CPU."""
         with torch.device("meta"):
             model = cls(config, ffn=lambda _layer: None) if ffn is not None else cls(config)
-        model = model.to_empty(device="cpu")
         if ffn is not None:
             for i, block in enumerate(model.layers):
                 block.ffn = ffn(i)
-        if config.arch != "opt":
-            model.rope_cos, model.rope_sin = rope_tables(config)
         return model
 
     @classmethod

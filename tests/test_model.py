@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -41,3 +44,23 @@ def test_a_batch_gives_the_same_logits_as_its_rows_one_by_one(models):
         batch = models(tokens)
         rows = torch.stack([models(tokens[i : i + 1])[0] for i in range(3)])
     assert (batch - rows).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("shape", ["opt-1.3b", "llama-2-7b"])
+def test_a_model_for_assignment_has_its_weights_on_meta_and_imports_no_symbolic_shapes(shape):
+    """Some operations on torch's meta device import sympy and some 800 other modules (about 70 MiB): a flash
+    engine under a DRAM cap must not carry them. Checked in a fresh interpreter (other tests import them)."""
+    code = f"""
+import sys
+from flashbench.reference.model import Transformer, rope_tables
+from flashbench.suite.synthetic import shape_config
+config = shape_config({shape!r})
+model = Transformer.for_assignment(config)
+assert all(p.is_meta for p in model.parameters())
+if config.arch != "opt":
+    assert model.rope_cos.equal(rope_tables(config)[0]) and model.rope_sin.equal(rope_tables(config)[1])
+print("sympy" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
