@@ -138,7 +138,8 @@ class ModelUnderTest:
 
 def token_metrics(steps: list[TokenStats]) -> dict:
     """Per-token figures over decode steps: latency split (ms: mean, p50, p90; `io` is the reading the step waited
-    for, `io_hidden` what the overlap's reads ahead ran behind compute) and the reader's exact counters."""
+    for, `io_hidden` what the overlap's reads ahead ran behind compute, `io_cpu` the CPU time the reading took) and
+    the reader's exact counters."""
     n = len(steps)
     total = sum(s.total_s for s in steps)
     io_s = sum(s.io.seconds for s in steps)
@@ -150,7 +151,8 @@ def token_metrics(steps: list[TokenStats]) -> dict:
         "tokens_per_s": n / total if total else None,
         "ms": {"io": ms(lambda s: s.io_wait_s), "memory": ms(lambda s: s.memory_s),
                "predictor": ms(lambda s: s.predictor_s), "compute": ms(lambda s: s.compute_s),
-               "total": ms(lambda s: s.total_s), "io_hidden": ms(lambda s: s.io_hidden_s)},
+               "total": ms(lambda s: s.total_s), "io_hidden": ms(lambda s: s.io_hidden_s),
+               "io_cpu": ms(lambda s: s.io.cpu_s)},
         "per_token": {"bytes_read": bytes_read / n, "bytes_requested": sum(s.io.bytes_requested for s in steps) / n,
                       "reads": reads / n, "neurons": sum(s.io.records for s in steps) / n,
                       "neurons_multiplied": sum(s.multiplied for s in steps) / n,

@@ -303,7 +303,8 @@ def _bound_table(recs: list[dict]) -> list:
     first = bounded[0]["bound"]  # the run's rates, the same in every record of the model
     copies = any(r["bound"].get("copy_ms") for r in bounded)  # a GPU engine: reads cross to the device
     rows = [[r["configuration"], f"{b['measured_ms']:.2f}", f"{b['io_ms']:.2f}"]
-            + [f"{b['copy_ms']:.2f}"] * copies + [f"{b['compute_ms']:.2f}", f"{b['ms']:.2f}", f"{b['ratio']:.2f}x"]
+            + [f"{b['copy_ms']:.2f}"] * copies + [f"{b['compute_ms']:.2f}", f"{b['ms']:.2f}", f"{b['ratio']:.2f}x",
+                                                  _f(_get(r["metrics"], "ms.io_cpu.mean"))]
             for r in bounded for b in [r["bound"]]]
     return [Heading(3, "Latency against the machine's bound"),
             Para("The bound of a decode step is its bytes read per token at fio's bandwidth for its mean read size "
@@ -314,9 +315,11 @@ def _bound_table(recs: list[dict]) -> list:
                  + "): without overlap the engine reads, then computes, so the two add; with overlap the reads may "
                  "run beside the compute, so the larger of the two is the bound. Measured on the harness's clock; the ratio is how far the "
                  "configuration is from what this machine could do (`flashbench compare --fail-on bound_ratio:10%` "
-                 "gates on it)."),
+                 "gates on it). The bound counts no CPU for the reads; the last column is what they took (the "
+                 "reading threads' CPU time per token, interrupts aside): with overlap on a machine with few cores "
+                 "the products lose time to it (on a 2-core VM about twice this, docs/results.md)."),
             Table(["configuration", "measured ms", "I/O bound ms"] + ["copy to device ms"] * copies
-                  + ["compute bound ms", "bound ms", "measured / bound"], rows)]
+                  + ["compute bound ms", "bound ms", "measured / bound", "reads' CPU ms"], rows)]
 
 
 def _matrix_table(recs: list[dict]) -> Table:

@@ -62,8 +62,12 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 # Overlap reads ahead at most this many times the neurons the layer read for its last pass, the most confident
 # guesses first: a lookahead's guesses of a windowed delta are mostly wrong past its top ones (shakespeare-opt's
 # lookahead, window 5: capped at 1x it covered 48% of the delta for 0.42 unneeded neurons per needed one; at 2x 62%
-# for 0.78; uncapped 73% for 1.6). On the OPT 1.3B shape 2x took as long as 1x, for twice the wasted reads.
-READ_AHEAD = 1
+# for 0.78; uncapped 73% for 1.6). On the OPT 1.3B shape 2x took as long as 1x, for twice the wasted reads. At the
+# paper's shape, 1x read 17,355 neurons ahead a token of which 8,072 were used; each read costs CPU (the reading
+# thread's 75-85 ms a token), which on 2 cores the products lose about twice over, and the misses are read while the
+# held rows multiply anyway: 0.4x made all combined and all but placement faster in each of 6 paired runs (2-24%, mean
+# 9.5%; docs/results.md, 2026-12-03, fourth session).
+READ_AHEAD = 0.4
 
 
 @dataclass(frozen=True)

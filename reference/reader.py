@@ -45,6 +45,10 @@ class ReadStats:
     bytes_read: int = 0
     seconds: float = 0.0
     direct: bool = True
+    # CPU time of the threads that read (the caller's and the reader's helpers): planning, system calls and the
+    # kernel's work in them (interrupts are not counted). On a machine with few cores, reads that run beside the
+    # products take this from them.
+    cpu_s: float = 0.0
 
     def __iadd__(self, other: "ReadStats") -> "ReadStats":
         self.records += other.records
@@ -52,6 +56,7 @@ class ReadStats:
         self.bytes_requested += other.bytes_requested
         self.bytes_read += other.bytes_read
         self.seconds += other.seconds
+        self.cpu_s += other.cpu_s
         self.direct = self.direct and other.direct
         return self
 
@@ -221,6 +226,7 @@ class _Crew:
     def __init__(self, helpers: int):
         self._job = None
         self._error: BaseException | None = None
+        self.cpu_s = [0.0] * helpers  # each helper's CPU time in jobs, summed over calls
         self._go = [threading.Lock() for _ in range(helpers)]
         self._done = [threading.Lock() for _ in range(helpers)]
         for lock in self._go + self._done:
@@ -236,11 +242,13 @@ class _Crew:
             job = self._job
             if job is None:
                 return
+            cpu = time.thread_time()
             try:
                 job()
             except BaseException as e:  # handed to the caller in run()
                 self._error = e
             finally:
+                self.cpu_s[i] += time.thread_time() - cpu
                 self._done[i].release()
 
     def run(self, job, helpers: int) -> None:
@@ -365,7 +373,7 @@ class FlashReader:
                              f"{len(rows)} rows")
         if len(ids) and (ids.min() < 0 or ids.max() >= g.d_ffn):
             raise IndexError(f"record ids must lie in [0, {g.d_ffn}), got {ids.min()}..{ids.max()}")
-        t0 = time.perf_counter()
+        t0, cpu = time.perf_counter(), self._cpu()
         runs = self._record_runs(g, ids, out, rows)
         if runs is not None:  # whole aligned records: each run of adjacent ones is one read straight into `out`
             self._submit(layer, runs)
@@ -374,8 +382,12 @@ class FlashReader:
             n_reads, total = self._read_staged(layer, g, ids, out, rows)
         return ReadStats(
             records=len(ids), reads=n_reads, bytes_requested=len(ids) * g.record_bytes, bytes_read=total,
-            seconds=time.perf_counter() - t0, direct=self.direct,
+            seconds=time.perf_counter() - t0, direct=self.direct, cpu_s=self._cpu() - cpu,
         )
+
+    def _cpu(self) -> float:
+        """CPU seconds so far of the calling thread and the reader's helpers (a difference of two is a call's)."""
+        return time.thread_time() + (sum(self._crew.cpu_s) if self._crew else 0.0)
 
     def _record_runs(self, g: FFNGeometry, ids: np.ndarray, out: np.ndarray,
                      out_rows: np.ndarray) -> Batch | None:
@@ -507,11 +519,11 @@ class FlashReader:
         size = g.file_bytes
         if out.dtype != np.uint8 or out.shape != (size,) or out.ctypes.data % ALIGNMENT:
             raise ValueError(f"out must be an aligned uint8 buffer of {size} bytes (see aligned_buffer)")
-        t0 = time.perf_counter()
+        t0, cpu = time.perf_counter(), self._cpu()
         offsets = np.arange(0, size, chunk_bytes, dtype=np.int64)
         self._submit(layer, Batch.whole(out, offsets, offsets, np.minimum(chunk_bytes, size - offsets)))
         return ReadStats(records=g.d_ffn, reads=len(offsets), bytes_requested=size, bytes_read=size,
-                         seconds=time.perf_counter() - t0, direct=self.direct)
+                         seconds=time.perf_counter() - t0, direct=self.direct, cpu_s=self._cpu() - cpu)
 
     def _run_all(self, fn, items: list) -> None:
         """Run fn over items on the pool; each worker pulls the next item, so slow reads do not stall others."""

@@ -66,6 +66,7 @@ def test_counters_and_reference_are_filled_for_every_configuration(run):
         if r["kind"] == "configuration":
             m = r["metrics"]  # 24 tokens: a 1-token prefill, then 22 decode steps
             assert r["status"] == "measured" and m["tokens"] == 22 and m["per_token"]["bytes_read"] > 0
+            assert m["ms"]["io_cpu"]["mean"] > 0  # the reads' CPU time
             assert r["fio_reference"]["tool"] == "fio" and r["fio_reference"]["ratio"] > 0
 
 
@@ -74,6 +75,7 @@ def test_report_has_every_section_and_a_self_contained_html(run):
     for section in ("## Summary", "## Storage probe", "Table 2 shape", "Table 3 shape", "### Technique matrix",
                     "### Agreement with dense inference", "### All but one", "### Latency against the machine's bound"):
         assert section in md
+    assert "reads' CPU ms" in md
     html = (run["dir"] / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and 'src="http' not in html  # bandwidth, latency, bytes, bound
     csv = (run["dir"] / "results.csv").read_text().splitlines()

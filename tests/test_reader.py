@@ -3,6 +3,8 @@
 import errno
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +170,27 @@ def test_the_io_uring_reader_reads_what_the_threads_read_and_counts_it_alike(opt
     (a, sa), (b, sb) = got["threads"], got["io_uring"]
     assert a.any() and (a == b).all()
     assert (sa.records, sa.reads, sa.bytes_read, sa.direct) == (sb.records, sb.reads, sb.bytes_read, sb.direct)
+
+
+def test_a_read_counts_the_cpu_time_of_every_thread_that_read(opt_flash, monkeypatch):
+    """Four reads on four threads (the caller and three helpers), each read held until all four have begun, so
+    that each thread makes one, and each burning 20 ms of its thread's CPU: the read's CPU time is all four."""
+    real, started = os.preadv, threading.Barrier(4, timeout=10)
+
+    def burning(*args):
+        started.wait()
+        end = time.thread_time() + 0.02
+        while time.thread_time() < end:
+            pass
+        return real(*args)
+
+    flash = opt_flash["bundled"]
+    ids = list(range(0, 256, 64))  # far enough apart that each is a read of its own
+    with FlashReader.for_layout(flash, threads=4, backend="threads") as reader:
+        monkeypatch.setattr(os, "preadv", burning)
+        stats = reader.read(0, ids, record_buffer(flash.geometry, len(ids)))
+    assert stats.reads == 4
+    assert stats.cpu_s >= 4 * 0.02
 
 
 def test_an_unknown_reader_backend_is_refused(opt_flash):
