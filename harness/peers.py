@@ -240,7 +240,6 @@ def run_mmap(given: PeerInput) -> PeerResult:
     import torch
 
     from flashbench.reference import Engine, ModelConfig, Transformer
-    from flashbench.reference.model import rope_tables
 
     result = PeerResult("mmap", "measured", tool=f"flashbench dense engine, torch {torch.__version__}",
                         threads=torch.get_num_threads(), dram_budget_bytes=given.budget)
@@ -251,7 +250,7 @@ def run_mmap(given: PeerInput) -> PeerResult:
         model = Transformer.for_assignment(config)
         model.load_state_dict(state, strict=True, assign=True)  # the mapped weights
         if config.arch != "opt":
-            model.rope_cos, model.rope_sin = (t.to(dtype) for t in rope_tables(config))
+            model.rope_cos, model.rope_sin = model.rope_cos.to(dtype), model.rope_sin.to(dtype)
         engine = Engine(model.eval(), max_len=len(given.prompt) + given.tokens + 1)
         first = int(engine.prefill(given.prompt)[-1].argmax())  # a warm-up pass: every allocation made once
         meter.start()
