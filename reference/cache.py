@@ -8,10 +8,13 @@ hold the hybrid's hot neurons, which are never deleted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .reader import aligned_buffer
 
 VECTORS_GATED = ("gate", "up", "down")
 VECTORS_PLAIN = ("up", "down")
@@ -91,8 +94,19 @@ class NeuronCache:
         until a row first fills them. `mover`: the staging buffer evictions move rows through (one per engine)."""
         self.capacity, self.device = capacity, torch.device(device)
         self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
-        make = torch.zeros if touch else torch.empty
-        self.rows = {v: make(capacity, d_model, dtype=dtype, device=device) for v in self.vectors}
+        # One matrix per vector, the planes of one buffer: on the CPU page-aligned, so that the reader can read
+        # records straight into free rows (`planes`), as into a record buffer.
+        shape = (len(self.vectors), capacity, d_model)
+        self.bytes = None  # the planes' bytes, where the reader can fill them
+        if self.device.type == "cpu":
+            row_bytes = d_model * dtype.itemsize
+            self.bytes = aligned_buffer(math.prod(shape[:2]) * row_bytes).reshape(*shape[:2], row_bytes)
+            storage = torch.from_numpy(self.bytes).view(dtype)
+        else:
+            storage = torch.empty(shape, dtype=dtype, device=device)
+        if touch:
+            storage.zero_()
+        self.rows = {v: storage[j] for j, v in enumerate(self.vectors)}
         self.mover = mover or RowMover(device)
         self.up_bias = torch.empty(capacity, dtype=dtype, device=device) if bias else None
         self.ids = np.full(capacity, -1, dtype=np.int64)
@@ -105,10 +119,23 @@ class NeuronCache:
         """Which of `ids` are not cached (the delta to read)."""
         return ids[self.slot_of[ids] < 0]
 
+    def planes(self, vectors: tuple[str, ...]) -> np.ndarray | None:
+        """The matrices of `vectors` as a record buffer's bytes ([vectors, capacity, row bytes], `reader.record_buffer`)
+        for the reader to fill rows from n on, which the next insert then takes where they lie; None where the reader
+        cannot (off the CPU, or `vectors` not consecutive planes here: a layout without the cache's gate rows keeps
+        them in DRAM, before the others)."""
+        names = list(self.vectors)
+        if self.bytes is None or not set(vectors) <= set(names):
+            return None
+        first = names.index(vectors[0])
+        if tuple(names[first : first + len(vectors)]) != tuple(vectors):
+            return None
+        return self.bytes[first : first + len(vectors)]
+
     def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor] | list[Part], up_bias: torch.Tensor | None = None,
                pin: bool = False) -> None:
-        """Append neurons `ids` (not cached yet) with their vectors (one matrix each, or parts that together hold
-        every vector of every neuron); `pin` keeps them for good (hybrid)."""
+        """Append neurons `ids` (not cached yet) with their vectors (one matrix each, or parts); vectors no part holds
+        must be in their rows already (read there, `planes`). `pin` keeps them for good (hybrid)."""
         k = len(ids)
         if self.n + k > self.capacity:
             raise RuntimeError(f"neuron cache full: {self.n} + {k} rows > capacity {self.capacity}")

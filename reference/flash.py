@@ -275,6 +275,10 @@ class FlashFFN(nn.Module):
         else:
             self.cache = NeuronCache(shared.capacity, g.d_model, d_ffn, self.gated, up_bias is not None, dtype,
                                      device, touch=shared.touch_caches, mover=shared.cache_mover)
+        # Where a windowed pass's records can be read straight into the cache's free rows (their bytes on flash are
+        # the rows' bytes, and the cache lies on the CPU): the insert then copies only what was read ahead.
+        self.landing = (self.cache.planes(g.vectors) if isinstance(self.cache, NeuronCache)
+                        and g.dtype == shared.techniques.compute_dtype and not shared.transfer.gpu else None)
         self.in_id_order = bool((np.diff(self.stored) > 0).all())  # records by neuron id (not a placed layout)
         self.hot = self._in_file_order(self._stored_only(np.sort(hot).astype(np.int64)))
         # The window: the position of the last token that needed each neuron (hot ones: never evicted).
@@ -320,12 +324,14 @@ class FlashFFN(nn.Module):
         return self.up_bias[torch.from_numpy(ids).to(self.up_bias.device)]
 
     def _fetch(self, ids: np.ndarray, gather: bool) -> list[Piece]:
-        """Bring the records of neurons `ids` (in file order) into record buffers and say where they lie: those the
-        read-ahead brought stay in its buffer (where it brought exactly these, the buffers swap roles), the others are
-        read straight into their rows of the record buffer, in the background with overlap (`_Shared.wait_read`).
-        With `gather`, the read-ahead's are copied into the record buffer too, so that all lie in one (for products
-        straight from it); without, the cache's insert moves them from where they landed, before the next read-ahead
-        reuses its buffer."""
+        """Bring the records of neurons `ids` (in file order) into DRAM and say where those that need a copy lie: the
+        ones the read-ahead brought stay in its buffer (where it brought exactly these, the buffers swap roles), the
+        others are read, in the background with overlap (`_Shared.wait_read`), straight into the neuron cache's free
+        rows where it can take them (`landing`: rows n, n + 1, ... in the order of `ids`, where the insert puts
+        them; nothing to copy), else into their rows of the record buffer. With `gather`, the read-ahead's are
+        copied into the record buffer too, so that all lie in one (for products straight from it, or one copy to a
+        device); without, the cache's insert moves them from where they landed, before the next read-ahead reuses
+        its buffer."""
         sh = self.shared
         self.last_read = len(ids)
         sh.transfer.wait()  # the last copy out of the buffer is done before it is filled again
@@ -334,21 +340,23 @@ class FlashFFN(nn.Module):
             sh.record_buffer, sh.ahead_buffer = sh.ahead_buffer, sh.record_buffer
             sh.stats.read_ahead_used += len(ids)
             return [Piece(sh.record_buffer)]
-        out = sh.record_buffer
+        into_cache = not gather and self.landing is not None
+        out, first = (self.landing, self.cache.n) if into_cache else (sh.record_buffer, 0)
         if ahead is None:
-            sh.read(self.layer, ids, self.record_of[ids], out)
-            return [Piece(out)]
+            sh.read(self.layer, ids, self.record_of[ids], out, rows=first + np.arange(len(ids)))
+            return [] if into_cache else [Piece(out)]
         have, want = self.record_of[ahead.ids], self.record_of[ids]  # both in file order: increasing
         at = np.searchsorted(have, want)
         hit = at < len(have)
         hit[hit] = have[at[hit]] == want[hit]
         hits, missed = np.flatnonzero(hit), np.flatnonzero(~hit)
-        sh.read(self.layer, ids[missed], self.record_of[ids[missed]], out, rows=missed)  # first: copies run beside it
+        # First, so that the copies run beside it; into rows the held rows' products do not touch.
+        sh.read(self.layer, ids[missed], self.record_of[ids[missed]], out, rows=first + missed)
         sh.stats.read_ahead_used += len(hits)
         if not gather:
-            return [Piece(ahead.buffer, hits, at[hits]), Piece(out, missed, missed)]
+            return [Piece(ahead.buffer, hits, at[hits])] + ([] if into_cache else [Piece(out, missed, missed)])
         t0 = time.perf_counter()
-        for plane, ahead_plane in zip(out, ahead.buffer):  # [rows, piece_bytes] per piece
+        for plane, ahead_plane in zip(out, ahead.buffer):  # [rows, vector_bytes] per vector
             sh.mover.copy(torch.from_numpy(plane), hits, torch.from_numpy(ahead_plane), at[hits])
         sh.stats.memory_s += time.perf_counter() - t0
         return [Piece(out)]
@@ -503,10 +511,10 @@ class FlashFFN(nn.Module):
         if not len(weights["down"]):
             return None
         if weights["down"].dtype != torch.float32 and weights["down"].device.type == "cpu":
-            # A bundled layout's rows straight from the read buffer are strided by the record; the CPU's 16-bit
-            # products run about 20x slower over them (28.6 against 1.5 ms at 1945 x 4096, bfloat16 or float16,
-            # 2 threads; float32 the same either way). An unbundled layout's rows and the neuron cache's matrices
-            # are contiguous already: no copy for them. The C down kernel sums strided rows where they lie.
+            # A bundled layout's whole file (naive reads) holds each vector's rows strided by the record; the CPU's
+            # 16-bit products run about 20x slower over them (28.6 against 1.5 ms at 1945 x 4096, bfloat16 or
+            # float16, 2 threads; float32 the same either way). Record buffers and the neuron cache's matrices are
+            # contiguous already: no copy for them. The C down kernel sums strided rows where they lie.
             t0 = time.perf_counter()
             strided_ok = {"down"} if sparse_down.unavailable() is None else set()
             weights = {name: w if name in strided_ok else w.contiguous() for name, w in weights.items()}

@@ -117,19 +117,18 @@ class FFNGeometry:
         return self.region_bytes * len(self.vectors)
 
     @property
-    def pieces(self) -> int:
-        """Pieces of one record in the file: the whole record (bundled), or one per vector (unbundled)."""
-        return 1 if self.layout == "bundled" else len(self.vectors)
-
-    @property
-    def piece_bytes(self) -> int:
+    def neuron_stride(self) -> int:
+        """How much further in the file neuron i + 1's vectors lie than neuron i's."""
         return self.record_bytes if self.layout == "bundled" else self.vector_bytes
 
     def extents(self, neuron: int) -> list[tuple[int, int]]:
-        """(file offset, length) of the pieces of one neuron's record, in record order."""
+        """(file offset, length) of each vector of one neuron's record, in record order: one after the other
+        (bundled), or one in each matrix's region (unbundled)."""
         if self.layout == "bundled":
-            return [(neuron * self.record_bytes, self.record_bytes)]
-        return [(j * self.region_bytes + neuron * self.vector_bytes, self.vector_bytes) for j in range(len(self.vectors))]
+            return [(neuron * self.record_bytes + j * self.vector_bytes, self.vector_bytes)
+                    for j in range(len(self.vectors))]
+        return [(j * self.region_bytes + neuron * self.vector_bytes, self.vector_bytes)
+                for j in range(len(self.vectors))]
 
 
 def _round_up(n: int, k: int) -> int:
@@ -166,31 +165,24 @@ def decode_vectors(raw: np.ndarray, dtype: str, d_model: int, out: torch.dtype =
 
 def decode_records(records: np.ndarray, geometry: FFNGeometry,
                    out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Reader output [pieces, n, piece_bytes] (reader.record_buffer's rows [:, :n]) -> {"up": [n, d], "down": [n, d],
-    ("gate": [n, d])} in `out`: views of `records`, no copy, where `out` is the stored dtype (each vector's rows one
-    contiguous matrix in the unbundled layout; strided by the record in the bundled one)."""
-    n = records.shape[1]
-    if geometry.layout == "unbundled":
-        return {name: decode_vectors(records[j], geometry.dtype, geometry.d_model, out)
-                for j, name in enumerate(geometry.vectors)}
-    whole = records[0]  # [n, record_bytes]
-    if geometry.dtype != "int8" and whole.flags.c_contiguous and n:  # one conversion for all vectors
-        values = torch.from_numpy(whole).view(DTYPES[geometry.dtype]).reshape(n, len(geometry.vectors),
-                                                                             geometry.d_model).to(out)
-        return {name: values[:, j] for j, name in enumerate(geometry.vectors)}
-    vb = geometry.vector_bytes
-    return {
-        name: decode_vectors(whole[:, j * vb : (j + 1) * vb], geometry.dtype, geometry.d_model, out)
-        for j, name in enumerate(geometry.vectors)
-    }
+    """Reader output [vectors, n, vector_bytes] (reader.record_buffer's rows [:, :n]) -> {"up": [n, d], "down": [n, d],
+    ("gate": [n, d])} in `out`: each vector's rows one contiguous matrix, views of `records` (no copy) where `out`
+    is the stored dtype."""
+    return {name: decode_vectors(records[j], geometry.dtype, geometry.d_model, out)
+            for j, name in enumerate(geometry.vectors)}
 
 
 def decode_layer_file(data: np.ndarray, geometry: FFNGeometry,
                       out: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A whole FFN file's bytes (naive mode) -> every neuron's vectors, {"up": [d_ffn, d], ...} in `out`."""
-    n, vb = geometry.d_ffn, geometry.vector_bytes
-    if geometry.layout == "bundled":
-        return decode_records(data[: n * geometry.record_bytes].reshape(1, n, geometry.record_bytes), geometry, out)
+    n, vb, k = geometry.d_ffn, geometry.vector_bytes, len(geometry.vectors)
+    if geometry.layout == "bundled":  # each vector's rows strided by the record
+        records = data[: n * geometry.record_bytes].reshape(n, k, vb)
+        if geometry.dtype != "int8":  # one conversion for all vectors
+            values = torch.from_numpy(records).view(DTYPES[geometry.dtype]).reshape(n, k, geometry.d_model).to(out)
+            return {name: values[:, j] for j, name in enumerate(geometry.vectors)}
+        return {name: decode_vectors(records[:, j], geometry.dtype, geometry.d_model, out)
+                for j, name in enumerate(geometry.vectors)}
     return {
         name: decode_vectors(data[j * geometry.region_bytes : j * geometry.region_bytes + n * vb].reshape(n, vb),
                              geometry.dtype, geometry.d_model, out)

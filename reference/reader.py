@@ -1,12 +1,13 @@
 """The flash reader: fetch the records of a set of neurons from a layer's FFN file with parallel direct reads.
 
-For each call the reader plans its reads: every piece of every requested record is widened to the aligned blocks
+For each call the reader plans its reads: every vector of every requested record is widened to the aligned blocks
 that cover it (O_DIRECT reads whole blocks into aligned memory), and blocks that touch, overlap or lie within
 `gap_bytes` of each other are coalesced into one read, cut at every 1 MiB of the file (RUN_BYTES) so that a long
 range is shared between threads, as naive reads of whole files are. A pool of threads then issues the reads with
-`os.preadv` (which releases the GIL) into an aligned staging buffer and copies each record into the caller's output
-row; records whose pieces are whole blocks are read straight into their rows instead, and where such reads are
-merged past a gap, the gap's bytes land in a sink buffer and are thrown away (no copy).
+`os.preadv` (which releases the GIL) into an aligned staging buffer and copies each vector into its row of the
+caller's output (one plane per vector, `record_buffer`); where vectors are whole blocks they are read straight into
+their rows instead (a bundled record's vectors, one after the other in the file, in one read with a buffer each),
+and where such reads are merged past a gap, the gap's bytes land in a sink buffer and are thrown away (no copy).
 
 Counters are exact and per call: records, read operations, bytes requested (the records' own bytes) and bytes
 read (whole blocks), seconds, and whether the reads were direct. Where O_DIRECT is refused (tmpfs, some
@@ -162,13 +163,12 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
 
 
 def record_buffer(geometry: FFNGeometry, rows: int, buffer: np.ndarray | None = None) -> np.ndarray:
-    """Room for `rows` records as the reader fills them: [pieces, rows, piece_bytes] (an aligned buffer of
-    rows x record_bytes, or `buffer` reshaped), record k's piece j at [j, k]. Consecutive rows of a piece lie
-    together as the file lays out adjacent records: bundled, [1, rows, record_bytes]; unbundled, one plane per
-    vector, so that a run of adjacent records is read into one contiguous buffer per vector and each vector's rows
-    are one contiguous matrix, multiplied where they landed."""
+    """Room for `rows` records as the reader fills them: [vectors, rows, vector_bytes] (an aligned buffer of
+    rows x record_bytes, or `buffer` reshaped), record k's vector j at [j, k]: one plane per vector, whatever the
+    layout, so that each vector's rows are one contiguous matrix, multiplied where they landed. A neuron cache's
+    matrices are such planes too, and the engine reads into them directly (`NeuronCache.planes`)."""
     buffer = aligned_buffer(rows * geometry.record_bytes) if buffer is None else buffer
-    return buffer.reshape(geometry.pieces, rows, geometry.piece_bytes)
+    return buffer.reshape(len(geometry.vectors), rows, geometry.vector_bytes)
 
 
 def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block: int = ALIGNMENT,
@@ -178,8 +178,8 @@ def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block
     if len(ids) == 0:
         return Plan([], *(np.zeros(0, dtype=np.int64),) * 4)
     # Every piece of every record: file offset, length, output row and column (numpy, for thousands of pieces).
-    first = geometry.extents(0)  # the pieces of neuron 0; neuron i's lie i * stride further
-    stride = geometry.piece_bytes
+    first = geometry.extents(0)  # the vectors of neuron 0; neuron i's lie i * stride further
+    stride = geometry.neuron_stride
     base = np.array([o for o, _ in first], dtype=np.int64)
     lengths = np.array([n for _, n in first], dtype=np.int64)
     columns = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -359,23 +359,23 @@ class FlashReader:
         return self._staging
 
     def read(self, layer: int, ids, out: np.ndarray, rows: np.ndarray | None = None) -> ReadStats:
-        """Fill row rows[k] of `out` (a `record_buffer`, [pieces, >= n, piece_bytes]; rows default 0, 1, ...) with
+        """Fill row rows[k] of `out` (a `record_buffer`, [vectors, >= n, vector_bytes]; rows default 0, 1, ...) with
         record ids[k] of `layer`. `rows` lets a caller fill some rows of a buffer from elsewhere (the overlap's
         read-ahead) and read the others straight into theirs."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         rows = np.arange(len(ids), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
         g = self.geometries[layer]
-        need = int(rows.max()) + 1 if len(rows) else 0
-        if out.dtype != np.uint8 or out.ndim != 3 or out.shape[0] != g.pieces or out.shape[1] < need or \
-                out.shape[2] != g.piece_bytes or len(rows) != len(ids) or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a contiguous uint8 record buffer [{g.pieces}, >= {need}, {g.piece_bytes}] "
+        need, k = (int(rows.max()) + 1 if len(rows) else 0), len(g.vectors)
+        if out.dtype != np.uint8 or out.ndim != 3 or out.shape[0] != k or out.shape[1] < need or \
+                out.shape[2] != g.vector_bytes or len(rows) != len(ids) or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a contiguous uint8 record buffer [{k}, >= {need}, {g.vector_bytes}] "
                              f"with a row for each of {len(ids)} ids, got {out.dtype} {list(out.shape)} and "
                              f"{len(rows)} rows")
         if len(ids) and (ids.min() < 0 or ids.max() >= g.d_ffn):
             raise IndexError(f"record ids must lie in [0, {g.d_ffn}), got {ids.min()}..{ids.max()}")
         t0, cpu = time.perf_counter(), self._cpu()
-        runs = self._record_runs(g, ids, out, rows)
-        if runs is not None:  # whole aligned records: each run of adjacent ones is one read straight into `out`
+        runs = self._in_place(g, ids, out, rows)
+        if runs is not None:  # aligned vectors: each run of adjacent ones is one read straight into their rows
             self._submit(layer, runs)
             n_reads, total = len(runs.offsets), runs.nbytes
         else:
@@ -389,64 +389,43 @@ class FlashReader:
         """CPU seconds so far of the calling thread and the reader's helpers (a difference of two is a call's)."""
         return time.thread_time() + (sum(self._crew.cpu_s) if self._crew else 0.0)
 
-    def _record_runs(self, g: FFNGeometry, ids: np.ndarray, out: np.ndarray,
-                     out_rows: np.ndarray) -> Batch | None:
-        """A read per run of adjacent records, straight into their rows, where records can be read in place: each
-        piece of a record (the whole record, bundled; each vector, unbundled) a multiple of the alignment long, into
-        an aligned buffer, no duplicates. Else None (the staged path). With `gap_bytes`, runs at most that far apart
-        are one read, the bytes between them read into a sink (`_merged_runs`).
-
-        The bytes read are the ones `plan_reads` plans for these ids (aligned pieces never share a block); without
-        gaps, a run is cut after RUN_BYTES of its own rather than at the file's 1 MiB boundaries."""
-        stride, plane = g.piece_bytes, out.strides[0]  # neuron i's pieces lie i * stride further in the file
-        pieces = g.extents(0)
-        if stride % ALIGNMENT or len(ids) == 0 or out.ctypes.data % ALIGNMENT:
+    def _in_place(self, g: FFNGeometry, ids: np.ndarray, out: np.ndarray, out_rows: np.ndarray) -> Batch | None:
+        """A read per run of vectors adjacent in the file, each vector straight into its row, where vectors can be
+        read in place: each a multiple of the alignment long, into an aligned buffer, no duplicate ids. Else None
+        (the staged path). A bundled record's vectors go to their planes in one read (one buffer each); an
+        unbundled run of records is one read per matrix region, into consecutive rows of its plane (one buffer).
+        Without `gap_bytes`, a run is cut after RUN_BYTES of its own; with them, vectors at most that far apart are
+        one read, cut at the file's RUN_BYTES boundaries as `plan_reads` cuts, the bytes between them read into a
+        sink: merging costs the gap's bytes on the disk and no copy. The bytes read are the ones `plan_reads`
+        plans for these ids."""
+        vb, plane, k = g.vector_bytes, out.strides[0], len(g.vectors)
+        if vb % ALIGNMENT or len(ids) == 0 or out.ctypes.data % ALIGNMENT or len(np.unique(ids)) != len(ids):
             return None
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        step = np.diff(sorted_ids)
-        if (step == 0).any():
-            return None
-        rows = out_rows[order] * stride
+        base = np.array([offset for offset, _ in g.extents(0)], dtype=np.int64)
+        offset = (ids[:, None] * g.neuron_stride + base).ravel()  # vector j of record k at [k * vectors + j]
+        start = (out_rows[:, None] * vb + np.arange(k) * plane).ravel()
+        order = np.argsort(offset, kind="stable")
+        offset, start, n = offset[order], start[order], len(offset)
+        gap = offset[1:] - offset[:-1] - vb  # bytes between a vector and the next one read
+        new = np.ones(n, dtype=bool)
         if self.gap_bytes:
-            return self._merged_runs(g, sorted_ids, rows, out)
-        most = max(1, min(IOV_MAX, RUN_BYTES // stride))
-        firsts = _cut_runs([0, *(np.flatnonzero(step != 1) + 1).tolist(), len(ids)], most)
-        first, count = np.array(firsts[:-1]), np.diff(firsts)
-        k = len(pieces)
-        return Batch(out.reshape(-1), np.concatenate([sorted_ids[first] * stride + base for base, _ in pieces]),
-                     np.concatenate([rows + j * plane for j in range(k)]),
-                     np.full(k * len(ids), stride, dtype=np.int64),
-                     np.concatenate([first + j * len(ids) for j in range(k)]), np.tile(count, k)).joined()
-
-    def _merged_runs(self, g: FFNGeometry, sorted_ids: np.ndarray, rows: np.ndarray, out: np.ndarray) -> Batch:
-        """Records `sorted_ids` into byte offsets `rows` of their planes, neighbours at most `gap_bytes` apart in one
-        read (cut where `plan_reads` cuts: at the file's RUN_BYTES boundaries), the records straight into their
-        rows and each gap's bytes into a sink, so merging costs the gap's bytes on the disk and no copy."""
-        stride, plane, n = g.piece_bytes, out.strides[0], len(sorted_ids)
-        gap = np.diff(sorted_ids) - 1  # records between neighbours
-        offsets, starts, lengths, to_sink, first = [], [], [], [], []
-        done = 0  # pieces of the planes before this one
-        for j, (base, _) in enumerate(g.extents(0)):
-            offset = sorted_ids * stride + base
-            new = np.ones(n, dtype=bool)
-            new[1:] = (gap * stride > self.gap_bytes) | (offset[1:] // RUN_BYTES != offset[:-1] // RUN_BYTES)
-            hole = np.zeros(n, dtype=bool)  # record k continues a read past a gap: a sink piece before it
-            hole[1:] = ~new[1:] & (gap > 0)
-            at = np.arange(n) + np.cumsum(hole)  # record k's piece
-            size = n + int(hole.sum())
-            start, length, sunk = np.zeros(size, np.int64), np.full(size, stride, np.int64), np.zeros(size, bool)
-            start[at] = rows + j * plane
-            length[at[hole] - 1] = gap[hole[1:]] * stride
-            sunk[at[hole] - 1] = True
-            offsets.append(offset[new])
-            first.append(at[new] + done)
-            starts.append(start), lengths.append(length), to_sink.append(sunk)
-            done += size
-        first = np.concatenate(first)
-        sink = self._sink_for(self.gap_bytes // stride * stride)  # the longest gap a read may take
-        return Batch(out.reshape(-1), np.concatenate(offsets), np.concatenate(starts), np.concatenate(lengths), first,
-                     np.diff(np.append(first, done)), sink, np.concatenate(to_sink)).joined()
+            new[1:] = (gap > self.gap_bytes) | (offset[1:] // RUN_BYTES != offset[:-1] // RUN_BYTES)
+        else:
+            cuts = _cut_runs([0, *(np.flatnonzero(gap) + 1).tolist(), n], max(1, min(IOV_MAX, RUN_BYTES // vb)))
+            new[:] = False
+            new[cuts[:-1]] = True
+        hole = np.zeros(n, dtype=bool)  # vector k continues a read past a gap: a sink piece before it
+        hole[1:] = ~new[1:] & (gap > 0)
+        at = np.arange(n) + np.cumsum(hole)  # vector k's piece of the batch
+        size = n + int(hole.sum())
+        starts, lengths, sunk = np.zeros(size, np.int64), np.full(size, vb, np.int64), np.zeros(size, bool)
+        starts[at] = start
+        lengths[at[hole] - 1] = gap[hole[1:]]
+        sunk[at[hole] - 1] = True
+        first = at[new]
+        sink = self._sink_for(int(lengths[sunk].max())) if sunk.any() else None
+        return Batch(out.reshape(-1), offset[new], starts, lengths, first, np.diff(np.append(first, size)), sink,
+                     sunk if sink is not None else None).joined()
 
     def _submit(self, layer: int, batch: Batch, done=None) -> None:
         """Issue a batch's reads. With io_uring, all of them from C in one call; with threads, each thread runs
@@ -493,14 +472,14 @@ class FlashReader:
     def _read_staged(self, layer: int, g: FFNGeometry, ids: np.ndarray, out: np.ndarray,
                      out_rows: np.ndarray) -> tuple[int, int]:
         """The general path: covering blocks into the staging buffer, then the pieces of the reads that landed
-        copied to their rows (a geometry's pieces have one length: a record, or a vector)."""
+        copied to their rows (every piece is one vector: bundled records are split between the planes)."""
         plan = plan_reads(g, ids, self.gap_bytes, rows=out_rows)
         total = 0
         for r in plan.reads:
             r.staging, total = total, total + r.length
         staging = self._staging_for(total)
-        length = g.piece_bytes
-        dst = plan.column // length * out.strides[0] + plan.row * length  # piece j of row r: out[j, r]
+        length = g.vector_bytes
+        dst = plan.column // length * out.strides[0] + plan.row * length  # vector j of row r: out[j, r]
         read_at = np.repeat([r.offset - r.staging for r in plan.reads], [r.last - r.first for r in plan.reads])
 
         def landed(reads: slice) -> None:

@@ -308,6 +308,46 @@ def test_overlap_changes_when_bytes_are_read_never_a_logit(model, name, layout, 
         assert p.io_wait_s == p.io.seconds  # without overlap every read is waited for
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_windowed_pass_reads_its_delta_straight_into_the_neuron_cache(model, overlap):
+    """Each layer's own reads land in its neuron cache's free rows, where the insert puts them, so the insert copies
+    only the rows the overlap read ahead into its buffer (none without overlap)."""
+    from flashbench.reference.predictor import Predictor, lookahead_path
+
+    shipped = model["path"] / "predictor"
+    source = Predictor.load(shipped, lookahead=lookahead_path(shipped))
+    with FlashEngine(model["flash"]["bundled"], Techniques(source="predictor", window=4, threads=4, overlap=overlap),
+                     source=source) as engine:
+        engine.prefill(PROMPT[:4])
+        reader, layers = engine.shared.reader, [block.ffn for block in engine.model.layers]
+        into, inserted = [], []  # per read: its layer's cache, or the read-ahead's buffer
+        real_read = reader.read
+
+        def read(layer, ids, out, rows=None):
+            into.append("cache" if np.shares_memory(out, layers[layer].cache.bytes) else
+                        "ahead" if out is engine.shared.ahead_buffer else "elsewhere")
+            return real_read(layer, ids, out, rows)
+
+        def spy(ffn):
+            real_insert = ffn.cache.insert
+
+            def insert(ids, parts, *args, **kwargs):
+                inserted.append(sum(len(ids) if p.at is None else len(p.at) for p in parts))
+                return real_insert(ids, parts, *args, **kwargs)
+            return insert
+
+        reader.read = read
+        for ffn in layers:
+            ffn.cache.insert = spy(ffn)
+        for token in PROMPT[4:12]:
+            engine.step(token)
+    steps = engine.history[-8:]
+    assert into.count("cache") > 0 and "elsewhere" not in into
+    assert sum(inserted) == sum(s.read_ahead_used for s in steps)  # rows copied: only those read ahead
+    read_ahead = sum(s.read_ahead for s in steps)
+    assert (read_ahead > 0) == overlap
+
+
 def test_with_overlap_a_layer_multiplies_the_rows_it_holds_while_its_delta_is_read(model):
     """Layer 0 (which nothing reads ahead for) starts reading its delta, multiplies its cached rows, then waits:
     here its read is held back until those rows were multiplied, which an engine that waited first never does."""

@@ -65,21 +65,28 @@ def test_reader_counters_match_the_prediction(opt_flash, layout, geometry):
 
 
 @pytest.fixture(scope="module")
-def block_flash(tmp_path_factory):
-    """fp16 vectors of d_model 2048: whole 4 KiB blocks, so records are read in place, not staged."""
+def block_flashes(tmp_path_factory):
+    """fp16 vectors of d_model 2048: whole 4 KiB blocks, so vectors are read in place, not staged; both layouts."""
     from tests.conftest import random_model, tiny_config
     from flashbench.reference.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("blocks")
     model = random_model(tiny_config("opt", d_model=2048, d_ffn=64, n_layers=1))
     ck = save_checkpoint(root / "ck", model.config, model.state_dict())
-    return convert(ck, root / "unbundled", "unbundled", "float16")
+    return {layout: convert(ck, root / layout, layout, "float16") for layout in ("bundled", "unbundled")}
 
 
-@pytest.mark.parametrize("which", ["staged bundled", "staged unbundled", "in place"])
-def test_records_can_be_read_into_rows_of_the_callers_choosing(opt_flash, block_flash, which):
-    """The overlap fills some rows from its read-ahead and reads the rest straight into theirs."""
-    flash = block_flash if which == "in place" else opt_flash[which.split()[1]]
+@pytest.fixture(scope="module")
+def block_flash(block_flashes):
+    return block_flashes["unbundled"]
+
+
+@pytest.mark.parametrize("which", ["staged bundled", "staged unbundled", "in place bundled", "in place unbundled"])
+def test_records_can_be_read_into_rows_of_the_callers_choosing(opt_flash, block_flashes, which):
+    """The overlap fills some rows from its read-ahead and reads the rest straight into theirs; the engine reads a
+    windowed delta straight into the neuron cache's free rows."""
+    path, layout = which.rsplit(" ", 1)
+    flash = block_flashes[layout] if path == "in place" else opt_flash[layout]
     ids, rows = [3, 17, 18, 40], [5, 0, 2, 7]
     with FlashReader.for_layout(flash, threads=3) as reader:
         in_order = record_buffer(flash.geometry, len(ids))
@@ -91,9 +98,9 @@ def test_records_can_be_read_into_rows_of_the_callers_choosing(opt_flash, block_
 
 
 @pytest.mark.parametrize("layout", ["bundled", "unbundled"])
-def test_a_record_buffer_holds_each_record_as_the_layout_stores_it(opt_flash, layout):
-    """Piece j of the record in row k at [j, k]: bundled, the whole record; unbundled, vector j, so that each
-    vector's rows form one contiguous matrix."""
+def test_a_record_buffer_holds_each_vector_of_a_record_in_a_plane_of_its_own(opt_flash, layout):
+    """Vector j of the record in row k at [j, k], whatever the layout, so that each vector's rows form one
+    contiguous matrix (the products run about 20x slower over rows strided by a bundled record)."""
     flash = opt_flash[layout]
     g, ids = flash.geometry, [200, 3, 17]
     data = flash.ffn_path(1).read_bytes()
@@ -103,7 +110,28 @@ def test_a_record_buffer_holds_each_record_as_the_layout_stores_it(opt_flash, la
     for k, neuron in enumerate(ids):
         for j, (offset, length) in enumerate(g.extents(neuron)):
             assert out[j, k].tobytes() == data[offset : offset + length]
-    assert out.shape == (g.pieces, 4, g.piece_bytes) and g.pieces == (1 if layout == "bundled" else 2)
+    assert out.shape == (2, 4, g.vector_bytes)
+
+
+def test_a_run_of_adjacent_bundled_records_is_one_read_with_a_buffer_per_vector(block_flashes, monkeypatch):
+    """A bundled record's vectors lie one after the other in the file and go to different planes: a run of
+    adjacent records is still one read, its buffers alternating between the planes, and nothing is staged."""
+    real_preadv, buffers_per_read = os.preadv, []
+
+    def counting_preadv(fd, buffers, offset):
+        buffers_per_read.append(len(buffers))
+        return real_preadv(fd, buffers, offset)
+
+    flash = block_flashes["bundled"]
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    with FlashReader.for_layout(flash, threads=1) as reader:
+        out = record_buffer(flash.geometry, 16)
+        stats = reader.read(0, np.arange(8, 24), out)
+        staged = len(reader._staging)
+    assert stats.reads == 1 and buffers_per_read == [32] and staged == 0
+    data = flash.ffn_path(0).read_bytes()
+    for j, (offset, length) in enumerate(flash.geometry.extents(23)):
+        assert out[j, 15].tobytes() == data[offset : offset + length]
 
 
 def test_a_run_of_adjacent_records_is_read_into_one_buffer_per_vector(block_flash, monkeypatch):
@@ -125,21 +153,24 @@ def test_a_run_of_adjacent_records_is_read_into_one_buffer_per_vector(block_flas
 
 
 @pytest.mark.parametrize("backend", ["threads", "io_uring"])
-def test_merged_gaps_are_read_into_a_sink_and_the_records_straight_into_their_rows(block_flash, backend):
+@pytest.mark.parametrize("layout, reads", [("bundled", 3), ("unbundled", 6)])
+def test_merged_gaps_are_read_into_a_sink_and_the_records_straight_into_their_rows(block_flashes, backend, layout,
+                                                                                  reads):
     """With gap_bytes, records a gap apart are one read: the reads and bytes plan_reads predicts, each record in its
     row as an unmerged read puts it, and nothing copied through the staging buffer."""
     if backend == "io_uring":
         io_uring_here()
-    g, ids = block_flash.geometry, np.array([40, 3, 5, 6, 10, 30, 31])
-    with FlashReader.for_layout(block_flash, threads=3, backend=backend) as reader:
+    flash = block_flashes[layout]
+    g, ids, gap = flash.geometry, np.array([40, 3, 5, 6, 10, 30, 31]), 3 * flash.geometry.neuron_stride
+    with FlashReader.for_layout(flash, threads=3, backend=backend) as reader:
         apart = record_buffer(g, len(ids))
         reader.read(0, ids, apart)
-    with FlashReader.for_layout(block_flash, threads=3, backend=backend, gap_bytes=3 * g.piece_bytes) as reader:
+    with FlashReader.for_layout(flash, threads=3, backend=backend, gap_bytes=gap) as reader:
         merged = record_buffer(g, len(ids))
         stats = reader.read(0, ids, merged)
         staged = len(reader._staging)
-    plan = plan_reads(g, ids, gap_bytes=3 * g.piece_bytes).reads
-    assert stats.reads == len(plan) == 6  # 3, 5-6 and 10 merge; 30-31 and 40 do not: 3 reads per vector
+    plan = plan_reads(g, ids, gap_bytes=gap).reads
+    assert stats.reads == len(plan) == reads  # 3, 5-6 and 10 merge; 30-31 and 40 do not (per vector region)
     assert stats.bytes_read == sum(r.length for r in plan) > stats.bytes_requested
     assert (merged == apart).all() and apart.any()
     assert staged == 0
@@ -152,15 +183,17 @@ def io_uring_here() -> None:
         pytest.skip(f"io_uring reader: {why}")
 
 
-@pytest.mark.parametrize("which", ["staged bundled", "staged unbundled", "in place", "whole file"])
-def test_the_io_uring_reader_reads_what_the_threads_read_and_counts_it_alike(opt_flash, block_flash, which):
+@pytest.mark.parametrize("which", ["staged bundled", "staged unbundled", "in place bundled", "in place unbundled",
+                                   "whole file unbundled"])
+def test_the_io_uring_reader_reads_what_the_threads_read_and_counts_it_alike(opt_flash, block_flashes, which):
     io_uring_here()
-    flash = block_flash if which in ("in place", "whole file") else opt_flash[which.split()[1]]
+    path, layout = which.rsplit(" ", 1)
+    flash = opt_flash[layout] if path == "staged" else block_flashes[layout]
     ids = [40, 3, 17, 18, 63, 0]
     got = {}
     for backend in ("threads", "io_uring"):
         with FlashReader.for_layout(flash, threads=4, backend=backend) as reader:
-            if which == "whole file":
+            if path == "whole file":
                 out = aligned_buffer(flash.geometry.file_bytes)
                 stats = reader.read_layer(0, out)
             else:
@@ -241,7 +274,7 @@ def test_on_a_memory_filesystem_the_reader_uses_buffered_reads_and_says_so(opt_f
             out = record_buffer(flash.geometry, 2)
             stats = reader.read(0, [0, 9], out)
             assert not stats.direct and "tmpfs (memory)" in reader.fallback_reason
-            assert out[0, 1].tobytes() == (copy / "ffn-000.bin").read_bytes()[9 * 256 : 10 * 256]
+            assert out[:, 1].tobytes() == (copy / "ffn-000.bin").read_bytes()[9 * 256 : 10 * 256]
     finally:
         shutil.rmtree(copy)
 
@@ -267,7 +300,7 @@ def test_where_o_direct_is_refused_at_open_the_reader_falls_back_and_says_so(opt
         out = record_buffer(opt_flash["bundled"].geometry, 1)
         assert not reader.read(1, [5], out).direct
         assert "O_DIRECT refused when opening" in reader.fallback_reason
-        assert out[0, 0].tobytes() == opt_flash["bundled"].ffn_path(1).read_bytes()[5 * 256 : 6 * 256]
+        assert out[:, 0].tobytes() == opt_flash["bundled"].ffn_path(1).read_bytes()[5 * 256 : 6 * 256]
 
 
 @pytest.fixture
@@ -295,7 +328,8 @@ def test_where_o_direct_is_refused_at_read_the_reader_falls_back_and_says_so(pag
             stats = reader.read(0, [3, 4, 100, 7, 900, 901, 902, 11], out)
     assert not stats.direct and "O_DIRECT read refused" in reader.fallback_reason
     data = path.read_bytes()
-    assert out[0, 2].tobytes() == data[100 * 16384 : 101 * 16384] and out[0, 5].tobytes() == data[901 * 16384 : 902 * 16384]
+    assert out[:, 2].tobytes() == data[100 * 16384 : 101 * 16384]
+    assert out[:, 5].tobytes() == data[901 * 16384 : 902 * 16384]
 
 
 def test_a_file_truncated_under_the_reader_is_a_short_read_error(page_records):
