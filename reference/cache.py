@@ -125,7 +125,7 @@ class NeuronCache:
         cannot (off the CPU, or `vectors` not consecutive planes here: a layout without the cache's gate rows keeps
         them in DRAM, before the others)."""
         names = list(self.vectors)
-        if self.bytes is None or not set(vectors) <= set(names):
+        if self.bytes is None or vectors[0] not in names:
             return None
         first = names.index(vectors[0])
         if tuple(names[first : first + len(vectors)]) != tuple(vectors):

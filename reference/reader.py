@@ -399,7 +399,7 @@ class FlashReader:
         sink: merging costs the gap's bytes on the disk and no copy. The bytes read are the ones `plan_reads`
         plans for these ids."""
         vb, plane, k = g.vector_bytes, out.strides[0], len(g.vectors)
-        if vb % ALIGNMENT or len(ids) == 0 or out.ctypes.data % ALIGNMENT or len(np.unique(ids)) != len(ids):
+        if vb % ALIGNMENT or len(ids) == 0 or out.ctypes.data % ALIGNMENT:
             return None
         base = np.array([offset for offset, _ in g.extents(0)], dtype=np.int64)
         offset = (ids[:, None] * g.neuron_stride + base).ravel()  # vector j of record k at [k * vectors + j]
@@ -407,6 +407,8 @@ class FlashReader:
         order = np.argsort(offset, kind="stable")
         offset, start, n = offset[order], start[order], len(offset)
         gap = offset[1:] - offset[:-1] - vb  # bytes between a vector and the next one read
+        if (gap < 0).any():  # a duplicate id: its vectors overlap
+            return None
         new = np.ones(n, dtype=bool)
         if self.gap_bytes:
             new[1:] = (gap > self.gap_bytes) | (offset[1:] // RUN_BYTES != offset[:-1] // RUN_BYTES)

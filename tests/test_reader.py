@@ -152,6 +152,22 @@ def test_a_run_of_adjacent_records_is_read_into_one_buffer_per_vector(block_flas
     assert out[1, 15].tobytes() == data[block_flash.geometry.extents(23)[1][0]:][: block_flash.geometry.vector_bytes]
 
 
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+@pytest.mark.parametrize("gap_records", [0, 3])
+def test_a_neuron_asked_for_twice_lands_in_both_rows(block_flashes, layout, gap_records):
+    """Two rows cannot be one read's buffers for the same bytes (a read merged past gaps would give the second row
+    the bytes after the first): the reader stages such a call and copies each."""
+    flash = block_flashes[layout]
+    gap = gap_records * flash.geometry.neuron_stride
+    with FlashReader.for_layout(flash, threads=2, gap_bytes=gap) as reader:
+        out = record_buffer(flash.geometry, 3)
+        reader.read(0, [7, 3, 7], out)
+    data = flash.ffn_path(0).read_bytes()
+    for k, neuron in enumerate([7, 3, 7]):
+        for j, (offset, length) in enumerate(flash.geometry.extents(neuron)):
+            assert out[j, k].tobytes() == data[offset : offset + length]
+
+
 @pytest.mark.parametrize("backend", ["threads", "io_uring"])
 @pytest.mark.parametrize("layout, reads", [("bundled", 3), ("unbundled", 6)])
 def test_merged_gaps_are_read_into_a_sink_and_the_records_straight_into_their_rows(block_flashes, backend, layout,
