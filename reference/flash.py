@@ -519,12 +519,12 @@ class FlashFFN(nn.Module):
             strided_ok = {"down"} if sparse_down.unavailable() is None else set()
             weights = {name: w if name in strided_ok else w.contiguous() for name, w in weights.items()}
             self.shared.stats.memory_s += time.perf_counter() - t0
-        h = xs @ weights["gate" if self.gated else "up"].t()  # [T, n]
+        h = _times_rows(xs, weights["gate" if self.gated else "up"])  # [T, n]
         if up_bias is not None:
             h = h + up_bias
         h = self.act(h[None])[0]  # hooked as the dense FFN's is: [1, T, n]
         if self.gated:
-            h = h * (xs @ weights["up"].t())
+            h = h * _times_rows(xs, weights["up"])
         return _down(h, weights["down"])  # [T, d]
 
     def _total(self, xs: torch.Tensor, shares: list[torch.Tensor | None]) -> torch.Tensor:
@@ -543,6 +543,24 @@ def down_kernel(techniques: Techniques) -> str:
     why = sparse_down.unavailable()
     return ("C, the active neurons' rows only (sparse_down.c)" if why is None
             else f"torch, one matrix-vector product per position ({why})")
+
+
+ROW_BUCKET = 64  # rows: products over a layer's cached rows take one of d_ffn / 64 shapes
+
+
+def _times_rows(xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """xs [T, d] @ rows [n, d].t() -> [T, n]. On the CPU, torch's 16-bit products (oneDNN) build a kernel for each
+    new shape, which takes about as long as the product itself here (1-2 ms at 3,000 x 4,096), and a layer's row
+    count changes every pass. So where the rows' buffer goes on after them (the neuron cache's free rows, a record
+    buffer's unused ones) the product runs over n rounded up to ROW_BUCKET rows, whatever the extra rows hold, and
+    their columns are dropped: each column is its own row's dot product, so the first n are the same bits."""
+    n = rows.shape[0]
+    padded = -(-n // ROW_BUCKET) * ROW_BUCKET
+    if padded != n and rows.dtype != torch.float32 and rows.device.type == "cpu" and rows.is_contiguous():
+        room = (rows.untyped_storage().nbytes() // rows.element_size() - rows.storage_offset()) // rows.stride(0)
+        if room >= padded:
+            return (xs @ rows.as_strided((padded, rows.shape[1]), rows.stride()).t())[:, :n]
+    return xs @ rows.t()
 
 
 def _down(h: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
