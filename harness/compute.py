@@ -8,6 +8,11 @@ against 31.7 from DRAM, which made the bound one no engine could reach). It depe
 an Intel Xeon with AMX and avx512_bf16, bfloat16 ran 4.5x faster than float16 (torch 2.13, 2 threads, 16384x4096);
 elsewhere float16 may be the faster. "auto" measures both here and takes the faster; exactness is then judged
 against dense inference in that dtype, as for any compute dtype.
+
+One position's product runs by either of two kernels, `torch.mv` and `F.linear` (the same sums; `model.project`), and
+which is faster depends on the CPU and the dtype too (on that Xeon, bfloat16 mv 24 against linear 21 GB/s, float16 7
+against 14): both are measured, `matvec = "auto"` takes the faster for the compute dtype, and the bound is at the
+faster one's rate.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from flashbench.reference.config import ModelConfig
 from flashbench.reference.device import host_to_device_rate, resolve
 from flashbench.reference.flash import COMPUTE_DTYPES
+from flashbench.reference.model import MATVEC, project
 
 HALF = ("float16", "bfloat16")
 FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "f16c")  # what decides the 16-bit kernels' speed
@@ -32,18 +38,29 @@ READ_BYTES = 256 << 20  # the memory-bandwidth read: far past any CPU cache, so 
 class ComputeRates:
     shape: tuple[int, int]  # [rows, columns] of the matrix multiplied: one FFN projection
     threads: int
-    gb_per_s: dict[str, float]  # dtype -> matrix bytes multiplied per second
+    gb_per_s: dict[str, float]  # dtype -> matrix bytes multiplied per second by torch.mv
     cpu_flags: tuple[str, ...]  # those of FLAGS the CPU has
     read_gb_per_s: float | None = None  # memory bandwidth: one pass summing a 256 MiB float32 array
     device: str = "cpu"  # where the products ran (the engine's device)
     host_to_device_gb_per_s: float | None = None  # on a GPU: a copy from pinned host memory (what reads must cross)
+    linear_gb_per_s: dict[str, float] | None = None  # the same by F.linear (None: not measured)
+
+    def rate(self, dtype: str, matvec: str) -> float:
+        """Matrix bytes per second of one position's product in `dtype` by the `matvec` kernel."""
+        return self.linear_gb_per_s[dtype] if matvec == "linear" and self.linear_gb_per_s else self.gb_per_s[dtype]
+
+    def matvec(self, dtype: str) -> str:
+        """The faster kernel for `dtype`: "mv" or "linear"."""
+        return max(MATVEC, key=lambda kernel: (self.rate(dtype, kernel), kernel == "linear"))
 
     def fastest_half(self) -> str:
-        return max(HALF, key=lambda d: self.gb_per_s[d])
+        return max(HALF, key=lambda d: self.rate(d, self.matvec(d)))
 
     def why(self) -> str:
         """The choice, with the rates it came from."""
-        rates = ", ".join(f"{d} {self.gb_per_s[d]:.1f} GB/s" for d in COMPUTE_DTYPES)
+        rates = ", ".join(f"{d} {self.rate(d, 'mv'):.1f}" + (f" (linear {self.rate(d, 'linear'):.1f})"
+                                                              if self.linear_gb_per_s else "") + " GB/s"
+                          for d in COMPUTE_DTYPES)
         flags = ", ".join(self.cpu_flags) or "none of " + ", ".join(FLAGS)
         where = (f"{self.threads} threads; CPU flags: {flags}" if self.device == "cpu"
                  else f"on {self.device}, {torch.cuda.get_device_name(self.device)}")
@@ -51,7 +68,8 @@ class ComputeRates:
                 f"{self.shape[0]}x{self.shape[1]} matrix, {where})")
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"chosen": self.fastest_half(), "why": self.why()}
+        return asdict(self) | {"chosen": self.fastest_half(), "matvec": {d: self.matvec(d) for d in COMPUTE_DTYPES},
+                               "why": self.why()}
 
 
 def cpu_flags() -> tuple[str, ...]:
@@ -66,8 +84,8 @@ def cpu_flags() -> tuple[str, ...]:
 
 @torch.inference_mode()
 def measure_rates(shape: tuple[int, int], threads: int | None = None, device: str = "cpu") -> ComputeRates:
-    """Weight bytes per second of `torch.mv` on [rows, columns] matrices too many for any cache, in every compute
-    dtype, on the engine's device, and the memory bandwidth of one summing pass over an array larger than any cache
+    """Weight bytes per second of `torch.mv` and of `F.linear` (one position) on [rows, columns] matrices too many for
+    any cache, in every compute dtype, on the engine's device, and the memory bandwidth of one summing pass over an array larger than any cache
     (the rate weights could stream at); on a GPU also the host-to-device copy rate."""
     where = resolve(device)
     sync = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)  # noqa: E731
@@ -78,19 +96,20 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
         g = torch.Generator().manual_seed(0)
         base = torch.randn(shape, generator=g)
         x32 = torch.randn(shape[1], generator=g)
-        rates = {}
+        rates = {kernel: {} for kernel in MATVEC}
         for name, dtype in COMPUTE_DTYPES.items():
             w, x = base.to(device=where, dtype=dtype), x32.to(device=where, dtype=dtype)
             ws = [w] + [w.clone() for _ in range(-(-READ_BYTES // w.nbytes) - 1)]  # together past any cache
-            for m in ws:  # warm-up: the first call picks and loads the kernel; every copy's pages are touched
-                torch.mv(m, x)
-            sync()
-            n, t0 = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - t0) < SECONDS or n < len(ws):
-                torch.mv(ws[n % len(ws)], x)
+            for kernel in MATVEC:
+                for m in ws:  # warm-up: the first call picks and loads the kernel; every copy's pages are touched
+                    project(x, m, None, kernel)
                 sync()
-                n += 1
-            rates[name] = w.nbytes * n / elapsed / 1e9
+                n, t0 = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - t0) < SECONDS or n < len(ws):
+                    project(x, ws[n % len(ws)], None, kernel)
+                    sync()
+                    n += 1
+                rates[kernel][name] = w.nbytes * n / elapsed / 1e9
             del w, ws
         array = torch.ones(READ_BYTES // 4, device=where)
         array.sum()
@@ -101,7 +120,8 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
         read = array.nbytes / (time.perf_counter() - t0) / 1e9
     finally:
         torch.set_num_threads(before)
-    return ComputeRates(tuple(shape), threads, rates, cpu_flags(), read, str(where), host_to_device_rate(where))
+    return ComputeRates(tuple(shape), threads, rates["mv"], cpu_flags(), read, str(where), host_to_device_rate(where),
+                        rates["linear"])
 
 
 def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: str, config: ModelConfig,
@@ -109,7 +129,7 @@ def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: s
     """The machine's bound on one decode step of a configuration, from its own exact counters: the bytes it reads per
     token at fio's bandwidth for its mean read size and parallelism, plus the weight bytes it multiplies per token
     (attention projections, LM head, and the FFN rows of the neurons in its products) at this CPU's matrix-vector
-    rate in its compute dtype; on a GPU, the bytes read cross to the device at the measured copy rate too. Without
+    rate in its compute dtype (the faster of the two kernels); on a GPU, the bytes read cross to the device at the measured copy rate too. Without
     `overlap` the engine reads and then computes, one after the other, so the bound is the sum; with it the reads
     may run beside the compute, so the bound is the larger of the two (its read-ahead's wasted bytes counted in);
     the ratio of the measured step (the harness's clock) to it says how far the configuration is from what this
@@ -127,13 +147,14 @@ def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: s
     io_ms = read / fio["bandwidth_bytes_s"] * 1e3 if read else 0.0
     h2d = rates.host_to_device_gb_per_s
     copy_ms = read / (h2d * 1e9) * 1e3 if read and h2d else 0.0
-    compute_ms = multiplied / (rates.gb_per_s[dtype] * 1e9) * 1e3
+    matvec = rates.matvec(dtype)
+    compute_ms = multiplied / (rates.rate(dtype, matvec) * 1e9) * 1e3
     moving = io_ms + copy_ms
     bound = max(moving, compute_ms) if overlap else moving + compute_ms
     measured = metrics["harness_ms"]["mean"]
     return {"io_ms": io_ms, "copy_ms": copy_ms, "compute_ms": compute_ms, "ms": bound, "measured_ms": measured,
             "ratio": measured / bound, "bytes_multiplied": multiplied,
-            "mv_bytes_s": rates.gb_per_s[dtype] * 1e9, "fio_bytes_s": fio["bandwidth_bytes_s"] if read else None,
+            "mv_bytes_s": rates.rate(dtype, matvec) * 1e9, "matvec": matvec, "fio_bytes_s": fio["bandwidth_bytes_s"] if read else None,
             "read_bytes_s": rates.read_gb_per_s and rates.read_gb_per_s * 1e9,
             "sequential": ("reads beside compute (overlap): the larger of the two" if overlap else
                            "reads, then compute" if not h2d else "reads, then the copy to the device, then compute")}

@@ -404,6 +404,10 @@ def whole_records(records_dir: Path, scenario: Scenario) -> dict[str, dict]:
                 raise RecordError(f"{path}: computed in {computed}, and compute_dtype \"auto\" chose "
                                   f"{scenario.settings.compute_dtype} for this run: resuming would mix two precisions "
                                   "in one run; start a new run instead")
+            kernel = rec.get("settings", {}).get("matvec", "linear")
+            if kernel != scenario.settings.matvec:
+                raise RecordError(f"{path}: multiplied by {kernel}, and matvec \"auto\" chose {scenario.settings.matvec} "
+                                  "for this run: resuming would mix two kernels in one run; start a new run instead")
             if rec.get("git", {}).get("commit") != commit:
                 raise RecordError(f"{path}: measured at commit {rec.get('git', {}).get('commit')}, this checkout is "
                                  f"at {commit}: resuming would mix two versions of the code in one run; start a "
@@ -536,8 +540,9 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
                               scenario.settings.device, scenario.settings.threshold)
         config = ModelConfig.load(model.checkpoint)
         model = replace(model, rates=measure_rates((config.d_ffn, config.d_model), device=scenario.settings.device))
-        rates = ", ".join(f"{d} {r:.1f} GB/s" for d, r in model.rates.gb_per_s.items())
-        progress(f"  matrix-vector rates at {config.d_ffn}x{config.d_model} (the compute bound's): {rates}")
+        rates = ", ".join(f"{d} {model.rates.rate(d, 'mv'):.1f} (linear {model.rates.rate(d, 'linear'):.1f}) GB/s"
+                          for d in model.rates.gb_per_s)
+        progress(f"  matrix-vector rates at {config.d_ffn}x{config.d_model}, torch.mv (F.linear): {rates}")
         info = info | {"compute_rates": model.rates.as_dict()}
         weights = sum(f.stat().st_size for f in weight_files(model.checkpoint))
         budget = int(spec.dram_budget * weights)

@@ -21,6 +21,7 @@ from typing import Callable
 from flashbench.reference.device import NAME as DEVICE_NAME
 from flashbench.reference.flash import COMPUTE_DTYPES, Techniques
 from flashbench.reference.layout import DTYPES
+from flashbench.reference.model import MATVEC
 from flashbench.reference import uring
 from flashbench.reference.reader import BACKENDS
 from flashbench.reference.threshold import check_target
@@ -44,6 +45,10 @@ class Settings:
     # The precision the engine (and the dense reference it is judged against) holds weights and computes in.
     compute_dtype: str = "float32"
     device: str = "cpu"  # where the engine computes: "cpu", or "cuda" (weights, caches and compute on the GPU)
+    # How one position's products with a weight matrix run: "linear" (F.linear) or "mv" (torch.mv), two kernels whose
+    # speed depends on the CPU and the dtype; "auto": the faster for the compute dtype, measured when the scenario
+    # loads (harness/compute.py)
+    matvec: str = "linear"
     gap_bytes: int = 0  # the reader merges reads this close, reading the bytes between (sparse configurations)
     # Configurations that need every neuron not kept resident (the hybrid alone) merge reads up to this far apart
     # (runs of cold records straight into their rows, the hot neurons' bytes between them into a sink). With 5% hot
@@ -66,6 +71,9 @@ class Settings:
                              f"technique), got {self.storage_dtype!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.matvec not in MATVEC:
+            raise ValueError(f"matvec must be one of {', '.join(MATVEC)} (or \"auto\" in a scenario), got "
+                             f"{self.matvec!r}")
         if self.reader not in (*BACKENDS, "auto"):
             raise ValueError(f"reader must be one of {', '.join(BACKENDS)} or auto, got {self.reader!r}")
         if self.reader == "io_uring" and (why := uring.unavailable()):
@@ -212,7 +220,7 @@ class Configuration:
         switches = {"source": "all", "window": 0, "hybrid": 0.0, "memory": "regather", "threads": settings.threads,
                     "reader": settings.reader,
                     "gap_bytes": settings.whole_gap_bytes, "compute_dtype": settings.compute_dtype,
-                    "device": settings.device}
+                    "device": settings.device, "matvec": settings.matvec}
         for name in ordered(self.on):
             switches |= technique(name).engine(settings, source)
         return Techniques(**switches)

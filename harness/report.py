@@ -310,7 +310,8 @@ def _bound_table(recs: list[dict]) -> list:
             Para("The bound of a decode step is its bytes read per token at fio's bandwidth for its mean read size "
                  "and thread count, plus the weight bytes it multiplies per token (attention, LM head, the FFN rows "
                  "of the neurons in its products) at this CPU's matrix-vector rate in its compute dtype "
-                 f"({first['mv_bytes_s'] / 1e9:.1f} GB/s, measured at the model's FFN shape in this run"
+                 f"({first['mv_bytes_s'] / 1e9:.1f} GB/s by {first.get('matvec', 'mv')}, the faster kernel, measured at "
+                 "the model's FFN shape in this run"
                  + (f"; memory bandwidth {read / 1e9:.1f} GB/s" if (read := first.get("read_bytes_s")) else "")
                  + "): without overlap the engine reads, then computes, so the two add; with overlap the reads may "
                  "run beside the compute, so the larger of the two is the bound. Measured on the harness's clock; the ratio is how far the "

@@ -238,10 +238,11 @@ def _check_texts(models) -> None:
 
 
 def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | None]:
-    """The [engine] table, and what compute_dtype = "auto" measured. storage_dtype = "checkpoint" becomes the dtype
+    """The [engine] table, and what compute_dtype or matvec = "auto" measured. storage_dtype = "checkpoint" becomes the dtype
     the models store their FFN weights in (so the layouts hold them exactly), which must then be one dtype for all
     of them; compute_dtype = "auto" the 16-bit dtype this CPU multiplies fastest at the largest model's FFN shape
-    (harness/compute.py); storage_dtype = "compute" then the compute dtype, so that no read is converted (the
+    (harness/compute.py), matvec = "auto" the faster kernel for the compute dtype there; storage_dtype = "compute"
+    then the compute dtype, so that no read is converted (the
     dense reference rounds the checkpoint's weights to the compute dtype too, so naive reads stay exact)."""
     engine, compute = dict(engine), None
     if isinstance(engine.get("device"), str):
@@ -256,10 +257,13 @@ def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | 
             raise ScenarioError(f"{where}: storage_dtype = \"checkpoint\" needs models stored in one dtype; "
                                 f"they store theirs as {dtypes}")
         engine["storage_dtype"] = dtypes.popitem()[1]
-    if engine.get("compute_dtype") == "auto" and names:
+    if "auto" in (engine.get("compute_dtype"), engine.get("matvec")) and names:
         shape = max(((c.d_ffn, c.d_model) for c in map(_model_config, names)), key=lambda s: s[0] * s[1])
         compute = measure_rates(shape, device=engine.get("device", "cpu")).as_dict()
-        engine["compute_dtype"] = compute["chosen"]
+        if engine.get("compute_dtype") == "auto":
+            engine["compute_dtype"] = compute["chosen"]
+        if engine.get("matvec") == "auto":
+            engine["matvec"] = compute["matvec"][engine.get("compute_dtype", Settings.compute_dtype)]
     if engine.get("storage_dtype") == "compute":
         engine["storage_dtype"] = engine.get("compute_dtype", Settings.compute_dtype)
     return _build(Settings, engine, where, approximate=lambda v: approximate_tier(v, where)), compute

@@ -18,6 +18,9 @@ Every technique is a switch of `Techniques` on this one engine:
   need, and is compared with a dense engine of the same precision;
 - `device`: where the resident weights, the neuron cache, the KV cache and the compute live (`cpu`, or `cuda`: reads
   land in pinned host buffers and go to the GPU in asynchronous copies, `device.py`);
+- `matvec`: how a decode step's products of one position with a weight matrix run (attention, the LM head, the FFN's
+  up and gate rows): "linear" (F.linear) or "mv" (torch.mv / addmv), the same sums by two kernels whose speed
+  depends on the CPU and the dtype (`model.project`; the probe measures both, harness/compute.py);
 - `overlap`: reads run on a thread of their own (`ReadAhead`) while the engine computes, twice over. While layer L
   computes, read what layer L + 1 will need, guessed by the source's lookahead from layer L's FFN input: its most
   confident guesses not cached, at most READ_AHEAD times as many as layer L + 1 read for the last pass. Layer L + 1
@@ -50,7 +53,7 @@ from .device import Transfer, exact_float32, resolve
 from .engine import Engine
 from .errors import BudgetError
 from .layout import FlashLayout, decode_layer_file, decode_records
-from .model import Transformer, activation
+from .model import MATVEC, Transformer, activation, project
 from .reader import FlashReader, ReadStats, aligned_buffer, record_buffer
 from .sources import ActivationSource, AllNeurons, Oracle
 from .threshold import ThresholdedSiLU, check_target
@@ -84,6 +87,7 @@ class Techniques:
     device: str = "cpu"
     threshold: float = 0.0  # target sparsity of a thresholded SiLU FFN; 0: not thresholded
     overlap: bool = False  # read layer L + 1's guessed needs while layer L computes
+    matvec: str = "linear"  # one-position products: "linear" (F.linear) or "mv" (torch.mv)
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -92,6 +96,8 @@ class Techniques:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.memory not in MEMORY:
             raise ValueError(f"memory must be one of {', '.join(MEMORY)}, got {self.memory!r}")
+        if self.matvec not in MATVEC:
+            raise ValueError(f"matvec must be one of {', '.join(MATVEC)}, got {self.matvec!r}")
         if self.window < 0 or not 0.0 <= self.hybrid <= 1.0:
             raise ValueError(f"window must be >= 0 and hybrid in [0, 1], got {self.window}, {self.hybrid}")
         if not DEVICE_NAME.fullmatch(self.device):
@@ -519,12 +525,13 @@ class FlashFFN(nn.Module):
             strided_ok = {"down"} if sparse_down.unavailable() is None else set()
             weights = {name: w if name in strided_ok else w.contiguous() for name, w in weights.items()}
             self.shared.stats.memory_s += time.perf_counter() - t0
-        h = _times_rows(xs, weights["gate" if self.gated else "up"])  # [T, n]
+        matvec = self.shared.techniques.matvec
+        h = _times_rows(xs, weights["gate" if self.gated else "up"], matvec)  # [T, n]
         if up_bias is not None:
             h = h + up_bias
         h = self.act(h[None])[0]  # hooked as the dense FFN's is: [1, T, n]
         if self.gated:
-            h = h * _times_rows(xs, weights["up"])
+            h = h * _times_rows(xs, weights["up"], matvec)
         return _down(h, weights["down"])  # [T, d]
 
     def _total(self, xs: torch.Tensor, shares: list[torch.Tensor | None]) -> torch.Tensor:
@@ -548,19 +555,19 @@ def down_kernel(techniques: Techniques) -> str:
 ROW_BUCKET = 64  # rows: products over a layer's cached rows take one of d_ffn / 64 shapes
 
 
-def _times_rows(xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """xs [T, d] @ rows [n, d].t() -> [T, n]. On the CPU, torch's 16-bit products (oneDNN) build a kernel for each
-    new shape, which takes about as long as the product itself here (1-2 ms at 3,000 x 4,096), and a layer's row
-    count changes every pass. So where the rows' buffer goes on after them (the neuron cache's free rows, a record
-    buffer's unused ones) the product runs over n rounded up to ROW_BUCKET rows, whatever the extra rows hold, and
-    their columns are dropped: each column is its own row's dot product, so the first n are the same bits."""
+def _times_rows(xs: torch.Tensor, rows: torch.Tensor, matvec: str = "linear") -> torch.Tensor:
+    """xs [T, d] @ rows [n, d].t() -> [T, n], one position by `matvec`'s kernel (`model.project`). On the CPU, torch's
+    16-bit products (oneDNN) build a kernel for each new shape, which takes about as long as the product itself here
+    (1-2 ms at 3,000 x 4,096), and a layer's row count changes every pass. So where the rows' buffer goes on after
+    them (the neuron cache's free rows, a record buffer's unused ones) the product runs over n rounded up to
+    ROW_BUCKET rows, whatever the extra rows hold, and their columns are dropped (each column is its own row's sum)."""
     n = rows.shape[0]
     padded = -(-n // ROW_BUCKET) * ROW_BUCKET
     if padded != n and rows.dtype != torch.float32 and rows.device.type == "cpu" and rows.is_contiguous():
         room = (rows.untyped_storage().nbytes() // rows.element_size() - rows.storage_offset()) // rows.stride(0)
         if room >= padded:
-            return (xs @ rows.as_strided((padded, rows.shape[1]), rows.stride()).t())[:, :n]
-    return xs @ rows.t()
+            rows = rows.as_strided((padded, rows.shape[1]), rows.stride())
+    return project(xs, rows, None, matvec)[:, :n]
 
 
 def _down(h: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -684,6 +691,7 @@ class FlashEngine(Engine):
         shared.layers = [block.ffn for block in model.layers]
         model.load_state_dict(resident, strict=True, assign=True)
         model.to(transfer.device)  # the computed buffers (RoPE tables) too
+        model.use_matvec(techniques.matvec)
         model.eval()
         for block in model.layers:
             block.ffn.load_hot()

@@ -64,14 +64,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+MATVEC = ("linear", "mv")  # how a product of one position with a weight matrix runs
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, matvec: str = "linear") -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., d]; with matvec "mv" and one position, a matrix-vector product
+    (torch.addmv): the same sums by another kernel, faster for some dtypes on some CPUs and slower for others
+    (on an Intel Xeon with AMX, bfloat16 24 GB/s against F.linear's 21, float16 7 against 14). The probe measures
+    both (harness/compute.py); the engine says which it uses (`Techniques.matvec`)."""
+    if matvec == "mv" and x.numel() == x.shape[-1]:
+        one = x.reshape(-1)
+        y = torch.mv(weight, one) if bias is None else torch.addmv(bias, weight, one)
+        return y.view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose one-position products run as `matvec` says (`project`); set by `Transformer.use_matvec`."""
+
+    matvec = "linear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.weight, self.bias, self.matvec)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, kv = config.d_model, config.n_kv_heads * config.head_dim
-        self.q = nn.Linear(d, d, bias=config.qkv_bias)
-        self.k = nn.Linear(d, kv, bias=config.qkv_bias)
-        self.v = nn.Linear(d, kv, bias=config.qkv_bias)
-        self.o = nn.Linear(d, d, bias=config.out_bias)
+        self.q = Linear(d, d, bias=config.qkv_bias)
+        self.k = Linear(d, kv, bias=config.qkv_bias)
+        self.v = Linear(d, kv, bias=config.qkv_bias)
+        self.o = Linear(d, d, bias=config.out_bias)
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.rope = config.arch == "llama"
 
@@ -109,9 +133,9 @@ class FFN(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, f = config.d_model, config.d_ffn
-        self.up = nn.Linear(d, f, bias=config.bias)
-        self.gate = nn.Linear(d, f, bias=config.bias) if config.gated else None
-        self.down = nn.Linear(f, d, bias=config.bias)
+        self.up = Linear(d, f, bias=config.bias)
+        self.gate = Linear(d, f, bias=config.bias) if config.gated else None
+        self.down = Linear(f, d, bias=config.bias)
         self.act = activation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +183,8 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         ffn = ffn or (lambda _layer: FFN(config))
         self.layers = nn.ModuleList(Block(config, ffn(i)) for i in range(config.n_layers))
-        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
+        self.matvec = "linear"
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for tokens [B, T] that follow the `cache.length` positions already cached."""
@@ -180,7 +205,16 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = start + T
         x = self.final_norm(x)
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return project(x, self.embed.weight, None, self.matvec) if self.lm_head is None else self.lm_head(x)
+
+    def use_matvec(self, matvec: str) -> None:
+        """Run one position's products (attention, the dense FFN, the LM head) as `matvec` says ("linear" or "mv")."""
+        if matvec not in MATVEC:
+            raise ValueError(f"matvec must be one of {', '.join(MATVEC)}, got {matvec!r}")
+        self.matvec = matvec
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.matvec = matvec
 
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
         p = next(self.parameters())

@@ -12,7 +12,27 @@ from .tiny import scenario
 def test_every_compute_dtype_has_a_measured_rate_and_auto_takes_the_faster_16_bit_one():
     rates = measure_rates((512, 256))
     assert set(rates.gb_per_s) == {"float32", "float16", "bfloat16"} and all(r > 0 for r in rates.gb_per_s.values())
-    assert rates.gb_per_s[rates.fastest_half()] == max(rates.gb_per_s[d] for d in HALF)
+    best = {d: max(rates.rate(d, "mv"), rates.rate(d, "linear")) for d in HALF}
+    assert best[rates.fastest_half()] == max(best.values())
+
+
+def test_both_kernels_have_a_measured_rate_for_every_dtype_and_matvec_names_the_faster():
+    rates = measure_rates((512, 256))
+    for dtype in rates.gb_per_s:
+        assert rates.rate(dtype, "mv") > 0 and rates.rate(dtype, "linear") > 0
+        assert rates.rate(dtype, rates.matvec(dtype)) == max(rates.rate(dtype, k) for k in ("mv", "linear"))
+
+
+@pytest.mark.parametrize("fast", ["mv", "linear"])
+def test_an_auto_matvec_scenario_runs_the_kernel_its_rates_chose_for_the_compute_dtype(tmp_path, monkeypatch, fast):
+    mv = {"float32": 10.0, "float16": 5.0, "bfloat16": 20.0 if fast == "mv" else 8.0}
+    linear = {"float32": 30.0, "float16": 15.0, "bfloat16": 8.0 if fast == "mv" else 20.0}
+    monkeypatch.setattr(sc, "measure_rates",
+                        lambda shape, device="cpu": ComputeRates(shape, 2, mv, (), linear_gb_per_s=linear))
+    (tmp_path / "s.toml").write_text(scenario("auto", tokens=8, engine='compute_dtype = "bfloat16"\nmatvec = "auto"'))
+    loaded = sc.load(str(tmp_path / "s.toml"))
+    assert loaded.settings.matvec == fast == loaded.compute["matvec"]["bfloat16"]
+    assert loaded.settings.compute_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("fast", HALF)
@@ -26,20 +46,25 @@ def test_an_auto_scenario_computes_in_the_dtype_its_rates_chose_and_says_why(tmp
     assert loaded.compute["why"].startswith(f"{fast}: the faster 16-bit matrix-vector product here")
 
 
-def test_resuming_records_computed_in_another_dtype_than_auto_now_chose_is_refused(tmp_path):
+@pytest.mark.parametrize("setting, recorded, chosen, message", [
+    ("compute_dtype", "float16", "bfloat16", "computed in float16, and compute_dtype \"auto\" chose bfloat16"),
+    ("matvec", "linear", "mv", "multiplied by linear, and matvec \"auto\" chose mv"),
+])
+def test_resuming_records_made_otherwise_than_auto_now_chose_is_refused(tmp_path, setting, recorded, chosen, message):
     import json
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from flashbench.harness.main_job import whole_records
     from flashbench.harness.records import SCHEMA, RecordError
 
     (tmp_path / "s.toml").write_text(scenario("auto", tokens=8))
     now = sc.load(str(tmp_path / "s.toml"))
-    now = replace(now, settings=replace(now.settings, compute_dtype="bfloat16"))
+    now = replace(now, settings=replace(now.settings, **{setting: chosen}))
+    settings = {k: v for k, v in asdict(now.settings).items() if k != "approximate"} | {setting: recorded}
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "naive.json").write_text(json.dumps(
-        {"schema": SCHEMA, "scenario": {"raw": now.raw}, "settings": {"compute_dtype": "float16"}}))
-    with pytest.raises(RecordError, match="computed in float16, and compute_dtype \"auto\" chose bfloat16"):
+        {"schema": SCHEMA, "scenario": {"raw": now.raw}, "settings": settings}))
+    with pytest.raises(RecordError, match=message):
         whole_records(tmp_path / "records", now)
 
 

@@ -57,10 +57,12 @@ def test_float16_engine_is_exact_against_float16_dense_inference(model, techniqu
     ("bundled", Techniques(source="oracle", window=4, threads=4, compute_dtype="bfloat16")),
     ("unbundled", Techniques(source="oracle", window=0, threads=4, compute_dtype="bfloat16")),
     ("unbundled", Techniques.naive(threads=4, compute_dtype="bfloat16")),
-], ids=["window-4", "no-window", "naive"])
+    ("bundled", Techniques(source="oracle", window=4, threads=4, compute_dtype="bfloat16", matvec="mv")),
+], ids=["window-4", "no-window", "naive", "window-4-mv"])
 def test_bfloat16_engine_is_exact_against_bfloat16_dense_inference(model, layout, techniques):
     """Rows multiplied from the neuron cache, where they landed in the read buffer (an unbundled layout's vectors
-    each one contiguous matrix there), and from whole layer files."""
+    each one contiguous matrix there), and from whole layer files; by F.linear, or by torch.mv (the dense reference
+    by F.linear either way)."""
     path = model["root"] / f"bf16-{layout}"
     flash = path if (path / "layout.json").is_file() else convert(model["path"], path, layout, "bfloat16")
     engine = FlashEngine(flash, techniques)

@@ -64,3 +64,34 @@ print("sympy" in sys.modules)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def products(model: Transformer, tokens: torch.Tensor, cache) -> set[str]:
+    """The names of the matrix products torch ran for one forward pass."""
+    with torch.profiler.profile() as prof, torch.inference_mode():
+        model(tokens, cache)
+    return {e.name for e in prof.events()} & {"aten::mm", "aten::addmm", "aten::mv", "aten::addmv"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_set_to_mv_multiplies_one_position_by_matrix_vector_products(tiny_checkpoint, dtype):
+    model = Transformer.from_checkpoint(tiny_checkpoint, dtype=dtype)
+    model.use_matvec("mv")
+    tokens = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(4))
+    cache = model.new_cache(16)
+    prefill, step = products(model, tokens[:, :4], cache), products(model, tokens[:, 4:], cache)
+    assert prefill and prefill <= {"aten::mm", "aten::addmm"}  # several positions: F.linear
+    assert step and step <= {"aten::mv", "aten::addmv"}
+
+
+def test_mv_and_linear_give_the_same_logits_within_float32_rounding(models):
+    tokens = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for matvec in ("linear", "mv"):
+        models.use_matvec(matvec)
+        cache = models.new_cache(32)
+        with torch.inference_mode():
+            logits[matvec] = torch.cat([models(tokens[:, :8], cache)[0]] + [models(tokens[:, i:i + 1], cache)[0]
+                                                                           for i in range(8, 24)])
+    models.use_matvec("linear")
+    assert (logits["mv"] - logits["linear"]).abs().max() < 1e-5
