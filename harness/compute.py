@@ -85,8 +85,8 @@ def cpu_flags() -> tuple[str, ...]:
 @torch.inference_mode()
 def measure_rates(shape: tuple[int, int], threads: int | None = None, device: str = "cpu") -> ComputeRates:
     """Weight bytes per second of `torch.mv` and of `F.linear` (one position) on [rows, columns] matrices too many for
-    any cache, in every compute dtype, on the engine's device, and the memory bandwidth of one summing pass over an array larger than any cache
-    (the rate weights could stream at); on a GPU also the host-to-device copy rate."""
+    any cache, in every compute dtype, on the engine's device, and the memory bandwidth of one summing pass over an
+    array larger than any cache (the rate weights could stream at); on a GPU also the host-to-device copy rate."""
     where = resolve(device)
     sync = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)  # noqa: E731
     threads = threads or torch.get_num_threads()
@@ -129,11 +129,12 @@ def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: s
     """The machine's bound on one decode step of a configuration, from its own exact counters: the bytes it reads per
     token at fio's bandwidth for its mean read size and parallelism, plus the weight bytes it multiplies per token
     (attention projections, LM head, and the FFN rows of the neurons in its products) at this CPU's matrix-vector
-    rate in its compute dtype (the faster of the two kernels); on a GPU, the bytes read cross to the device at the measured copy rate too. Without
-    `overlap` the engine reads and then computes, one after the other, so the bound is the sum; with it the reads
-    may run beside the compute, so the bound is the larger of the two (its read-ahead's wasted bytes counted in);
-    the ratio of the measured step (the harness's clock) to it says how far the configuration is from what this
-    machine could do. None where the engine reports no product counter, or it reads but the probe has no point."""
+    rate in its compute dtype (the faster of the two kernels); on a GPU, the bytes read cross to the device at the
+    measured copy rate too. Without `overlap` the engine reads and then computes, one after the other, so the bound
+    is the sum; with it the reads may run beside the compute, so the bound is the larger of the two (its
+    read-ahead's wasted bytes counted in); the ratio of the measured step (the harness's clock) to it says how far
+    the configuration is from what this machine could do. None where the engine reports no product counter, or it
+    reads but the probe has no point."""
     per_token = metrics.get("per_token", {})
     if "neurons_multiplied" not in per_token or "harness_ms" not in metrics:
         return None
@@ -154,7 +155,8 @@ def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: s
     measured = metrics["harness_ms"]["mean"]
     return {"io_ms": io_ms, "copy_ms": copy_ms, "compute_ms": compute_ms, "ms": bound, "measured_ms": measured,
             "ratio": measured / bound, "bytes_multiplied": multiplied,
-            "mv_bytes_s": rates.rate(dtype, matvec) * 1e9, "matvec": matvec, "fio_bytes_s": fio["bandwidth_bytes_s"] if read else None,
+            "mv_bytes_s": rates.rate(dtype, matvec) * 1e9, "matvec": matvec,
+            "fio_bytes_s": fio["bandwidth_bytes_s"] if read else None,
             "read_bytes_s": rates.read_gb_per_s and rates.read_gb_per_s * 1e9,
             "sequential": ("reads beside compute (overlap): the larger of the two" if overlap else
                            "reads, then compute" if not h2d else "reads, then the copy to the device, then compute")}

@@ -406,8 +406,9 @@ def whole_records(records_dir: Path, scenario: Scenario) -> dict[str, dict]:
                                   "in one run; start a new run instead")
             kernel = rec.get("settings", {}).get("matvec", "linear")
             if kernel != scenario.settings.matvec:
-                raise RecordError(f"{path}: multiplied by {kernel}, and matvec \"auto\" chose {scenario.settings.matvec} "
-                                  "for this run: resuming would mix two kernels in one run; start a new run instead")
+                raise RecordError(f"{path}: multiplied by {kernel}, and matvec \"auto\" chose "
+                                  f"{scenario.settings.matvec} for this run: resuming would mix two kernels in one "
+                                  "run; start a new run instead")
             if rec.get("git", {}).get("commit") != commit:
                 raise RecordError(f"{path}: measured at commit {rec.get('git', {}).get('commit')}, this checkout is "
                                  f"at {commit}: resuming would mix two versions of the code in one run; start a "

@@ -207,7 +207,9 @@ def _header(index: dict, probe: dict | None) -> list:
         Heading(1, f"flashbench report: {index['run_id']}"),
         Para(f"Scenario {sc['name']} ({sc['path']}), {index['seconds']:.0f} s. "
              f"Commit {g.get('commit') or 'unknown'}{' (with uncommitted changes)' if g.get('dirty') else ''}."
-             + (f" Compute dtype \"auto\": {sc['compute']['why']}." if sc.get("compute") else "")),
+             + (f" Measured for the scenario's \"auto\" settings when it loaded: {auto['why']}"
+                + "".join(f"; {k} = {v}" for k, v in auto.get("resolved", {}).items()) + "."
+                if (auto := sc.get("compute")) else "")),
         Table(["machine", ""], [
             ["CPU", f"{m['cpu']} ({m['cores']} cores)"], ["RAM", _bytes(m["ram_bytes"])],
             ["kernel", m["kernel"]], ["storage", f"{storage.get('device', '?')} ({storage.get('filesystem', '?')}, "
@@ -310,8 +312,8 @@ def _bound_table(recs: list[dict]) -> list:
             Para("The bound of a decode step is its bytes read per token at fio's bandwidth for its mean read size "
                  "and thread count, plus the weight bytes it multiplies per token (attention, LM head, the FFN rows "
                  "of the neurons in its products) at this CPU's matrix-vector rate in its compute dtype "
-                 f"({first['mv_bytes_s'] / 1e9:.1f} GB/s by {first.get('matvec', 'mv')}, the faster kernel, measured at "
-                 "the model's FFN shape in this run"
+                 f"({first['mv_bytes_s'] / 1e9:.1f} GB/s by {first.get('matvec', 'mv')}, the faster kernel, "
+                 "measured at the model's FFN shape in this run"
                  + (f"; memory bandwidth {read / 1e9:.1f} GB/s" if (read := first.get("read_bytes_s")) else "")
                  + "): without overlap the engine reads, then computes, so the two add; with overlap the reads may "
                  "run beside the compute, so the larger of the two is the bound. Measured on the harness's clock; the ratio is how far the "

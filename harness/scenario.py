@@ -238,12 +238,12 @@ def _check_texts(models) -> None:
 
 
 def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | None]:
-    """The [engine] table, and what compute_dtype or matvec = "auto" measured. storage_dtype = "checkpoint" becomes the dtype
-    the models store their FFN weights in (so the layouts hold them exactly), which must then be one dtype for all
-    of them; compute_dtype = "auto" the 16-bit dtype this CPU multiplies fastest at the largest model's FFN shape
-    (harness/compute.py), matvec = "auto" the faster kernel for the compute dtype there; storage_dtype = "compute"
-    then the compute dtype, so that no read is converted (the
-    dense reference rounds the checkpoint's weights to the compute dtype too, so naive reads stay exact)."""
+    """The [engine] table, and what compute_dtype or matvec = "auto" measured. storage_dtype = "checkpoint" becomes
+    the dtype the models store their FFN weights in (so the layouts hold them exactly), which must then be one dtype
+    for all of them; compute_dtype = "auto" the 16-bit dtype this CPU multiplies fastest at the largest model's FFN
+    shape (harness/compute.py), matvec = "auto" the faster kernel for the compute dtype there; storage_dtype =
+    "compute" then the compute dtype, so that no read is converted (the dense reference rounds the checkpoint's
+    weights to the compute dtype too, so naive reads stay exact)."""
     engine, compute = dict(engine), None
     if isinstance(engine.get("device"), str):
         try:
@@ -264,6 +264,7 @@ def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | 
             engine["compute_dtype"] = compute["chosen"]
         if engine.get("matvec") == "auto":
             engine["matvec"] = compute["matvec"][engine.get("compute_dtype", Settings.compute_dtype)]
+        compute["resolved"] = {k: engine[k] for k in ("compute_dtype", "matvec") if k in engine}
     if engine.get("storage_dtype") == "compute":
         engine["storage_dtype"] = engine.get("compute_dtype", Settings.compute_dtype)
     return _build(Settings, engine, where, approximate=lambda v: approximate_tier(v, where)), compute

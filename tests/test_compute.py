@@ -32,7 +32,7 @@ def test_an_auto_matvec_scenario_runs_the_kernel_its_rates_chose_for_the_compute
     (tmp_path / "s.toml").write_text(scenario("auto", tokens=8, engine='compute_dtype = "bfloat16"\nmatvec = "auto"'))
     loaded = sc.load(str(tmp_path / "s.toml"))
     assert loaded.settings.matvec == fast == loaded.compute["matvec"]["bfloat16"]
-    assert loaded.settings.compute_dtype == "bfloat16"
+    assert loaded.compute["resolved"] == {"compute_dtype": "bfloat16", "matvec": fast}  # what the report names
 
 
 @pytest.mark.parametrize("fast", HALF)
