@@ -23,7 +23,8 @@ Every technique is a switch of `Techniques` on this one engine:
   depends on the CPU and the dtype (`model.project`; the probe measures both, harness/compute.py);
 - `overlap`: reads run on a thread of their own (`ReadAhead`) while the engine computes, twice over. While layer L
   computes, read what layer L + 1 will need, guessed by the source's lookahead from layer L's FFN input: its most
-  confident guesses not cached, at most READ_AHEAD times as many as layer L + 1 read for the last pass. Layer L + 1
+  confident guesses not cached, at most READ_AHEAD times as many as layer L + 1 read for the last pass (all of them
+  where every neuron is needed, as with the hybrid alone: the guess is then the set itself). Layer L + 1
   then reads only what the guess missed, and multiplies the rows it holds (hot and window neurons) while those reads
   are in flight, then the rows read. Naive reads read the next layer's whole file ahead (double buffering). Every
   layer multiplies its rows in two groups, those held before the pass and those it read, with or without overlap, so
@@ -442,7 +443,11 @@ class FlashFFN(nn.Module):
     def _read_ahead(self, xs: torch.Tensor) -> None:
         """Overlap: start reading the next layer's likeliest needs that it does not hold, while this layer
         computes: its guesses most confident first, at most READ_AHEAD times what it read for its last pass and
-        what the read-ahead buffer takes (nothing after the last layer: no read crosses a token)."""
+        what the read-ahead buffer takes (nothing after the last layer: no read crosses a token). Where every
+        neuron is needed (source "all": the hybrid alone) the guess is exact, so all of it that the buffer takes:
+        capped, the hybrid's next layer found 40% of its cold neurons read ahead, copied them into its read buffer
+        beside the rest (at the paper's shape, 740 ms a token) and read the others merged past them (17% more
+        bytes); whole, the buffers swap roles."""
         sh = self.shared
         if sh.read_ahead is None or self.layer + 1 == len(sh.layers):
             return
@@ -452,7 +457,8 @@ class FlashFFN(nn.Module):
         _, first = np.unique(guesses, return_index=True)  # each id once, where it was first guessed
         guess = nxt.cache.missing(nxt._stored_only(guesses[np.sort(first)]))
         room = sh.ahead_buffer.shape[1]
-        most = room if nxt.last_read is None else min(room, READ_AHEAD * nxt.last_read)
+        exact = sh.techniques.source == "all"
+        most = room if nxt.last_read is None or exact else min(room, READ_AHEAD * nxt.last_read)
         ids = nxt._in_file_order(np.sort(guess[: int(most)]))
         sh.stats.predictor_s += time.perf_counter() - t0
         if len(ids):

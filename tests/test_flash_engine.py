@@ -390,6 +390,17 @@ def test_naive_overlap_reads_every_next_layer_ahead_and_nothing_after(model):
     assert all(s.read_ahead == s.read_ahead_used == (n - 1) * d for s in steps)  # layer 0's: nothing to hide behind
 
 
+def test_the_hybrid_alone_reads_each_next_layers_cold_part_ahead_whole(model):
+    """Every neuron not hot is needed, so the guess is the set itself: read ahead whole (not READ_AHEAD of it), and
+    used whole (the buffers swap roles; nothing is read twice or late)."""
+    _, steps = overlapped(model, "bundled", True, source="all", hybrid=0.25)
+    config = model["flash"]["bundled"].config
+    cold = config.d_ffn - int(round(0.25 * config.d_ffn))  # a layer's neurons not hot
+    n = config.n_layers
+    assert all(s.read_ahead == s.read_ahead_used == (n - 1) * cold for s in steps)  # layer 0's: nothing before it
+    assert all(s.io.records == n * cold for s in steps)
+
+
 def test_an_overlapping_engine_leaves_no_threads_when_closed(model):
     threads = threading.active_count()
     with FlashEngine(model["flash"]["bundled"], Techniques(source="oracle", threads=4, overlap=True)) as engine:
