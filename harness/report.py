@@ -322,7 +322,22 @@ def _bound_table(recs: list[dict]) -> list:
                  "reading threads' CPU time per token, interrupts aside): with overlap on a machine with few cores "
                  "the products lose time to it (on a 2-core VM about twice this, docs/results.md)."),
             Table(["configuration", "measured ms", "I/O bound ms"] + ["copy to device ms"] * copies
-                  + ["compute bound ms", "bound ms", "measured / bound", "reads' CPU ms"], rows)]
+                  + ["compute bound ms", "bound ms", "measured / bound", "reads' CPU ms"], rows),
+            *_under_bound(bounded)]
+
+
+def _under_bound(bounded: list[dict]) -> list:
+    """A step faster than its bound did not beat the machine: the bound's reads are at fio's random-read bandwidth
+    from the probe, and a disk whose speed drifts (a virtual disk) may read faster by the time a configuration runs,
+    or reads more in order than fio's may be served faster."""
+    under = [f"{r['configuration']} ({r['bound']['ratio']:.2f}x)" for r in bounded if r["bound"]["ratio"] < 1]
+    if not under:
+        return []
+    return [Para(f"Under 1x: {', '.join(under)}. These steps took less than their bound, whose reads are at "
+                 "fio's random-read bandwidth as the probe measured it at the start of the run: the disk read faster "
+                 "when they ran (a virtual disk's speed drifts), or their reads, more in order than fio's, were "
+                 "served faster. The probe is stale or unlike these reads, the device was not beaten; compare such "
+                 "a ratio with configurations measured near it, or rerun the probe.")]
 
 
 def _matrix_table(recs: list[dict]) -> Table:

@@ -82,6 +82,19 @@ def test_report_has_every_section_and_a_self_contained_html(run):
     assert len(csv) == 1 + len(matrix()) and "metrics.tokens_per_s" in csv[0]
 
 
+def test_the_report_says_why_a_step_came_out_under_its_bound(run):
+    """A ratio under 1x means the probe is stale or unlike the reads, and the report says so by name; none, nothing."""
+    from flashbench.harness.report import _bound_table, to_markdown
+
+    bounded = [r for r in records(run) if r["kind"] == "configuration" and r.get("bound")]
+    assert bounded
+    assert ("Under 1x" in to_markdown(_bound_table(bounded))) == any(r["bound"]["ratio"] < 1 for r in bounded)
+    fast = json.loads(json.dumps(bounded[0]))
+    fast["bound"]["ratio"] = 0.84
+    text = to_markdown(_bound_table([fast] + bounded[1:]))
+    assert f"Under 1x: {fast['configuration']} (0.84x)" in text and "The probe is stale" in text
+
+
 def test_a_peer_that_cannot_run_is_a_labelled_not_run_record(run):
     """llama.cpp has no OPT: the run goes on, its record and the report say why; our emulation is labelled ours."""
     peer = {r["peer"]: r for r in records(run) if r["kind"] == "peer"}
