@@ -444,10 +444,8 @@ class FlashFFN(nn.Module):
         """Overlap: start reading the next layer's likeliest needs that it does not hold, while this layer
         computes: its guesses most confident first, at most READ_AHEAD times what it read for its last pass and
         what the read-ahead buffer takes (nothing after the last layer: no read crosses a token). Where every
-        neuron is needed (source "all": the hybrid alone) the guess is exact, so all of it that the buffer takes:
-        capped, the hybrid's next layer found 40% of its cold neurons read ahead, copied them into its read buffer
-        beside the rest (at the paper's shape, 740 ms a token) and read the others merged past them (17% more
-        bytes); whole, the buffers swap roles."""
+        neuron is needed (source "all": the hybrid alone) the guess is exact, so all of it: the next layer's buffers
+        then swap roles, where a part would be copied beside the rest (docs/results.md, seventh session)."""
         sh = self.shared
         if sh.read_ahead is None or self.layer + 1 == len(sh.layers):
             return

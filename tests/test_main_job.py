@@ -1,11 +1,13 @@
 """The main job on a small scenario: one record per configuration, verdicts, and the report built from them."""
 
+import copy
 import json
 
 import pytest
 
 from flashbench.harness.cli import main
 from flashbench.harness.matrix import matrix
+from flashbench.harness.report import _bound_table, to_markdown
 
 from .tiny import scenario
 
@@ -84,12 +86,10 @@ def test_report_has_every_section_and_a_self_contained_html(run):
 
 def test_the_report_says_why_a_step_came_out_under_its_bound(run):
     """A ratio under 1x means the probe is stale or unlike the reads, and the report says so by name; none, nothing."""
-    from flashbench.harness.report import _bound_table, to_markdown
-
     bounded = [r for r in records(run) if r["kind"] == "configuration" and r.get("bound")]
     assert bounded
     assert ("Under 1x" in to_markdown(_bound_table(bounded))) == any(r["bound"]["ratio"] < 1 for r in bounded)
-    fast = json.loads(json.dumps(bounded[0]))
+    fast = copy.deepcopy(bounded[0])
     fast["bound"]["ratio"] = 0.84
     text = to_markdown(_bound_table([fast] + bounded[1:]))
     assert f"Under 1x: {fast['configuration']} (0.84x)" in text and "The probe is stale" in text
