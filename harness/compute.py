@@ -2,9 +2,11 @@
 
 A decode step is matrix-vector products over weights, so the rate that matters is weight bytes per second of
 `torch.mv` at the model's FFN shape, with the engine's threads, over weights that DRAM must stream: the products cycle
-through copies of the matrix that together exceed any CPU cache, as a model's layers do (one matrix multiplied again
-and again stays in a large last-level cache: at 8192x2048 in bfloat16 that read 46.8 GB/s on an Intel Xeon with AMX
-against 31.7 from DRAM, which made the bound one no engine could reach). It depends on the CPU as much as on the dtype: on
+through copies of the matrix that together exceed the CPU's last-level cache twice over, as a model's layers do (one
+matrix multiplied again and again stays in a large last-level cache: at 8192x2048 in bfloat16 that read 46.8 GB/s on
+an Intel Xeon with AMX against 31.7 from DRAM, which made the bound one no engine could reach). A fixed 256 MiB was
+not enough on a virtual machine whose L3 is 480 MiB: 16384x4096 bfloat16 products over 128 MiB ran at 49 GB/s, over
+256 MiB 32-34, over 512 MiB to 4 GiB 28 (2 threads, `stream_bytes`). It depends on the CPU as much as on the dtype: on
 an Intel Xeon with AMX and avx512_bf16, bfloat16 ran 4.5x faster than float16 (torch 2.13, 2 threads, 16384x4096);
 elsewhere float16 may be the faster. "auto" measures both here and takes the faster; exactness is then judged
 against dense inference in that dtype, as for any compute dtype.
@@ -31,7 +33,8 @@ from flashbench.reference.model import MATVEC, project
 HALF = ("float16", "bfloat16")
 FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "f16c")  # what decides the 16-bit kernels' speed
 SECONDS = 0.15  # per dtype, after a warm-up product
-READ_BYTES = 256 << 20  # the memory-bandwidth read: far past any CPU cache, so it reads DRAM
+MIN_STREAM_BYTES = 256 << 20  # the least the products and the bandwidth read cycle through, whatever the caches
+CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # index*/size: "48K", "491520K", "32M"
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,11 @@ class ComputeRates:
     threads: int
     gb_per_s: dict[str, float]  # dtype -> matrix bytes multiplied per second by torch.mv
     cpu_flags: tuple[str, ...]  # those of FLAGS the CPU has
-    read_gb_per_s: float | None = None  # memory bandwidth: one pass summing a 256 MiB float32 array
+    read_gb_per_s: float | None = None  # memory bandwidth: one pass summing a float32 array of stream_bytes
     device: str = "cpu"  # where the products ran (the engine's device)
     host_to_device_gb_per_s: float | None = None  # on a GPU: a copy from pinned host memory (what reads must cross)
     linear_gb_per_s: dict[str, float] | None = None  # the same by F.linear (None: not measured)
+    stream_bytes: int | None = None  # the weight bytes the products cycled through (past the caches)
 
     def rate(self, dtype: str, matvec: str) -> float:
         """Matrix bytes per second of one position's product in `dtype` by the `matvec` kernel."""
@@ -64,12 +68,35 @@ class ComputeRates:
         flags = ", ".join(self.cpu_flags) or "none of " + ", ".join(FLAGS)
         where = (f"{self.threads} threads; CPU flags: {flags}" if self.device == "cpu"
                  else f"on {self.device}, {torch.cuda.get_device_name(self.device)}")
-        return (f"{self.fastest_half()}: the faster 16-bit matrix-vector product here ({rates}; one "
-                f"{self.shape[0]}x{self.shape[1]} matrix, {where})")
+        over = f" cycled over {self.stream_bytes >> 20} MiB" if self.stream_bytes else ""
+        return (f"{self.fastest_half()}: the faster 16-bit matrix-vector product here ({rates}; "
+                f"{self.shape[0]}x{self.shape[1]} matrices{over}, {where})")
 
     def as_dict(self) -> dict:
         return asdict(self) | {"chosen": self.fastest_half(), "matvec": {d: self.matvec(d) for d in COMPUTE_DTYPES},
                                "why": self.why()}
+
+
+def last_level_cache_bytes(caches: Path = CACHES) -> int:
+    """The CPU's largest cache in bytes (sysfs), 0 where the kernel does not say."""
+    sizes = []
+    for size in caches.glob("index*/size"):
+        text = size.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=0)
+
+
+def stream_bytes(device: torch.device, caches: Path = CACHES) -> int:
+    """How many bytes of weights the products cycle through so that each reads DRAM, not a cache: twice the last-level
+    cache (the CPU's from sysfs, or the GPU's L2), and at least MIN_STREAM_BYTES."""
+    if device.type == "cuda":
+        cache = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    else:
+        cache = last_level_cache_bytes(caches)
+    return max(MIN_STREAM_BYTES, 2 * cache)
 
 
 def cpu_flags() -> tuple[str, ...]:
@@ -85,11 +112,12 @@ def cpu_flags() -> tuple[str, ...]:
 @torch.inference_mode()
 def measure_rates(shape: tuple[int, int], threads: int | None = None, device: str = "cpu") -> ComputeRates:
     """Weight bytes per second of `torch.mv` and of `F.linear` (one position) on [rows, columns] matrices too many for
-    any cache, in every compute dtype, on the engine's device, and the memory bandwidth of one summing pass over an
-    array larger than any cache (the rate weights could stream at); on a GPU also the host-to-device copy rate."""
+    any cache (`stream_bytes`), in every compute dtype, on the engine's device, and the memory bandwidth of one summing
+    pass over an array as large (the rate weights could stream at); on a GPU also the host-to-device copy rate."""
     where = resolve(device)
     sync = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)  # noqa: E731
     threads = threads or torch.get_num_threads()
+    streamed = stream_bytes(where)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -99,7 +127,7 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
         rates = {kernel: {} for kernel in MATVEC}
         for name, dtype in COMPUTE_DTYPES.items():
             w, x = base.to(device=where, dtype=dtype), x32.to(device=where, dtype=dtype)
-            ws = [w] + [w.clone() for _ in range(-(-READ_BYTES // w.nbytes) - 1)]  # together past any cache
+            ws = [w] + [w.clone() for _ in range(-(-streamed // w.nbytes) - 1)]  # together past any cache
             for kernel in MATVEC:
                 for m in ws:  # warm-up: the first call picks and loads the kernel; every copy's pages are touched
                     project(x, m, None, kernel)
@@ -111,7 +139,7 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
                     n += 1
                 rates[kernel][name] = w.nbytes * n / elapsed / 1e9
             del w, ws
-        array = torch.ones(READ_BYTES // 4, device=where)
+        array = torch.ones(streamed // 4, device=where)
         array.sum()
         sync()
         t0 = time.perf_counter()
@@ -121,7 +149,7 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
     finally:
         torch.set_num_threads(before)
     return ComputeRates(tuple(shape), threads, rates["mv"], cpu_flags(), read, str(where), host_to_device_rate(where),
-                        rates["linear"])
+                        rates["linear"], streamed)
 
 
 def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: str, config: ModelConfig,

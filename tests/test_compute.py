@@ -2,9 +2,11 @@
 its rates in the records and the report."""
 
 import pytest
+import torch
 
 from flashbench.harness import scenario as sc
-from flashbench.harness.compute import HALF, ComputeRates, measure_rates
+from flashbench.harness.compute import (HALF, MIN_STREAM_BYTES, ComputeRates, last_level_cache_bytes, measure_rates,
+                                        stream_bytes)
 
 from .tiny import scenario
 
@@ -14,6 +16,21 @@ def test_every_compute_dtype_has_a_measured_rate_and_auto_takes_the_faster_16_bi
     assert set(rates.gb_per_s) == {"float32", "float16", "bfloat16"} and all(r > 0 for r in rates.gb_per_s.values())
     best = {d: max(rates.rate(d, "mv"), rates.rate(d, "linear")) for d in HALF}
     assert best[rates.fastest_half()] == max(best.values())
+    assert rates.stream_bytes == stream_bytes(torch.device("cpu"))  # said in the record: what the rates streamed
+
+
+def test_the_products_cycle_through_twice_the_last_level_cache_and_at_least_256_mib(tmp_path):
+    """One matrix, or a few, multiplied again and again stay in a large L3 (480 MiB on a virtual machine here), and
+    the bound would be at the cache's rate, not DRAM's."""
+    caches = tmp_path / "cache"
+    for i, size in enumerate(["48K", "2048K", "491520K"]):
+        (caches / f"index{i}").mkdir(parents=True)
+        (caches / f"index{i}" / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(caches) == 480 << 20
+    assert stream_bytes(torch.device("cpu"), caches) == 960 << 20
+    (caches / "index2" / "size").write_text("32M\n")
+    assert stream_bytes(torch.device("cpu"), caches) == MIN_STREAM_BYTES
+    assert stream_bytes(torch.device("cpu"), tmp_path / "nowhere") == MIN_STREAM_BYTES  # the kernel says nothing
 
 
 def test_both_kernels_have_a_measured_rate_for_every_dtype_and_matvec_names_the_faster():
