@@ -21,14 +21,14 @@ $(URING): reference/uring_reads.c
 	@cc -O2 -shared -fPIC -o $@ $< -luring 2>/dev/null && echo "built $@ (the io_uring reader)" || \
 		echo "not built: $@ (needs cc and liburing-dev: apt-get install liburing-dev); the reader uses threads"
 
-# The down projection that skips inactive neurons (reference/sparse_down.c), for 16-bit rows; without a C compiler
-# the engine multiplies with torch (reference/sparse_down.py says why).
-SPARSE_DOWN := reference/_sparse_down.so
-$(SPARSE_DOWN): reference/sparse_down.c
-	@cc -O3 -ffp-contract=off -shared -fPIC -o $@ $< 2>/dev/null && echo "built $@ (the sparse down projection)" || \
-		echo "not built: $@ (needs cc); the engine's 16-bit down projection uses torch"
+# The FFN's 16-bit products over the neuron cache's rows by index (reference/row_kernels.c); without a C compiler
+# the engine gathers the rows and multiplies with torch (reference/row_kernels.py says why).
+ROW_KERNELS := reference/_row_kernels.so
+$(ROW_KERNELS): reference/row_kernels.c
+	@cc -O3 -ffp-contract=off -fopenmp -shared -fPIC -o $@ $< 2>/dev/null && echo "built $@ (the FFN's products by index)" || \
+		echo "not built: $@ (needs cc); the engine's 16-bit products use torch"
 
-setup: $(STAMP) $(URING) $(SPARSE_DOWN)
+setup: $(STAMP) $(URING) $(ROW_KERNELS)
 
 # The peers that are other projects (llama.cpp, AirLLM): optional, `make test` skips their tests without them.
 # llama-cpp-python compiles llama.cpp for this CPU (its multimodal library left out: the peer decodes text).

@@ -1,9 +1,11 @@
 """The neuron cache: one layer's FFN neurons held in DRAM, in a matrix preallocated once.
 
-Rows [0, n) are occupied; `ids[s]` is the neuron in slot s. Inserting appends rows at n; deleting moves the last
-occupied rows into the freed slots, so the occupied rows stay one contiguous block that the FFN's matmuls use as
-is: nothing is reallocated and nothing is gathered per token (the paper's section 3.3). The first `pinned` slots
-hold the hybrid's hot neurons, which are never deleted.
+Each neuron lies in a slot (a row of each vector's matrix), `ids[s]` the neuron in slot s (-1: free). A delete frees
+its slots and moves nothing; the next reads land in free slots, the lowest first (straight from flash where the
+reader can fill them, `planes`), and an insert records which neuron lies where. So nothing is reallocated, gathered or
+moved per token (the paper's section 3.3 moves the last rows into the freed ones, which at the paper's shape cost
+a quarter of the reads' time; docs/results.md): the FFN multiplies the rows where they lie, by a list of their slots
+(`rows_of`, `row_kernels`). The hybrid's hot neurons are pinned in the first slots and never deleted.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class NeuronCache:
                  mover: RowMover | None = None):
         """`touch`: write every row now, so that no token pays the kernel's first-touch page faults (a cache the DRAM
         budget sized is the budget's to hold); otherwise rows are uninitialised, and untouched pages cost no DRAM
-        until a row first fills them. `mover`: the staging buffer evictions move rows through (one per engine)."""
+        until a row first fills them. `mover`: the staging buffer inserts copy scattered rows through (one per
+        engine)."""
         self.capacity, self.device = capacity, torch.device(device)
         self.vectors = VECTORS_GATED if gated else VECTORS_PLAIN
         # One matrix per vector, the planes of one buffer: on the CPU page-aligned, so that the reader can read
@@ -111,19 +114,29 @@ class NeuronCache:
         self.up_bias = torch.empty(capacity, dtype=dtype, device=device) if bias else None
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.slot_of = np.full(d_ffn, -1, dtype=np.int64)
-        self.n = 0
-        self.pinned = 0
-        self.last_inserted = 0  # rows appended by the last insert: [n - last_inserted, n)
+        self.n = 0  # occupied slots
+        self.pinned = 0  # the first slots, the hot neurons'
 
     def missing(self, ids: np.ndarray) -> np.ndarray:
         """Which of `ids` are not cached (the delta to read)."""
         return ids[self.slot_of[ids] < 0]
 
+    def free_slots(self, k: int, taken: np.ndarray | None = None) -> np.ndarray:
+        """The lowest k free slots (not in `taken`, slots already promised to rows in flight): where the next reads
+        land. Lowest first keeps the rows in use few pages."""
+        free = self.ids < 0
+        if taken is not None:
+            free[taken] = False
+        slots = np.flatnonzero(free)[:k]
+        if len(slots) < k:
+            raise RuntimeError(f"neuron cache full: {self.n} rows and {k} more > capacity {self.capacity}")
+        return slots
+
     def planes(self, vectors: tuple[str, ...]) -> np.ndarray | None:
         """The matrices of `vectors` as a record buffer's bytes ([vectors, capacity, row bytes], `reader.record_buffer`)
-        for the reader to fill rows from n on, which the next insert then takes where they lie; None where the reader
-        cannot (off the CPU, or `vectors` not consecutive planes here: a layout without the cache's gate rows keeps
-        them in DRAM, before the others)."""
+        for the reader to fill free slots, which an insert then takes where they lie; None where the reader cannot
+        (off the CPU, or `vectors` not consecutive planes here: a layout without the cache's gate rows keeps them in
+        DRAM, before the others)."""
         names = list(self.vectors)
         if self.bytes is None or vectors[0] not in names:
             return None
@@ -133,68 +146,49 @@ class NeuronCache:
         return self.bytes[first : first + len(vectors)]
 
     def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor] | list[Part], up_bias: torch.Tensor | None = None,
-               pin: bool = False) -> None:
-        """Append neurons `ids` (not cached yet) with their vectors (one matrix each, or parts); vectors no part holds
-        must be in their rows already (read there, `planes`). `pin` keeps them for good (hybrid)."""
+               pin: bool = False, slots: np.ndarray | None = None) -> np.ndarray:
+        """Neurons `ids` (not cached yet) into free `slots` (default: the lowest free ones), their vectors copied in
+        from `rows` (one matrix each, or parts); vectors no part holds must lie in those slots already (read there,
+        `planes`). `pin` keeps them for good (hybrid). Returns the slots."""
         k = len(ids)
-        if self.n + k > self.capacity:
-            raise RuntimeError(f"neuron cache full: {self.n} + {k} rows > capacity {self.capacity}")
         if pin and self.n != self.pinned:
             raise RuntimeError("pinned neurons must be inserted before any others")
-        slots = slice(self.n, self.n + k)
+        if slots is None:
+            slots = self.free_slots(k)
+        elif len(slots) != k or (self.ids[slots] >= 0).any():
+            raise RuntimeError(f"an insert of {k} neurons needs as many free slots, got {slots}")
         for part in parts_of(rows):
             for name, vectors in part.vectors.items():
-                if part.at is None:
-                    self.rows[name][slots] = vectors
-                else:
-                    self.mover.copy(self.rows[name], self.n + part.at, vectors, part.rows)
+                at = np.arange(k) if part.at is None else part.at
+                self.mover.copy(self.rows[name], slots[at], vectors, at if part.rows is None else part.rows)
         if self.up_bias is not None:
-            self.up_bias[slots] = up_bias
+            self.up_bias[torch.from_numpy(slots).to(self.device)] = up_bias
         self.ids[slots] = ids
-        self.slot_of[ids] = np.arange(self.n, self.n + k)
+        self.slot_of[ids] = slots
         self.n += k
-        self.last_inserted = k
         if pin:
             self.pinned = self.n
+        return slots
 
     def delete(self, ids: np.ndarray) -> None:
-        """Remove neurons `ids` (cached, not pinned): the last occupied rows move into the freed slots."""
-        if len(ids) == 0:
-            return
+        """Forget neurons `ids` (cached, not pinned): their slots are free for the next reads; nothing moves."""
         freed = self.slot_of[ids]
         if (freed < self.pinned).any():
             raise RuntimeError("cannot delete a pinned or uncached neuron")
-        new_n = self.n - len(ids)
-        holes = np.sort(freed[freed < new_n])  # freed slots inside the block that remains
-        tail = np.arange(new_n, self.n)
-        movers = tail[np.isin(tail, freed, invert=True)]  # last rows that stay: they fill the holes
         self.slot_of[ids] = -1
         self.ids[freed] = -1
-        if len(holes):
-            for name in self.vectors:
-                self.mover.copy(self.rows[name], holes, self.rows[name], movers)
-            if self.up_bias is not None:
-                h, m = torch.from_numpy(holes).to(self.device), torch.from_numpy(movers).to(self.device)
-                self.up_bias[h] = self.up_bias[m]
-            self.ids[holes] = self.ids[movers]
-            self.slot_of[self.ids[holes]] = holes
-            self.ids[movers] = -1
-        self.n = new_n
-        self.last_inserted = 0
+        self.n -= len(ids)
 
     def cached_ids(self) -> np.ndarray:
-        return self.ids[: self.n].copy()
+        """The cached neurons, by id: the order a layer multiplies the rows it holds in, wherever they lie."""
+        return np.flatnonzero(self.slot_of >= 0)
 
-    def matrices(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The occupied rows, as views: what the FFN multiplies, with no copy."""
-        rows = {name: self.rows[name][: self.n] for name in self.vectors}
-        return rows, (self.up_bias[: self.n] if self.up_bias is not None else None)
-
-    def newest(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The rows the last insert appended, as views (the engine multiplies them apart from the rows it held)."""
-        rows = slice(self.n - self.last_inserted, self.n)
-        return ({name: self.rows[name][rows] for name in self.vectors},
-                self.up_bias[rows] if self.up_bias is not None else None)
+    def rows_of(self, ids: np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray, torch.Tensor | None]:
+        """What the FFN multiplies for cached neurons `ids`, with no copy: every slot's rows, the slots of `ids` in
+        their order, and their up biases."""
+        slots = self.slot_of[ids]
+        bias = self.up_bias[torch.from_numpy(slots).to(self.device)] if self.up_bias is not None else None
+        return self.rows, slots, bias
 
 
 class RegatherCache:
@@ -209,7 +203,6 @@ class RegatherCache:
         self.rows = {v: torch.zeros(0, d_model, dtype=dtype, device=device) for v in self.vectors}
         self.up_bias = torch.zeros(0, dtype=dtype, device=device) if bias else None
         self.pinned_ids = np.zeros(0, dtype=np.int64)
-        self.last_ids = np.zeros(0, dtype=np.int64)  # the neurons of the last insert
 
     @property
     def n(self) -> int:
@@ -227,7 +220,10 @@ class RegatherCache:
             self.up_bias = up_bias.index_select(0, order)
 
     def insert(self, ids: np.ndarray, rows: dict[str, torch.Tensor] | list[Part], up_bias: torch.Tensor | None = None,
-               pin: bool = False) -> None:
+               pin: bool = False, slots: None = None) -> None:
+        """As NeuronCache.insert, from rows in buffers (`slots`: none, rows here have no place of their own)."""
+        if slots is not None:
+            raise ValueError("a regathering cache takes rows from buffers, not in slots")
         if self.n + len(ids) > self.capacity:
             raise RuntimeError(f"neuron cache full: {self.n} + {len(ids)} rows > capacity {self.capacity}")
         new = whole(rows)  # the engine hands a regathering cache one buffer's rows
@@ -236,7 +232,6 @@ class RegatherCache:
                        bias)
         if pin:
             self.pinned_ids = np.union1d(self.pinned_ids, ids)
-        self.last_ids = np.asarray(ids)
 
     def delete(self, ids: np.ndarray) -> None:
         if len(ids) == 0:
@@ -245,7 +240,6 @@ class RegatherCache:
             raise RuntimeError("cannot delete a pinned or uncached neuron")
         keep = np.flatnonzero(~np.isin(self.ids, ids))
         self.ids = self.ids[keep]
-        self.last_ids = np.zeros(0, dtype=np.int64)
         keep = torch.from_numpy(keep).to(self.device)
         self.rows = {v: self.rows[v].index_select(0, keep) for v in self.vectors}
         if self.up_bias is not None:
@@ -254,11 +248,8 @@ class RegatherCache:
     def cached_ids(self) -> np.ndarray:
         return self.ids.copy()
 
-    def matrices(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        return self.rows, self.up_bias
-
-    def newest(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The last insert's rows, gathered anew (in the order they were inserted)."""
-        at = torch.from_numpy(np.searchsorted(self.ids, self.last_ids)).to(self.device)
-        return ({v: self.rows[v].index_select(0, at) for v in self.vectors},
-                self.up_bias.index_select(0, at) if self.up_bias is not None else None)
+    def rows_of(self, ids: np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray, torch.Tensor | None]:
+        """The matrices as they are, the rows of cached neurons `ids` in them, and their up biases."""
+        at = np.searchsorted(self.ids, ids)
+        bias = self.up_bias[torch.from_numpy(at).to(self.device)] if self.up_bias is not None else None
+        return self.rows, at, bias

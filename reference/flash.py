@@ -46,9 +46,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import sparse_down
+from . import row_kernels
 from .activations import hot_neurons
-from .cache import NeuronCache, Part, RegatherCache, RowMover, whole
+from .cache import NeuronCache, Part, RegatherCache, RowMover, as_words, whole
 from .device import NAME as DEVICE_NAME
 from .device import Transfer, exact_float32, resolve
 from .engine import Engine
@@ -164,7 +164,8 @@ class Ahead:
 
     layer: int
     ids: np.ndarray | None  # the neurons read (in the file order of their records), or None: the whole layer file
-    buffer: np.ndarray  # a record buffer (ids[k] in row k), or the file's bytes
+    buffer: np.ndarray  # a record buffer (ids[k] in row k, or in row rows[k]), or the file's bytes
+    rows: np.ndarray | None  # where in buffer the records landed (read ahead into a neuron cache: their slots)
     stats: ReadStats
     waited_s: float  # how long the engine waited for it to land
 
@@ -177,7 +178,7 @@ class ReadAhead:
     def __init__(self, reader: FlashReader):
         self.reader = reader
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flash-read-ahead")
-        self._pending: tuple[int, np.ndarray | None, np.ndarray, Future] | None = None
+        self._pending: tuple[int, np.ndarray | None, np.ndarray, np.ndarray | None, Future] | None = None
 
     def start(self, layer: int, ids: np.ndarray | None, records: np.ndarray | None, buffer: np.ndarray,
               rows: np.ndarray | None = None) -> None:
@@ -187,17 +188,17 @@ class ReadAhead:
             raise RuntimeError(f"a read for layer {self._pending[0]} is still in flight")
         read = (lambda: self.reader.read_layer(layer, buffer)) if ids is None else (
             lambda: self.reader.read(layer, records, buffer, rows))
-        self._pending = (layer, ids, buffer, self._pool.submit(read))
+        self._pending = (layer, ids, buffer, rows, self._pool.submit(read))
 
     def take(self) -> Ahead | None:
         """Wait for the read in flight, if any, and hand it over."""
         if self._pending is None:
             return None
-        layer, ids, buffer, future = self._pending
+        layer, ids, buffer, rows, future = self._pending
         self._pending = None
         t0 = time.perf_counter()
         stats = future.result()
-        return Ahead(layer, ids, buffer, stats, time.perf_counter() - t0)
+        return Ahead(layer, ids, buffer, rows, stats, time.perf_counter() - t0)
 
     def close(self) -> None:
         try:
@@ -214,10 +215,12 @@ class _Shared:
     layout: FlashLayout
     reader: FlashReader
     source: ActivationSource
-    capacity: int  # neuron cache rows per layer
+    capacity: int  # neuron cache rows per layer: the window's room (a pass's delta included)
+    spare: int  # more free slots per layer, for the read-ahead to land in (overlap, where reads land in the caches)
+    lands: bool  # reads land in the neuron caches' free slots (a window, preallocated, the CPU, the same dtype)
     transfer: Transfer  # read buffers -> the device (the identity on the CPU)
     mover: RowMover  # moves scattered rows of the read buffers (the read-ahead's) through one staging buffer
-    cache_mover: RowMover  # the same for the neuron caches' evictions, on their device
+    cache_mover: RowMover  # the same for the neuron caches' inserts, on their device
     touch_caches: bool  # the caches' pages written at build (their capacity is the DRAM budget's)
     stats: TokenStats = field(default_factory=TokenStats)
     file_buffers: list[np.ndarray] = field(default_factory=list)  # naive mode: a whole layer file (two: overlap)
@@ -280,12 +283,12 @@ class FlashFFN(nn.Module):
         if shared.techniques.memory == "regather":
             self.cache = RegatherCache(shared.capacity, g.d_model, self.gated, up_bias is not None, dtype, device)
         else:
-            self.cache = NeuronCache(shared.capacity, g.d_model, d_ffn, self.gated, up_bias is not None, dtype,
-                                     device, touch=shared.touch_caches, mover=shared.cache_mover)
-        # Where a windowed pass's records can be read straight into the cache's free rows (their bytes on flash are
-        # the rows' bytes, and the cache lies on the CPU): the insert then copies only what was read ahead.
-        self.landing = (self.cache.planes(g.vectors) if isinstance(self.cache, NeuronCache)
-                        and g.dtype == shared.techniques.compute_dtype and not shared.transfer.gpu else None)
+            self.cache = NeuronCache(shared.capacity + shared.spare, g.d_model, d_ffn, self.gated, up_bias is not None,
+                                     dtype, device, touch=shared.touch_caches, mover=shared.cache_mover)
+        # Where a windowed pass's records, and the previous layer's read-ahead of them, can be read straight into
+        # the cache's free slots (their bytes on flash are the rows' bytes, and the cache lies on the CPU): nothing
+        # is copied then. (Without a window the cache holds only the hot neurons: no free slots.)
+        self.landing = self.cache.planes(g.vectors) if shared.lands else None
         self.in_id_order = bool((np.diff(self.stored) > 0).all())  # records by neuron id (not a placed layout)
         self.hot = self._in_file_order(self._stored_only(np.sort(hot).astype(np.int64)))
         # The window: the position of the last token that needed each neuron (hot ones: never evicted).
@@ -330,43 +333,55 @@ class FlashFFN(nn.Module):
             return None
         return self.up_bias[torch.from_numpy(ids).to(self.up_bias.device)]
 
-    def _fetch(self, ids: np.ndarray, gather: bool) -> list[Piece]:
-        """Bring the records of neurons `ids` (in file order) into DRAM and say where those that need a copy lie: the
-        ones the read-ahead brought stay in its buffer (where it brought exactly these, the buffers swap roles), the
-        others are read, in the background with overlap (`_Shared.wait_read`), straight into the neuron cache's free
-        rows where it can take them (`landing`: rows n, n + 1, ... in the order of `ids`, where the insert puts
-        them; nothing to copy), else into their rows of the record buffer. With `gather`, the read-ahead's are
-        copied into the record buffer too, so that all lie in one (for products straight from it, or one copy to a
-        device); without, the cache's insert moves them from where they landed, before the next read-ahead reuses
-        its buffer."""
+    def _fetch(self, ids: np.ndarray, gather: bool) -> tuple[list[Piece], np.ndarray | None]:
+        """Bring the records of neurons `ids` (in file order) into DRAM. Where the neuron cache can take reads
+        (`landing`), the ones the read-ahead brought lie in its free slots already and the others are read into
+        more of them, in the background with overlap (`_Shared.wait_read`): returns no pieces and every id's slot,
+        nothing to copy. Elsewhere, returns where the records lie (pieces) for the insert to copy: the read-ahead's
+        stay in its buffer (where it brought exactly these, the buffers swap roles), the others are read into their
+        rows of the record buffer; with `gather`, the read-ahead's are copied there too, so that all lie in one (for
+        products straight from it, or one copy to a device)."""
         sh = self.shared
         self.last_read = len(ids)
         sh.transfer.wait()  # the last copy out of the buffer is done before it is filled again
         ahead = sh.landed(self.layer)
+        if not gather and self.landing is not None:
+            slots, missed, taken = np.empty(len(ids), dtype=np.int64), np.arange(len(ids)), None
+            if ahead is not None:  # read ahead into this cache's free slots
+                hits, at, missed = self._found(ahead.ids, ids)
+                slots[hits] = taken = ahead.rows[at]
+                sh.stats.read_ahead_used += len(hits)
+            slots[missed] = self.cache.free_slots(len(missed), taken=taken)
+            sh.read(self.layer, ids[missed], self.record_of[ids[missed]], self.landing, rows=slots[missed])
+            return [], slots
         if ahead is not None and np.array_equal(ahead.ids, ids):  # all read ahead, in order: the buffers swap roles
             sh.record_buffer, sh.ahead_buffer = sh.ahead_buffer, sh.record_buffer
             sh.stats.read_ahead_used += len(ids)
-            return [Piece(sh.record_buffer)]
-        into_cache = not gather and self.landing is not None
-        out, first = (self.landing, self.cache.n) if into_cache else (sh.record_buffer, 0)
+            return [Piece(sh.record_buffer)], None
+        out = sh.record_buffer
         if ahead is None:
-            sh.read(self.layer, ids, self.record_of[ids], out, rows=first + np.arange(len(ids)))
-            return [] if into_cache else [Piece(out)]
-        have, want = self.record_of[ahead.ids], self.record_of[ids]  # both in file order: increasing
+            sh.read(self.layer, ids, self.record_of[ids], out)
+            return [Piece(out)], None
+        hits, at, missed = self._found(ahead.ids, ids)
+        # First, so that the copies run beside it.
+        sh.read(self.layer, ids[missed], self.record_of[ids[missed]], out, rows=missed)
+        sh.stats.read_ahead_used += len(hits)
+        if not gather:
+            return [Piece(ahead.buffer, hits, at), Piece(out, missed, missed)], None
+        t0 = time.perf_counter()
+        for plane, ahead_plane in zip(out, ahead.buffer):  # [rows, vector_bytes] per vector
+            sh.mover.copy(torch.from_numpy(plane), hits, torch.from_numpy(ahead_plane), at)
+        sh.stats.memory_s += time.perf_counter() - t0
+        return [Piece(out)], None
+
+    def _found(self, have: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Of `want`, those read ahead in `have` (both in file order): their positions in want and in have, and the
+        positions in want of the rest."""
+        have, want = self.record_of[have], self.record_of[want]  # increasing
         at = np.searchsorted(have, want)
         hit = at < len(have)
         hit[hit] = have[at[hit]] == want[hit]
-        hits, missed = np.flatnonzero(hit), np.flatnonzero(~hit)
-        # First, so that the copies run beside it; into rows the held rows' products do not touch.
-        sh.read(self.layer, ids[missed], self.record_of[ids[missed]], out, rows=first + missed)
-        sh.stats.read_ahead_used += len(hits)
-        if not gather:
-            return [Piece(ahead.buffer, hits, at[hits])] + ([] if into_cache else [Piece(out, missed, missed)])
-        t0 = time.perf_counter()
-        for plane, ahead_plane in zip(out, ahead.buffer):  # [rows, vector_bytes] per vector
-            sh.mover.copy(torch.from_numpy(plane), hits, torch.from_numpy(ahead_plane), at[hits])
-        sh.stats.memory_s += time.perf_counter() - t0
-        return [Piece(out)]
+        return np.flatnonzero(hit), at[hit], np.flatnonzero(~hit)
 
     def _rows(self, ids: np.ndarray, pieces: list[Piece]) -> list[Part]:
         """The vectors of neurons `ids` where `_fetch` left them, on the device (views of the buffers where the
@@ -403,19 +418,20 @@ class FlashFFN(nn.Module):
             self.last_needed[ids] = np.maximum(self.last_needed[ids], start + j)
         delta = self._in_file_order(self._make_room(needed, start, self.cache.missing(needed)))
         # One buffer on a GPU (one copy to the device) and for the regathering cache (the plain implementation).
-        pieces = self._fetch(delta, gather=sh.transfer.gpu or not isinstance(self.cache, NeuronCache))
-        held = self._share(xs, *self.cache.matrices())  # the window's and hot rows, while the delta is read
+        pieces, slots = self._fetch(delta, gather=sh.transfer.gpu or not isinstance(self.cache, NeuronCache))
+        # The window's and hot rows, by neuron id wherever they lie (so the sums' order does not depend on where reads
+        # landed), while the delta is read.
+        held = self._share(xs, *self.cache.rows_of(self.cache.cached_ids()))
         sh.wait_read()
         rows = self._rows(delta, pieces)
         t0 = time.perf_counter()
-        self.cache.insert(delta, rows, self._bias(delta))  # before the read-ahead refills the buffer it moves from
+        self.cache.insert(delta, rows, self._bias(delta), slots=slots)  # before the read-ahead refills its buffer
         self.peak_rows = max(self.peak_rows, self.cache.n)
-        read = self.cache.newest()
         sh.stats.memory_s += time.perf_counter() - t0
         self._read_ahead(xs)
         sh.stats.multiplied += self.cache.n
 
-        out = self._total(xs, [held, self._share(xs, *read)])
+        out = self._total(xs, [held, self._share(xs, *self.cache.rows_of(delta))])
         t0 = time.perf_counter()
         self._evict_before(end - sh.techniques.window)  # keep what the last k tokens needed
         sh.stats.memory_s += time.perf_counter() - t0
@@ -430,15 +446,15 @@ class FlashFFN(nn.Module):
         if len(delta) > room:
             raise BudgetError(f"layer {self.layer}: a pass needs {len(delta)} neurons read, the read buffer holds "
                               f"{room}: raise the DRAM budget")
-        pieces = self._fetch(delta, gather=True)
-        hot = self._share(xs, *self.cache.matrices())  # while the delta is read
+        pieces, _ = self._fetch(delta, gather=True)
+        hot = self._share(xs, *self.cache.rows_of(self.cache.cached_ids()))  # while the delta is read
         self.shared.wait_read()
         rows = whole(self._rows(delta, pieces))
         self._read_ahead(xs)
         self.peak_rows = max(self.peak_rows, self.cache.n)
         self.shared.stats.cached += self.cache.n
         self.shared.stats.multiplied += len(delta) + self.cache.n
-        return self._total(xs, [hot, self._share(xs, rows, self._bias(delta))])
+        return self._total(xs, [hot, self._share(xs, rows, None, self._bias(delta))])
 
     def _read_ahead(self, xs: torch.Tensor) -> None:
         """Overlap: start reading the next layer's likeliest needs that it does not hold, while this layer
@@ -454,12 +470,15 @@ class FlashFFN(nn.Module):
         guesses = np.concatenate(sh.source.lookahead(self.layer, xs) or [np.zeros(0, np.int64)]).astype(np.int64)
         _, first = np.unique(guesses, return_index=True)  # each id once, where it was first guessed
         guess = nxt.cache.missing(nxt._stored_only(guesses[np.sort(first)]))
-        room = sh.ahead_buffer.shape[1]
+        # Into the next layer's free slots where its cache takes reads, else into the read-ahead buffer.
+        room = nxt.cache.capacity - nxt.cache.n if nxt.landing is not None else sh.ahead_buffer.shape[1]
         exact = sh.techniques.source == "all"
         most = room if nxt.last_read is None or exact else min(room, READ_AHEAD * nxt.last_read)
         ids = nxt._in_file_order(np.sort(guess[: int(most)]))
         sh.stats.predictor_s += time.perf_counter() - t0
-        if len(ids):
+        if len(ids) and nxt.landing is not None:
+            sh.read_ahead.start(nxt.layer, ids, nxt.record_of[ids], nxt.landing, rows=nxt.cache.free_slots(len(ids)))
+        elif len(ids):
             sh.read_ahead.start(nxt.layer, ids, nxt.record_of[ids], sh.ahead_buffer)
 
     def _evict_before(self, position: int) -> None:
@@ -469,11 +488,11 @@ class FlashFFN(nn.Module):
 
     def _make_room(self, needed: np.ndarray, start: int, delta: np.ndarray) -> np.ndarray:
         """Where the window's neurons and this pass's delta overflow the cache, forget the window's oldest tokens
-        first (shrinking it, as the paper does), as few as make room, in one delete (each delete moves rows); a pass
+        first (shrinking it, as the paper does), as few as make room, in one delete; a pass
         that alone does not fit is an error. Memory management, and timed as such."""
         sh = self.shared
         oldest = start - sh.techniques.window  # the window's first position: older neurons are gone already
-        must_go = self.cache.n + len(delta) - self.cache.capacity
+        must_go = self.cache.n + len(delta) - sh.capacity  # the spare slots are the read-ahead's alone
         if must_go > 0 and self.cache.n:
             t0 = time.perf_counter()
             last = np.sort(self.last_needed[self.cache.cached_ids()])  # hot neurons' PINNED sorts last
@@ -482,9 +501,9 @@ class FlashFFN(nn.Module):
             self._evict_before(keep_from)
             sh.stats.window_shrinks += keep_from - oldest
             sh.stats.memory_s += time.perf_counter() - t0
-        if self.cache.n + len(delta) > self.cache.capacity:
+        if self.cache.n + len(delta) > sh.capacity:
             raise BudgetError(f"layer {self.layer}: a pass needs {len(needed)} neurons, the cache holds "
-                              f"{self.cache.capacity}: raise the DRAM budget")
+                              f"{sh.capacity}: raise the DRAM budget")
         return delta
 
     def _naive(self, xs: torch.Tensor) -> torch.Tensor:
@@ -511,32 +530,42 @@ class FlashFFN(nn.Module):
                 torch.from_numpy(self.stored).to(self.gate.device)]
         sh.stats.memory_s += time.perf_counter() - t0
         sh.stats.multiplied += len(self.stored)
-        return self._total(xs, [self._share(xs, weights, self._bias(self.stored))])
+        return self._total(xs, [self._share(xs, weights, None, self._bias(self.stored))])
 
-    def _share(self, xs: torch.Tensor, weights: dict[str, torch.Tensor],
+    def _share(self, xs: torch.Tensor, weights: dict[str, torch.Tensor], slots: np.ndarray | None,
                up_bias: torch.Tensor | None) -> torch.Tensor | None:
         """One group of neurons' share of the FFN over their rows: down(act(up x + b)), or down(act(gate x) * up x)
-        if gated; None for no rows. The FFN is the sum of its groups' shares (act acts per neuron), so a group can be
-        multiplied as soon as its rows are in DRAM."""
-        if not len(weights["down"]):
+        if gated; None for no rows. The rows are `slots` of `weights`' matrices (the neuron cache's, multiplied where
+        they lie) or, with slots None, all of them. The FFN is the sum of its groups' shares (act acts per neuron),
+        so a group can be multiplied as soon as its rows are in DRAM."""
+        if not (len(weights["down"]) if slots is None else len(slots)):
             return None
-        if weights["down"].dtype != torch.float32 and weights["down"].device.type == "cpu":
+        sh = self.shared
+        if slots is not None and not (xs.shape[0] == 1 and row_kernels.serves(weights["down"])):
+            # No kernel by index here (float32, a GPU, the C library not built), or several positions (a prefill),
+            # for which torch's matrix products beat one pass over the rows per position: gather the rows.
+            t0 = time.perf_counter()
+            index = torch.from_numpy(slots).to(weights["down"].device)
+            weights = {name: as_words(w).index_select(0, index).view(w.dtype) for name, w in weights.items()}
+            slots = None
+            sh.stats.memory_s += time.perf_counter() - t0
+        if slots is None and weights["down"].dtype != torch.float32 and weights["down"].device.type == "cpu":
             # A bundled layout's whole file (naive reads) holds each vector's rows strided by the record; the CPU's
             # 16-bit products run about 20x slower over them (28.6 against 1.5 ms at 1945 x 4096, bfloat16 or
-            # float16, 2 threads; float32 the same either way). Record buffers and the neuron cache's matrices are
-            # contiguous already: no copy for them. The C down kernel sums strided rows where they lie.
+            # float16, 2 threads; float32 the same either way). Record buffers are contiguous already: no copy for
+            # them. The C down kernel sums strided rows where they lie.
             t0 = time.perf_counter()
-            strided_ok = {"down"} if sparse_down.unavailable() is None else set()
+            strided_ok = {"down"} if row_kernels.serves(weights["down"]) else set()
             weights = {name: w if name in strided_ok else w.contiguous() for name, w in weights.items()}
-            self.shared.stats.memory_s += time.perf_counter() - t0
-        matvec = self.shared.techniques.matvec
-        h = _times_rows(xs, weights["gate" if self.gated else "up"], matvec)  # [T, n]
+            sh.stats.memory_s += time.perf_counter() - t0
+        matvec = sh.techniques.matvec
+        h = _times_rows(xs, weights["gate" if self.gated else "up"], matvec, slots)  # [T, n]
         if up_bias is not None:
             h = h + up_bias
         h = self.act(h[None])[0]  # hooked as the dense FFN's is: [1, T, n]
         if self.gated:
-            h = h * _times_rows(xs, weights["up"], matvec)
-        return _down(h, weights["down"])  # [T, d]
+            h = h * _times_rows(xs, weights["up"], matvec, slots)
+        return _down(h, weights["down"], slots)  # [T, d]
 
     def _total(self, xs: torch.Tensor, shares: list[torch.Tensor | None]) -> torch.Tensor:
         """The FFN's output from its groups' shares, summed in the order given, and the down bias."""
@@ -551,20 +580,24 @@ def down_kernel(techniques: Techniques) -> str:
     """What multiplies the FFN's down projection for these settings (records say it: it is much of a step's time)."""
     if techniques.compute_dtype == "float32" or techniques.device != "cpu":
         return "torch (h @ down)"
-    why = sparse_down.unavailable()
-    return ("C, the active neurons' rows only (sparse_down.c)" if why is None
+    why = row_kernels.unavailable()
+    return ("C, the active neurons' rows only, where they lie in the cache (row_kernels.c)" if why is None
             else f"torch, one matrix-vector product per position ({why})")
 
 
-ROW_BUCKET = 64  # rows: products over a layer's cached rows take one of d_ffn / 64 shapes
+ROW_BUCKET = 64  # rows: products over a buffer's rows take one of d_ffn / 64 shapes
 
 
-def _times_rows(xs: torch.Tensor, rows: torch.Tensor, matvec: str = "linear") -> torch.Tensor:
-    """xs [T, d] @ rows [n, d].t() -> [T, n], one position by `matvec`'s kernel (`model.project`). On the CPU, torch's
-    16-bit products (oneDNN) build a kernel for each new shape, which takes about as long as the product itself here
-    (1-2 ms at 3,000 x 4,096), and a layer's row count changes every pass. So where the rows' buffer goes on after
-    them (the neuron cache's free rows, a record buffer's unused ones) the product runs over n rounded up to
-    ROW_BUCKET rows, whatever the extra rows hold, and their columns are dropped (each column is its own row's sum)."""
+def _times_rows(xs: torch.Tensor, rows: torch.Tensor, matvec: str = "linear",
+                slots: np.ndarray | None = None) -> torch.Tensor:
+    """xs [T, d] @ rows[slots] [n, d].t() -> [T, n]; slots None: all rows. By slot: one position, 16-bit rows on
+    the CPU, by the C kernel (`row_kernels.up`). All rows: one position by `matvec`'s kernel (`model.project`).
+    On the CPU, torch's 16-bit products (oneDNN) build a kernel for each new shape, which takes about as long as the
+    product itself here (1-2 ms at 3,000 x 4,096), and a pass's row count changes every pass. So where the rows'
+    buffer goes on after them (a record buffer's unused rows) the product runs over n rounded up to ROW_BUCKET rows,
+    whatever the extra rows hold, and their columns are dropped (each column is its own row's sum)."""
+    if slots is not None:
+        return row_kernels.up(xs[0], rows, slots)[None]
     n = rows.shape[0]
     padded = -(-n // ROW_BUCKET) * ROW_BUCKET
     if padded != n and rows.dtype != torch.float32 and rows.device.type == "cpu" and rows.is_contiguous():
@@ -574,16 +607,17 @@ def _times_rows(xs: torch.Tensor, rows: torch.Tensor, matvec: str = "linear") ->
     return project(xs, rows, None, matvec)[:, :n]
 
 
-def _down(h: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """h [T, n] @ down [n, d]. In 16 bits on the CPU, torch's products in this orientation (the sum runs down the rows)
-    are slow (bfloat16 on an Intel Xeon with AMX: 6.6 GB/s against 27 for matrix-vector products; float16 on an AMD
-    EPYC: h @ down 40x slower than matrix-vector products), so there the C kernel sums the rows of the active neurons
-    only (`sparse_down`; at the OPT 6.7B shape, 3,300 rows, half of them active: 0.96 ms against torch's 3.45), or,
-    where it is not built, each position is one matrix-vector product."""
+def _down(h: torch.Tensor, down: torch.Tensor, slots: np.ndarray | None = None) -> torch.Tensor:
+    """h [T, n] @ down[slots] [n, d] (slots None: all rows). In 16 bits on the CPU, torch's products in this
+    orientation (the sum runs down the rows) are slow (bfloat16 on an Intel Xeon with AMX: 6.6 GB/s against 27 for
+    matrix-vector products; float16 on an AMD EPYC: h @ down 40x slower than matrix-vector products), so there the C
+    kernel sums the rows of the active neurons only (`row_kernels.down`; at the OPT 6.7B shape, 3,300 rows, half of
+    them active: 0.96 ms against torch's 3.45), or, where it is not built, each position is one matrix-vector
+    product."""
+    if slots is not None or (row_kernels.serves(down) and h.device.type == "cpu"):
+        return row_kernels.down(h, down, slots)
     if h.dtype == torch.float32 or h.device.type != "cpu":
         return h @ down
-    if sparse_down.unavailable() is None and down.stride(1) == 1:
-        return sparse_down.down(h, down)
     return torch.stack([torch.mv(down.t(), row) for row in h])
 
 
@@ -679,10 +713,19 @@ class FlashEngine(Engine):
         # the paper's shape, all combined, the inserts took 110 ms a pass with first-touch faults, 44 without). Without
         # one the capacity is the whole layer, an upper bound: pages are touched as rows first fill.
         host = RowMover("cpu", staging)
-        shared = _Shared(techniques, layout, reader, source, capacity, transfer, host,
+        copies = 2 if techniques.overlap else 1  # overlap: a second buffer, read ahead into while the first is used
+        # Where reads land in the caches, the read-ahead lands in the next layer's free slots, and the second buffer's
+        # DRAM becomes spare slots in every layer instead: the window's room (what `_make_room` keeps) is the same
+        # with or without overlap, and the read-ahead is not limited to the slots the window happens to leave free.
+        lands = bool(techniques.window) and techniques.memory == "preallocated" and not transfer.gpu and \
+            layout.geometry.dtype == techniques.compute_dtype
+        spare = 0
+        if lands and copies == 2:
+            copies = 1
+            spare = min(g.d_ffn - capacity, buffer_rows * g.record_bytes // (config.n_layers * row_bytes))
+        shared = _Shared(techniques, layout, reader, source, capacity, spare, lands, transfer, host,
                          host if not transfer.gpu else RowMover(transfer.device, staging),
                          touch_caches=dram_budget is not None)
-        copies = 2 if techniques.overlap else 1  # overlap: a second buffer, read ahead into while the first is used
         if techniques.reads_whole_layers:
             shared.file_buffers = [transfer.pin(aligned_buffer(g.file_bytes)) for _ in range(copies)]
         else:
@@ -704,7 +747,7 @@ class FlashEngine(Engine):
         transfer.seconds()  # the hot neurons' copies are not a pass's memory management
         super().__init__(model, max_len)
         self.history: list[TokenStats] = []
-        cache_bytes = capacity * config.n_layers * row_bytes
+        cache_bytes = (capacity + spare) * config.n_layers * row_bytes
         buffer_bytes = copies * (g.file_bytes if techniques.reads_whole_layers else buffer_rows * g.record_bytes)
         self.dram = DramUse(resident_bytes, cache_bytes, buffer_bytes, source.nbytes, self.cache.nbytes,
                             staging_bytes)

@@ -20,16 +20,14 @@ def vectors_of(ids, gated=True):
 
 def check(cache: NeuronCache, model: set[int]):
     assert cache.n == len(model)
-    ids = cache.ids[: cache.n]
-    assert set(ids.tolist()) == model
-    assert (cache.ids[cache.n :] == -1).all()
-    for slot, neuron in enumerate(ids):
-        assert cache.slot_of[neuron] == slot
-    assert (cache.slot_of >= 0).sum() == len(model)
+    ids = cache.cached_ids()
+    assert ids.tolist() == sorted(model)
+    assert (cache.ids[cache.slot_of[ids]] == ids).all()
+    assert (cache.ids >= 0).sum() == len(model)  # every other slot free
     want = vectors_of(ids)
-    rows, bias = cache.matrices()
+    rows, slots, bias = cache.rows_of(ids)
     for name in cache.vectors:
-        assert torch.equal(rows[name], want[name])
+        assert torch.equal(rows[name][torch.from_numpy(slots)], want[name])
     assert torch.equal(bias, torch.as_tensor(ids, dtype=torch.float32))
 
 
@@ -75,28 +73,54 @@ def test_pinned_neurons_cannot_be_deleted():
         cache.delete(np.array([5]))
 
 
-def test_occupied_rows_are_views_of_the_preallocated_matrix():
+def test_a_delete_moves_no_row_and_the_next_insert_fills_the_lowest_free_slots():
+    cache = NeuronCache(8, D_MODEL, D_FFN, gated=False, bias=False)
+    cache.insert(np.array([1, 2, 3, 4]), vectors_of([1, 2, 3, 4], gated=False))
+    before = cache.rows["up"].clone()
+    cache.delete(np.array([2, 1]))
+    assert torch.equal(cache.rows["up"], before)  # not a byte moved
+    assert cache.slot_of[[3, 4]].tolist() == [2, 3]
+    assert cache.insert(np.array([9, 7, 8]), vectors_of([9, 7, 8], gated=False)).tolist() == [0, 1, 4]
+    assert cache.cached_ids().tolist() == [3, 4, 7, 8, 9] and cache.n == 5
+    rows, slots, _ = cache.rows_of(np.array([7, 8, 9]))
+    assert torch.equal(rows["up"][torch.from_numpy(slots)], vectors_of([7, 8, 9], gated=False)["up"])
+
+
+def test_rows_read_into_free_slots_are_inserted_where_they_lie():
+    """The engine reads records straight into free slots (`planes`), then inserts them there: nothing is copied."""
+    cache = NeuronCache(8, D_MODEL, D_FFN, gated=False, bias=False)
+    cache.insert(np.array([1]), vectors_of([1], gated=False))
+    slots = cache.free_slots(2, taken=np.array([1]))
+    assert slots.tolist() == [2, 3]
+    for name, rows in vectors_of([6, 5], gated=False).items():  # as a read into the planes would leave them
+        cache.rows[name][torch.from_numpy(slots)] = rows
+    cache.insert(np.array([6, 5]), [], slots=slots)
+    rows, at, _ = cache.rows_of(np.array([5, 6]))
+    assert at.tolist() == [3, 2]
+    assert torch.equal(rows["down"][torch.from_numpy(at)], vectors_of([5, 6], gated=False)["down"])
+    with pytest.raises(RuntimeError, match="free slots"):
+        cache.insert(np.array([7]), [], slots=np.array([2]))  # taken
+
+
+def test_the_cache_gives_its_own_rows_to_multiply_not_copies():
     cache = NeuronCache(8, D_MODEL, D_FFN, gated=False, bias=False)
     cache.insert(np.array([1, 2, 3]), vectors_of([1, 2, 3], gated=False))
-    assert cache.matrices()[0]["up"].data_ptr() == cache.rows["up"].data_ptr()
+    rows, _, _ = cache.rows_of(cache.cached_ids())
+    assert rows["up"].data_ptr() == cache.rows["up"].data_ptr()
 
 
-@pytest.mark.parametrize("kind", ["preallocated", "regather"])
-def test_newest_gives_the_last_inserts_rows_in_their_order(kind):
-    """The engine multiplies a pass's delta apart from the rows it held before: `newest` must be exactly those."""
+def test_the_regathering_cache_gives_each_neurons_row():
     from flashbench.reference.cache import RegatherCache
 
-    cache = (NeuronCache(8, D_MODEL, D_FFN, gated=True, bias=True) if kind == "preallocated"
-             else RegatherCache(8, D_MODEL, gated=True, bias=True))
+    cache = RegatherCache(8, D_MODEL, gated=True, bias=True)
     for ids in ([7, 2], [9, 1, 4]):
         ids = np.array(ids)
         cache.insert(ids, vectors_of(ids), torch.as_tensor(ids, dtype=torch.float32))
-    rows, bias = cache.newest()
-    for name, want in vectors_of([9, 1, 4]).items():
-        assert torch.equal(rows[name], want)
-    assert bias.tolist() == [9, 1, 4]
     cache.delete(np.array([2]))
-    assert len(cache.newest()[0]["up"]) == 0  # a delete moves rows: nothing counts as newest after one
+    rows, at, bias = cache.rows_of(np.array([9, 1, 4]))
+    for name, want in vectors_of([9, 1, 4]).items():
+        assert torch.equal(rows[name][torch.from_numpy(at)], want)
+    assert bias.tolist() == [9, 1, 4]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -6,7 +6,7 @@ import torch
 
 from flashbench import suite
 from flashbench.harness.agreement import agreement, checks, exact_tier, logit_bound, logit_scale
-from flashbench.reference import Engine, Transformer, sparse_down
+from flashbench.reference import Engine, Transformer, row_kernels
 from flashbench.reference.flash import FlashEngine, Techniques
 from flashbench.reference.layout import convert
 from flashbench.reference.sources import Oracle
@@ -120,7 +120,7 @@ def test_the_main_job_judges_a_float16_run_against_a_float16_dense_reference(tmp
     rec = measure(engine, mut, Configuration(frozenset({"hybrid"})), settings, None, dram_budget=1 << 30)
     assert rec["engine"]["compute_dtype"] == "float16"
     # the record says what multiplied the down projection: the C kernel where it is built
-    assert rec["engine"]["down_kernel"].startswith("C" if sparse_down.unavailable() is None else "torch")
+    assert rec["engine"]["down_kernel"].startswith("C" if row_kernels.unavailable() is None else "torch")
     assert rec["agreement"]["tolerance"] == "exact at float16" and rec["agreement"]["passed"], rec["agreement"]
     predicted = measure(engine, mut, Configuration(frozenset({"predictor", "windowing"})), settings, None, 1 << 30)
     assert predicted["status"] == "measured" and predicted["agreement"]["tolerance"] == "approximate"
