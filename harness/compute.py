@@ -11,10 +11,11 @@ an Intel Xeon with AMX and avx512_bf16, bfloat16 ran 4.5x faster than float16 (t
 elsewhere float16 may be the faster. "auto" measures both here and takes the faster; exactness is then judged
 against dense inference in that dtype, as for any compute dtype.
 
-One position's product runs by either of two kernels, `torch.mv` and `F.linear` (the same sums; `model.project`), and
-which is faster depends on the CPU and the dtype too (on that Xeon, bfloat16 mv 24 against linear 21 GB/s, float16 7
-against 14): both are measured, `matvec = "auto"` takes the faster for the compute dtype, and the bound is at the
-faster one's rate.
+One position's product runs by one of three kernels, `torch.mv`, `F.linear` and, for 16-bit weights on the CPU, this
+project's C kernel "rows" (the same sums; `model.project`), and which is fastest depends on the CPU and the dtype too
+(on that Xeon, bfloat16 mv 24 against linear 21 GB/s, float16 7 against 14; on an Intel Xeon without AMX, bfloat16
+mv 6 against rows 21): each is measured, `matvec = "auto"` takes the fastest for the compute dtype, and the bound is
+at the fastest one's rate.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from flashbench.reference import row_kernels
 from flashbench.reference.config import ModelConfig
 from flashbench.reference.device import host_to_device_rate, resolve
 from flashbench.reference.flash import COMPUTE_DTYPES
@@ -48,10 +50,19 @@ class ComputeRates:
     host_to_device_gb_per_s: float | None = None  # on a GPU: a copy from pinned host memory (what reads must cross)
     linear_gb_per_s: dict[str, float] | None = None  # the same by F.linear (None: not measured)
     stream_bytes: int | None = None  # the weight bytes the products cycled through (past the caches)
+    rows_gb_per_s: dict[str, float] | None = None  # the same by the "rows" C kernel: 16-bit dtypes on the CPU
 
     def rate(self, dtype: str, matvec: str) -> float:
-        """Matrix bytes per second of one position's product in `dtype` by the `matvec` kernel."""
+        """Matrix bytes per second of one position's product in `dtype` by the `matvec` kernel; 0 where that kernel
+        was not measured for it ("rows": only 16-bit weights on the CPU, where the kernels are built)."""
+        if matvec == "rows":
+            return (self.rows_gb_per_s or {}).get(dtype, 0.0)
         return self.linear_gb_per_s[dtype] if matvec == "linear" and self.linear_gb_per_s else self.gb_per_s[dtype]
+
+    def rates_line(self, dtype: str) -> str:
+        """"mv 6.0, linear 7.1, rows 21.4 GB/s": each kernel measured for `dtype`."""
+        return ", ".join(f"{kernel} {self.rate(dtype, kernel):.1f}" for kernel in MATVEC
+                         if self.rate(dtype, kernel)) + " GB/s"
 
     def matvec(self, dtype: str) -> str:
         """The faster kernel for `dtype`: "mv" or "linear"."""
@@ -62,9 +73,7 @@ class ComputeRates:
 
     def why(self) -> str:
         """The choice, with the rates it came from."""
-        rates = ", ".join(f"{d} {self.rate(d, 'mv'):.1f}" + (f" (linear {self.rate(d, 'linear'):.1f})"
-                                                              if self.linear_gb_per_s else "") + " GB/s"
-                          for d in COMPUTE_DTYPES)
+        rates = "; ".join(f"{d} {self.rates_line(d)}" for d in COMPUTE_DTYPES)
         flags = ", ".join(self.cpu_flags) or "none of " + ", ".join(FLAGS)
         where = (f"{self.threads} threads; CPU flags: {flags}" if self.device == "cpu"
                  else f"on {self.device}, {torch.cuda.get_device_name(self.device)}")
@@ -111,9 +120,10 @@ def cpu_flags() -> tuple[str, ...]:
 
 @torch.inference_mode()
 def measure_rates(shape: tuple[int, int], threads: int | None = None, device: str = "cpu") -> ComputeRates:
-    """Weight bytes per second of `torch.mv` and of `F.linear` (one position) on [rows, columns] matrices too many for
-    any cache (`stream_bytes`), in every compute dtype, on the engine's device, and the memory bandwidth of one summing
-    pass over an array as large (the rate weights could stream at); on a GPU also the host-to-device copy rate."""
+    """Weight bytes per second of `torch.mv`, `F.linear` and the "rows" kernel (one position) on [rows, columns]
+    matrices too many for any cache (`stream_bytes`), in every compute dtype, on the engine's device, and the memory
+    bandwidth of one summing pass over an array as large (the rate weights could stream at); on a GPU also the
+    host-to-device copy rate."""
     where = resolve(device)
     sync = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)  # noqa: E731
     threads = threads or torch.get_num_threads()
@@ -129,6 +139,8 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
             w, x = base.to(device=where, dtype=dtype), x32.to(device=where, dtype=dtype)
             ws = [w] + [w.clone() for _ in range(-(-streamed // w.nbytes) - 1)]  # together past any cache
             for kernel in MATVEC:
+                if kernel == "rows" and not row_kernels.serves(w):
+                    continue
                 for m in ws:  # warm-up: the first call picks and loads the kernel; every copy's pages are touched
                     project(x, m, None, kernel)
                 sync()
@@ -149,7 +161,7 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
     finally:
         torch.set_num_threads(before)
     return ComputeRates(tuple(shape), threads, rates["mv"], cpu_flags(), read, str(where), host_to_device_rate(where),
-                        rates["linear"], streamed)
+                        rates["linear"], streamed, rates["rows"] or None)
 
 
 def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: str, config: ModelConfig,

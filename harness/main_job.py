@@ -541,9 +541,8 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
                               scenario.settings.device, scenario.settings.threshold)
         config = ModelConfig.load(model.checkpoint)
         model = replace(model, rates=measure_rates((config.d_ffn, config.d_model), device=scenario.settings.device))
-        rates = ", ".join(f"{d} {model.rates.rate(d, 'mv'):.1f} (linear {model.rates.rate(d, 'linear'):.1f}) GB/s"
-                          for d in model.rates.gb_per_s)
-        progress(f"  matrix-vector rates at {config.d_ffn}x{config.d_model}, torch.mv (F.linear): {rates}")
+        rates = "; ".join(f"{d} {model.rates.rates_line(d)}" for d in model.rates.gb_per_s)
+        progress(f"  matrix-vector rates at {config.d_ffn}x{config.d_model}: {rates}")
         info = info | {"compute_rates": model.rates.as_dict()}
         weights = sum(f.stat().st_size for f in weight_files(model.checkpoint))
         budget = int(spec.dram_budget * weights)

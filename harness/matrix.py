@@ -45,9 +45,9 @@ class Settings:
     # The precision the engine (and the dense reference it is judged against) holds weights and computes in.
     compute_dtype: str = "float32"
     device: str = "cpu"  # where the engine computes: "cpu", or "cuda" (weights, caches and compute on the GPU)
-    # How one position's products with a weight matrix run: "linear" (F.linear) or "mv" (torch.mv), two kernels whose
-    # speed depends on the CPU and the dtype; "auto": the faster for the compute dtype, measured when the scenario
-    # loads (harness/compute.py)
+    # How one position's products with a weight matrix run: "linear" (F.linear), "mv" (torch.mv) or, for 16-bit
+    # compute on the CPU, "rows" (the C kernel of row_kernels.c), kernels whose speed depends on the CPU and the
+    # dtype; "auto": the fastest for the compute dtype, measured when the scenario loads (harness/compute.py)
     matvec: str = "linear"
     gap_bytes: int = 0  # the reader merges reads this close, reading the bytes between (sparse configurations)
     # Configurations that need every neuron not kept resident (the hybrid alone) merge reads up to this far apart
@@ -74,6 +74,9 @@ class Settings:
         if self.matvec not in MATVEC:
             raise ValueError(f"matvec must be one of {', '.join(MATVEC)} (or \"auto\" in a scenario), got "
                              f"{self.matvec!r}")
+        if self.matvec == "rows" and (self.compute_dtype == "float32" or self.device != "cpu"):
+            raise ValueError(f"matvec \"rows\" multiplies 16-bit weights on the CPU, not {self.compute_dtype} on "
+                             f"{self.device}")
         if self.reader not in (*BACKENDS, "auto"):
             raise ValueError(f"reader must be one of {', '.join(BACKENDS)} or auto, got {self.reader!r}")
         if self.reader == "io_uring" and (why := uring.unavailable()):

@@ -19,8 +19,9 @@ Every technique is a switch of `Techniques` on this one engine:
 - `device`: where the resident weights, the neuron cache, the KV cache and the compute live (`cpu`, or `cuda`: reads
   land in pinned host buffers and go to the GPU in asynchronous copies, `device.py`);
 - `matvec`: how a decode step's products of one position with a weight matrix run (attention, the LM head, the FFN's
-  up and gate rows): "linear" (F.linear) or "mv" (torch.mv / addmv), the same sums by two kernels whose speed
-  depends on the CPU and the dtype (`model.project`; the probe measures both, harness/compute.py);
+  up and gate rows): "linear" (F.linear), "mv" (torch.mv / addmv) or, for 16-bit weights on the CPU, "rows" (this
+  project's C kernel, row_kernels.c), the same sums by kernels whose speed depends on the CPU and the dtype
+  (`model.project`; the probe measures each, harness/compute.py);
 - `overlap`: reads run on a thread of their own (`ReadAhead`) while the engine computes, twice over. While layer L
   computes, read what layer L + 1 will need, guessed by the source's lookahead from layer L's FFN input: its most
   confident guesses not cached, at most READ_AHEAD times as many as layer L + 1 read for the last pass (all of them
@@ -88,7 +89,7 @@ class Techniques:
     device: str = "cpu"
     threshold: float = 0.0  # target sparsity of a thresholded SiLU FFN; 0: not thresholded
     overlap: bool = False  # read layer L + 1's guessed needs while layer L computes
-    matvec: str = "linear"  # one-position products: "linear" (F.linear) or "mv" (torch.mv)
+    matvec: str = "linear"  # one-position products: "linear" (F.linear), "mv" (torch.mv) or "rows" (row_kernels)
 
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -99,6 +100,9 @@ class Techniques:
             raise ValueError(f"memory must be one of {', '.join(MEMORY)}, got {self.memory!r}")
         if self.matvec not in MATVEC:
             raise ValueError(f"matvec must be one of {', '.join(MATVEC)}, got {self.matvec!r}")
+        if self.matvec == "rows" and (self.compute_dtype == "float32" or self.device != "cpu"):
+            raise ValueError(f"matvec 'rows' multiplies 16-bit weights on the CPU, not {self.compute_dtype} on "
+                             f"{self.device}")
         if self.window < 0 or not 0.0 <= self.hybrid <= 1.0:
             raise ValueError(f"window must be >= 0 and hybrid in [0, 1], got {self.window}, {self.hybrid}")
         if not DEVICE_NAME.fullmatch(self.device):
@@ -595,12 +599,13 @@ def _times_rows(xs: torch.Tensor, rows: torch.Tensor, matvec: str = "linear",
     On the CPU, torch's 16-bit products (oneDNN) build a kernel for each new shape, which takes about as long as the
     product itself here (1-2 ms at 3,000 x 4,096), and a pass's row count changes every pass. So where the rows'
     buffer goes on after them (a record buffer's unused rows) the product runs over n rounded up to ROW_BUCKET rows,
-    whatever the extra rows hold, and their columns are dropped (each column is its own row's sum)."""
+    whatever the extra rows hold, and their columns are dropped (each column is its own row's sum). The "rows"
+    kernel builds nothing: it multiplies the n rows."""
     if slots is not None:
         return row_kernels.up(xs[0], rows, slots)[None]
     n = rows.shape[0]
     padded = -(-n // ROW_BUCKET) * ROW_BUCKET
-    if padded != n and rows.dtype != torch.float32 and rows.device.type == "cpu" and rows.is_contiguous():
+    if matvec != "rows" and padded != n and rows.dtype != torch.float32 and rows.device.type == "cpu" and rows.is_contiguous():
         room = (rows.untyped_storage().nbytes() // rows.element_size() - rows.storage_offset()) // rows.stride(0)
         if room >= padded:
             rows = rows.as_strided((padded, rows.shape[1]), rows.stride())

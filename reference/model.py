@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import row_kernels
 from .checkpoint import load_state_dict
 from .config import ModelConfig
 
@@ -64,17 +65,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-MATVEC = ("linear", "mv")  # how a product of one position with a weight matrix runs
+MATVEC = ("linear", "mv", "rows")  # how a product of one position with a weight matrix runs
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, matvec: str = "linear") -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., d]; with matvec "mv" and one position, a matrix-vector product
-    (torch.addmv): the same sums by another kernel, faster for some dtypes on some CPUs and slower for others
-    (on an Intel Xeon with AMX, bfloat16 24 GB/s against F.linear's 21, float16 7 against 14). The probe measures
-    both (harness/compute.py); the engine says which it uses (`Techniques.matvec`)."""
-    if matvec == "mv" and x.numel() == x.shape[-1]:
+    """F.linear(x, weight, bias) for x [..., d]; with one position, by another kernel if `matvec` says: "mv", a
+    matrix-vector product (torch.addmv), or "rows", this project's C kernel for 16-bit weights on the CPU
+    (`row_kernels.up`, float32 sums; F.linear for other weights). The same sums by other kernels, whose speed depends
+    on the CPU and the dtype (bfloat16 on an Intel Xeon with AMX: mv 24, linear 21 GB/s, float16 7 against 14; on
+    one without AMX, mv 6, rows 21). The probe measures each (harness/compute.py); the engine says which it uses
+    (`Techniques.matvec`)."""
+    if x.numel() == x.shape[-1] and (matvec == "mv" or matvec == "rows" and row_kernels.serves(weight)):
         one = x.reshape(-1)
-        y = torch.mv(weight, one) if bias is None else torch.addmv(bias, weight, one)
+        if matvec == "rows":
+            y = row_kernels.up(one, weight, None, bias)
+        else:
+            y = torch.mv(weight, one) if bias is None else torch.addmv(bias, weight, one)
         return y.view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
 
@@ -208,7 +214,7 @@ class Transformer(nn.Module):
         return project(x, self.embed.weight, None, self.matvec) if self.lm_head is None else self.lm_head(x)
 
     def use_matvec(self, matvec: str) -> None:
-        """Run one position's products (attention, the dense FFN, the LM head) as `matvec` says ("linear" or "mv")."""
+        """Run one position's products (attention, the dense FFN, the LM head) as `matvec` says (MATVEC)."""
         if matvec not in MATVEC:
             raise ValueError(f"matvec must be one of {', '.join(MATVEC)}, got {matvec!r}")
         self.matvec = matvec

@@ -1,7 +1,8 @@
-"""The FFN's 16-bit products on the CPU over rows by index: `row_kernels.c`, built by `make` as `_row_kernels.so`
-beside this file and called through ctypes (which lets go of the GIL for the call). The neuron cache leaves rows
-where they were read (`cache.py`), so a layer's rows are a list of slots, multiplied where they lie; the down kernel
-also skips the rows of inactive neurons. Where the library is not built, `unavailable()` says why and the engine
+"""16-bit products on the CPU over rows by index: `row_kernels.c`, built by `make` as `_row_kernels.so` beside this
+file and called through ctypes (which lets go of the GIL for the call). The neuron cache leaves rows where they were
+read (`cache.py`), so a layer's rows are a list of slots, multiplied where they lie; the down kernel also skips the
+rows of inactive neurons. The up kernel over a whole matrix is also the "rows" matvec kernel (`model.project`),
+which the probe measures beside torch's. Where the library is not built, `unavailable()` says why and the engine
 gathers the rows and multiplies with torch."""
 
 from __future__ import annotations
@@ -57,16 +58,21 @@ def _check(rows: torch.Tensor, slots: np.ndarray | None, n: int) -> None:
         raise ValueError(f"slots must be {n} contiguous int64 row numbers below {rows.shape[0]}")
 
 
-def up(x: torch.Tensor, rows: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
-    """x [d] . rows[slots[i]] for each i -> [len(slots)], in float32 (each row's sum in the same order wherever the
-    row lies), rounded to the rows' dtype once; the rows on torch's threads."""
-    _check(rows, slots, len(slots))
+def up(x: torch.Tensor, rows: torch.Tensor, slots: np.ndarray | None = None,
+       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [d] . rows[slots[i]] for each i -> [len(slots)] (slots None: every row, a matrix-vector product), plus
+    `bias`, in float32 (each row's sum in the same order wherever the row lies), rounded to the rows' dtype once; the
+    rows on torch's threads."""
+    n = rows.shape[0] if slots is None else len(slots)
+    _check(rows, slots, n)
     d = rows.shape[1]
     xs = x.to(torch.float32).contiguous()  # exact: every 16-bit value is a float32
-    out = torch.empty(len(slots), dtype=torch.float32)
-    getattr(_library(), f"fb_up_{DTYPES[rows.dtype]}")(rows.data_ptr(), slots.ctypes.data, len(slots), d,
-                                                       rows.stride(0), xs.data_ptr(), out.data_ptr(),
+    out = torch.empty(n, dtype=torch.float32)
+    getattr(_library(), f"fb_up_{DTYPES[rows.dtype]}")(rows.data_ptr(), None if slots is None else slots.ctypes.data,
+                                                       n, d, rows.stride(0), xs.data_ptr(), out.data_ptr(),
                                                        torch.get_num_threads())
+    if bias is not None:
+        out += bias
     return out.to(rows.dtype)
 
 

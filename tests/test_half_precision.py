@@ -44,7 +44,8 @@ def verdict(dense: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype, meant
     Techniques(source="oracle", window=0, threads=4, compute_dtype="float16"),
     Techniques(source="oracle", window=4, threads=4, compute_dtype="float16"),
     Techniques.naive(threads=4, compute_dtype="float16"),
-], ids=["no-window", "window-4", "naive"])
+    Techniques.naive(threads=4, compute_dtype="float16", matvec="rows"),
+], ids=["no-window", "window-4", "naive", "naive-rows"])
 def test_float16_engine_is_exact_against_float16_dense_inference(model, techniques):
     engine = FlashEngine(model["flash"], techniques)
     logits = teacher_forced_logits(engine)
@@ -58,11 +59,12 @@ def test_float16_engine_is_exact_against_float16_dense_inference(model, techniqu
     ("unbundled", Techniques(source="oracle", window=0, threads=4, compute_dtype="bfloat16")),
     ("unbundled", Techniques.naive(threads=4, compute_dtype="bfloat16")),
     ("bundled", Techniques(source="oracle", window=4, threads=4, compute_dtype="bfloat16", matvec="mv")),
-], ids=["window-4", "no-window", "naive", "window-4-mv"])
+    ("unbundled", Techniques(source="oracle", window=0, threads=4, compute_dtype="bfloat16", matvec="rows")),
+], ids=["window-4", "no-window", "naive", "window-4-mv", "no-window-rows"])
 def test_bfloat16_engine_is_exact_against_bfloat16_dense_inference(model, layout, techniques):
     """Rows multiplied from the neuron cache, where they landed in the read buffer (an unbundled layout's vectors
-    each one contiguous matrix there), and from whole layer files; by F.linear, or by torch.mv (the dense reference
-    by F.linear either way)."""
+    each one contiguous matrix there), and from whole layer files; by F.linear, by torch.mv, or by the C "rows"
+    kernel (the dense reference by F.linear either way)."""
     path = model["root"] / f"bf16-{layout}"
     flash = path if (path / "layout.json").is_file() else convert(model["path"], path, layout, "bfloat16")
     engine = FlashEngine(flash, techniques)

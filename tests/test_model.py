@@ -3,8 +3,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from flashbench.reference import Transformer
+from flashbench.reference import Transformer, row_kernels
+from flashbench.reference.model import project
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,36 @@ def test_a_model_set_to_mv_multiplies_one_position_by_matrix_vector_products(tin
     prefill, step = products(model, tokens[:, :4], cache), products(model, tokens[:, 4:], cache)
     assert prefill and prefill <= {"aten::mm", "aten::addmm"}  # several positions: F.linear
     assert step and step <= {"aten::mv", "aten::addmv"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_set_to_rows_multiplies_one_16_bit_position_by_the_c_kernel(tiny_checkpoint, dtype):
+    if why := row_kernels.unavailable():
+        pytest.skip(why)
+    model = Transformer.from_checkpoint(tiny_checkpoint, dtype=dtype)
+    model.use_matvec("rows")
+    tokens = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(4))
+    cache = model.new_cache(16)
+    prefill, step = products(model, tokens[:, :4], cache), products(model, tokens[:, 4:], cache)
+    assert prefill and prefill <= {"aten::mm", "aten::addmm"}  # several positions: F.linear
+    assert step == set()  # every product of one position by the C kernel, none by torch
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_rows_kernel_is_the_c_up_product_over_every_row(bias):
+    if why := row_kernels.unavailable():
+        pytest.skip(why)
+    g = torch.Generator().manual_seed(6)
+    w, x = torch.randn(40, 24, generator=g).bfloat16(), torch.randn(1, 1, 24, generator=g).bfloat16()
+    b = torch.randn(40, generator=g).bfloat16() if bias else None
+    y = project(x, w, b, "rows")
+    assert y.shape == (1, 1, 40) and torch.equal(y.view(-1), row_kernels.up(x.view(-1), w, None, b))
+
+
+def test_the_rows_kernel_leaves_float32_weights_to_f_linear():
+    g = torch.Generator().manual_seed(7)
+    w, x = torch.randn(40, 24, generator=g), torch.randn(1, 1, 24, generator=g)
+    assert torch.equal(project(x, w, None, "rows"), F.linear(x, w))
 
 
 def test_mv_and_linear_give_the_same_logits_within_float32_rounding(models):

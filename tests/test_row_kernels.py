@@ -91,6 +91,24 @@ def test_each_rows_sum_is_float32_accumulation_rounded_once(built, dtype, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_with_no_slots_every_row_is_multiplied_in_order(built, dtype):
+    """The "rows" matvec kernel: a whole matrix (here strided as records hold rows), as if every slot were listed."""
+    rows = record_rows(1000, 96, dtype, 16)
+    x = torch.randn(96, generator=torch.Generator().manual_seed(17)).to(dtype)
+    assert torch.equal(row_kernels.up(x, rows), row_kernels.up(x, rows, np.arange(1000, dtype=np.int64)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_bias_is_added_to_each_rows_sum(built, dtype):
+    """Small integers: every product, sum and rounding is exact, so the result is the exact x . r + b."""
+    g = torch.Generator().manual_seed(18)
+    rows, x = torch.randint(-3, 4, (50, 40), generator=g), torch.randint(-3, 4, (40,), generator=g)
+    bias = torch.randint(-20, 21, (50,), generator=g)
+    out = row_kernels.up(x.to(dtype), rows.to(dtype), None, bias.to(dtype))
+    assert torch.equal(out, (rows @ x + bias).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_a_rows_sum_is_the_same_bits_wherever_it_lies_and_on_one_thread_or_two(built, dtype):
     """Reads land in whatever slots are free, so the same neurons lie elsewhere in another run (with or without
     overlap): their sums must not change by a bit."""

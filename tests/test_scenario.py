@@ -100,6 +100,7 @@ def test_pruning_counts_on_the_same_tokens_in_the_main_job_and_in_convert():
     ('[engine]\ncompute_dtype = "float8"\n', "compute_dtype must be one of"),
     ('[engine]\nwindow = -1\n', "window must be an integer >= 0"),
     ('[engine]\nhybrid = 1.5\n', "hybrid must be a fraction"),
+    ('[engine]\nmatvec = "rows"\n', 'matvec "rows" multiplies 16-bit weights on the CPU, not float32'),
     ('[engine]\ndtype = "float16"\n', "'dtype' is now 'storage_dtype'"),
     ('[[models]]\nname = "x"\ntokens = "64"\n', "tokens must be a non-negative integer"),
 ])
