@@ -65,7 +65,7 @@ class ComputeRates:
                          if self.rate(dtype, kernel)) + " GB/s"
 
     def matvec(self, dtype: str) -> str:
-        """The faster kernel for `dtype`: "mv" or "linear"."""
+        """The fastest kernel for `dtype` (one of MATVEC; linear where rates tie)."""
         return max(MATVEC, key=lambda kernel: (self.rate(dtype, kernel), kernel == "linear"))
 
     def fastest_half(self) -> str:

@@ -605,7 +605,8 @@ def _times_rows(xs: torch.Tensor, rows: torch.Tensor, matvec: str = "linear",
         return row_kernels.up(xs[0], rows, slots)[None]
     n = rows.shape[0]
     padded = -(-n // ROW_BUCKET) * ROW_BUCKET
-    if matvec != "rows" and padded != n and rows.dtype != torch.float32 and rows.device.type == "cpu" and rows.is_contiguous():
+    if (matvec != "rows" and padded != n and rows.dtype != torch.float32 and rows.device.type == "cpu"
+            and rows.is_contiguous()):
         room = (rows.untyped_storage().nbytes() // rows.element_size() - rows.storage_offset()) // rows.stride(0)
         if room >= padded:
             rows = rows.as_strided((padded, rows.shape[1]), rows.stride())

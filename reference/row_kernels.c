@@ -67,7 +67,7 @@ static inline float from_f16(uint16_t v) {
 /* Rows per chunk of the up kernel's threads, which take chunks as they finish (OpenMP's dynamic schedule): a fixed
    half each waited for the thread whose core also takes the disk's interrupts. About 8 chunks a thread, whole
    8-row blocks, at most 256 rows. bfloat16 4096x4096 beside fio's 16 KiB random reads: 14.5-15.0 GB/s split in
-   halves, 16.1-18.6 by chunks (20.5-21.7 and 21.6-23.3 with no reads; Intel Xeon, 2 threads). */
+   halves, 16.5-18.6 in chunks of 256 (20.5-21.7 and 21.7-22.3 with no reads; Intel Xeon, 2 threads). */
 static long up_chunk(long n, int threads) {
     long chunk = (n / ((long)threads * 8) + UP_ROWS - 1) / UP_ROWS * UP_ROWS;
     return chunk < UP_ROWS ? UP_ROWS : chunk > 256 ? 256 : chunk;
@@ -94,10 +94,10 @@ static inline float lane_sum(const float *acc) {
                                    const float *x, float *out) {                                                  \
         long i = 0;                                                                                               \
         for (; i + UP_ROWS <= n; i += UP_ROWS) { /* eight rows unrolled by hand: arrays of them do not vectorise */ \
-            const uint16_t *r0 = ROW(i), *r1 = ROW(i + 1);                         \
-            const uint16_t *r2 = ROW(i + 2), *r3 = ROW(i + 3);                     \
-            const uint16_t *r4 = ROW(i + 4), *r5 = ROW(i + 5);                     \
-            const uint16_t *r6 = ROW(i + 6), *r7 = ROW(i + 7);                     \
+            const uint16_t *r0 = ROW(i), *r1 = ROW(i + 1);                                                        \
+            const uint16_t *r2 = ROW(i + 2), *r3 = ROW(i + 3);                                                    \
+            const uint16_t *r4 = ROW(i + 4), *r5 = ROW(i + 5);                                                    \
+            const uint16_t *r6 = ROW(i + 6), *r7 = ROW(i + 7);                                                    \
             float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};                             \
             float a4[LANES] = {0}, a5[LANES] = {0}, a6[LANES] = {0}, a7[LANES] = {0};                             \
             long j = 0;                                                                                           \
