@@ -9,7 +9,9 @@ not enough on a virtual machine whose L3 is 480 MiB: 16384x4096 bfloat16 product
 256 MiB 32-34, over 512 MiB to 4 GiB 28 (2 threads, `stream_bytes`). It depends on the CPU as much as on the dtype: on
 an Intel Xeon with AMX and avx512_bf16, bfloat16 ran 4.5x faster than float16 (torch 2.13, 2 threads, 16384x4096);
 elsewhere float16 may be the faster. "auto" measures both here and takes the faster; exactness is then judged
-against dense inference in that dtype, as for any compute dtype.
+against dense inference in that dtype, as for any compute dtype. A model whose weights fit in the caches is
+multiplied from them, so the copies stop at the model's own weight bytes where those are fewer (the embedded models:
+a few MB); that also keeps a tiny matrix from being cycled through a hundred thousand copies, one Python call each.
 
 One position's product runs by one of three kernels, `torch.mv`, `F.linear` and, for 16-bit weights on the CPU, this
 project's C kernel "rows" (the same sums; `model.project`), and which is fastest depends on the CPU and the dtype too
@@ -51,6 +53,7 @@ class ComputeRates:
     linear_gb_per_s: dict[str, float] | None = None  # the same by F.linear (None: not measured)
     stream_bytes: int | None = None  # the weight bytes the products cycled through (past the caches)
     rows_gb_per_s: dict[str, float] | None = None  # the same by the "rows" C kernel: 16-bit dtypes on the CPU
+    cycled_bytes: dict[str, int] | None = None  # dtype -> the weight bytes its products cycled through
 
     def rate(self, dtype: str, matvec: str) -> float:
         """Matrix bytes per second of one position's product in `dtype` by the `matvec` kernel; 0 where that kernel
@@ -77,7 +80,9 @@ class ComputeRates:
         flags = ", ".join(self.cpu_flags) or "none of " + ", ".join(FLAGS)
         where = (f"{self.threads} threads; CPU flags: {flags}" if self.device == "cpu"
                  else f"on {self.device}, {torch.cuda.get_device_name(self.device)}")
-        over = f" cycled over {self.stream_bytes >> 20} MiB" if self.stream_bytes else ""
+        cycled = self.cycled_bytes or {}
+        over = (" cycled over " + ", ".join(f"{d} {cycled[d] / 2**20:.3g}" for d in cycled) + " MiB" if cycled else
+                f" cycled over {self.stream_bytes >> 20} MiB" if self.stream_bytes else "")
         return (f"{self.fastest_half()}: the faster 16-bit matrix-vector product here ({rates}; "
                 f"{self.shape[0]}x{self.shape[1]} matrices{over}, {where})")
 
@@ -108,6 +113,14 @@ def stream_bytes(device: torch.device, caches: Path = CACHES) -> int:
     return max(MIN_STREAM_BYTES, 2 * cache)
 
 
+def weight_elements(config: ModelConfig, ffn_rows: int | None = None) -> int:
+    """The weight elements one position multiplies: attention's projections and the LM head, and the FFN's matrices
+    over `ffn_rows` neurons counted over all layers (every layer's every neuron where None)."""
+    d, kv = config.d_model, config.n_kv_heads * config.head_dim
+    ffn = (config.n_layers * config.d_ffn if ffn_rows is None else ffn_rows) * (3 if config.gated else 2) * d
+    return config.n_layers * (2 * d * d + 2 * kv * d) + config.vocab_size * d + ffn
+
+
 def cpu_flags() -> tuple[str, ...]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -119,11 +132,12 @@ def cpu_flags() -> tuple[str, ...]:
 
 
 @torch.inference_mode()
-def measure_rates(shape: tuple[int, int], threads: int | None = None, device: str = "cpu") -> ComputeRates:
+def measure_rates(shape: tuple[int, int], threads: int | None = None, device: str = "cpu",
+                  model_elements: int | None = None) -> ComputeRates:
     """Weight bytes per second of `torch.mv`, `F.linear` and the "rows" kernel (one position) on [rows, columns]
-    matrices too many for any cache (`stream_bytes`), in every compute dtype, on the engine's device, and the memory
-    bandwidth of one summing pass over an array as large (the rate weights could stream at); on a GPU also the
-    host-to-device copy rate."""
+    matrices too many for any cache (`stream_bytes`), or as many as the model's `model_elements` where those are
+    fewer, in every compute dtype, on the engine's device, and the memory bandwidth of one summing pass over
+    `stream_bytes` (the rate weights could stream at); on a GPU also the host-to-device copy rate."""
     where = resolve(device)
     sync = (lambda: torch.cuda.synchronize(where)) if where.type == "cuda" else (lambda: None)  # noqa: E731
     threads = threads or torch.get_num_threads()
@@ -134,15 +148,18 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
         g = torch.Generator().manual_seed(0)
         base = torch.randn(shape, generator=g)
         x32 = torch.randn(shape[1], generator=g)
-        rates = {kernel: {} for kernel in MATVEC}
+        rates, cycled = {kernel: {} for kernel in MATVEC}, {}
         for name, dtype in COMPUTE_DTYPES.items():
             w, x = base.to(device=where, dtype=dtype), x32.to(device=where, dtype=dtype)
-            ws = [w] + [w.clone() for _ in range(-(-streamed // w.nbytes) - 1)]  # together past any cache
+            copies = -(-streamed // w.nbytes)  # together past any cache
+            if model_elements:
+                copies = min(copies, -(-model_elements // w.numel()))
+            ws = [w] + [w.clone() for _ in range(copies - 1)]  # the clones touch every page
+            cycled[name] = w.nbytes * len(ws)
             for kernel in MATVEC:
                 if kernel == "rows" and not row_kernels.serves(w):
                     continue
-                for m in ws:  # warm-up: the first call picks and loads the kernel; every copy's pages are touched
-                    project(x, m, None, kernel)
+                project(x, w, None, kernel)  # warm-up: the first call picks and loads the kernel
                 sync()
                 n, t0 = 0, time.perf_counter()
                 while (elapsed := time.perf_counter() - t0) < SECONDS or n < len(ws):
@@ -161,7 +178,7 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
     finally:
         torch.set_num_threads(before)
     return ComputeRates(tuple(shape), threads, rates["mv"], cpu_flags(), read, str(where), host_to_device_rate(where),
-                        rates["linear"], streamed, rates["rows"] or None)
+                        rates["linear"], streamed, rates["rows"] or None, cycled)
 
 
 def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: str, config: ModelConfig,
@@ -181,10 +198,7 @@ def latency_bound(metrics: dict, fio: dict | None, rates: ComputeRates, dtype: s
     read = per_token.get("bytes_read") or 0.0
     if read and not (fio and fio.get("bandwidth_bytes_s")):
         return None
-    d, kv = config.d_model, config.n_kv_heads * config.head_dim
-    resident = config.n_layers * (2 * d * d + 2 * kv * d) + config.vocab_size * d  # elements every token multiplies
-    ffn = per_token["neurons_multiplied"] * (3 if config.gated else 2) * d
-    multiplied = (resident + ffn) * COMPUTE_DTYPES[dtype].itemsize
+    multiplied = weight_elements(config, per_token["neurons_multiplied"]) * COMPUTE_DTYPES[dtype].itemsize
     io_ms = read / fio["bandwidth_bytes_s"] * 1e3 if read else 0.0
     h2d = rates.host_to_device_gb_per_s
     copy_ms = read / (h2d * 1e9) * 1e3 if read and h2d else 0.0

@@ -47,7 +47,7 @@ from flashbench.reference.tokenizer import Tokenizer
 
 from .agreement import dense_reference, heldout_sequences
 from .adapters import EngineSUT
-from .compute import measure_rates
+from .compute import measure_rates, weight_elements
 from .matrix import LayoutSpec, Settings, describe, effective, matrix, ordered, technique_names
 from .measure import ModelUnderTest, measure, return_freed_memory
 from .peers import measure_peer
@@ -540,7 +540,8 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
         model, info = prepare(spec, work, progress, COMPUTE_DTYPES[scenario.settings.compute_dtype],
                               scenario.settings.device, scenario.settings.threshold)
         config = ModelConfig.load(model.checkpoint)
-        model = replace(model, rates=measure_rates((config.d_ffn, config.d_model), device=scenario.settings.device))
+        model = replace(model, rates=measure_rates((config.d_ffn, config.d_model), device=scenario.settings.device,
+                                                   model_elements=weight_elements(config)))
         rates = "; ".join(f"{d} {model.rates.rates_line(d)}" for d in model.rates.gb_per_s)
         progress(f"  matrix-vector rates at {config.d_ffn}x{config.d_model}: {rates}")
         info = info | {"compute_rates": model.rates.as_dict()}

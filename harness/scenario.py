@@ -63,7 +63,7 @@ from flashbench.reference.device import DeviceError, resolve
 from flashbench.reference.errors import FlashbenchError
 
 from .agreement import approximate_tier
-from .compute import measure_rates
+from .compute import measure_rates, weight_elements
 from .matrix import Settings, technique_names
 from .peers import PEERS
 from .probe import KIB, ProbeGrid
@@ -258,8 +258,9 @@ def _settings(engine: dict, where: str, models: list) -> tuple[Settings, dict | 
                                 f"they store theirs as {dtypes}")
         engine["storage_dtype"] = dtypes.popitem()[1]
     if "auto" in (engine.get("compute_dtype"), engine.get("matvec")) and names:
-        shape = max(((c.d_ffn, c.d_model) for c in map(_model_config, names)), key=lambda s: s[0] * s[1])
-        compute = measure_rates(shape, device=engine.get("device", "cpu")).as_dict()
+        largest = max(map(_model_config, names), key=lambda c: c.d_ffn * c.d_model)
+        compute = measure_rates((largest.d_ffn, largest.d_model), device=engine.get("device", "cpu"),
+                                model_elements=weight_elements(largest)).as_dict()
         if engine.get("compute_dtype") == "auto":
             engine["compute_dtype"] = compute["chosen"]
         if engine.get("matvec") == "auto":

@@ -9,6 +9,7 @@ from flashbench.harness.compute import (HALF, MIN_STREAM_BYTES, ComputeRates, la
                                         stream_bytes)
 
 from flashbench.reference import row_kernels
+from flashbench.reference.flash import COMPUTE_DTYPES
 from flashbench.reference.model import MATVEC
 
 from .tiny import scenario
@@ -20,6 +21,7 @@ def test_every_compute_dtype_has_a_measured_rate_and_auto_takes_the_faster_16_bi
     best = {d: max(rates.rate(d, kernel) for kernel in MATVEC) for d in HALF}
     assert best[rates.fastest_half()] == max(best.values())
     assert rates.stream_bytes == stream_bytes(torch.device("cpu"))  # said in the record: what the rates streamed
+    assert all(cycled >= rates.stream_bytes for cycled in rates.cycled_bytes.values())  # no model given: past them
 
 
 def test_the_products_cycle_through_twice_the_last_level_cache_and_at_least_256_mib(tmp_path):
@@ -36,6 +38,12 @@ def test_the_products_cycle_through_twice_the_last_level_cache_and_at_least_256_
     assert stream_bytes(torch.device("cpu"), tmp_path / "nowhere") == MIN_STREAM_BYTES  # the kernel says nothing
 
 
+def test_a_model_smaller_than_the_caches_is_multiplied_from_its_own_bytes_not_past_them():
+    rates = measure_rates((512, 256), model_elements=3 * 512 * 256 + 1)  # three matrices and a bit: four copies
+    assert rates.cycled_bytes == {d: 4 * 512 * 256 * t.itemsize for d, t in COMPUTE_DTYPES.items()}
+    assert rates.stream_bytes == stream_bytes(torch.device("cpu"))  # the bandwidth pass still streams past them
+
+
 def test_each_kernel_has_a_measured_rate_for_every_dtype_it_runs_and_matvec_names_the_fastest():
     rates = measure_rates((512, 256))
     for dtype in rates.gb_per_s:
@@ -50,7 +58,7 @@ def test_an_auto_matvec_scenario_runs_the_kernel_its_rates_chose_for_the_compute
     mv = {"float32": 10.0, "float16": 5.0, "bfloat16": 20.0 if fast == "mv" else 8.0}
     linear = {"float32": 30.0, "float16": 15.0, "bfloat16": 20.0 if fast == "linear" else 8.0}
     rows = {"float16": 4.0, "bfloat16": 20.0 if fast == "rows" else 7.0}
-    monkeypatch.setattr(sc, "measure_rates", lambda shape, device="cpu": ComputeRates(
+    monkeypatch.setattr(sc, "measure_rates", lambda shape, device="cpu", **_: ComputeRates(
         shape, 2, mv, (), linear_gb_per_s=linear, rows_gb_per_s=rows))
     (tmp_path / "s.toml").write_text(scenario("auto", tokens=8, engine='compute_dtype = "bfloat16"\nmatvec = "auto"'))
     loaded = sc.load(str(tmp_path / "s.toml"))
@@ -61,7 +69,7 @@ def test_an_auto_matvec_scenario_runs_the_kernel_its_rates_chose_for_the_compute
 @pytest.mark.parametrize("fast", HALF)
 def test_an_auto_scenario_computes_in_the_dtype_its_rates_chose_and_says_why(tmp_path, monkeypatch, fast):
     rates = {"float32": 10.0} | {d: (20.0 if d == fast else 5.0) for d in HALF}
-    monkeypatch.setattr(sc, "measure_rates", lambda shape, device="cpu": ComputeRates(shape, 2, rates, ("avx512_bf16",)))
+    monkeypatch.setattr(sc, "measure_rates", lambda shape, device="cpu", **_: ComputeRates(shape, 2, rates, ("avx512_bf16",)))
     (tmp_path / "s.toml").write_text(scenario("auto", tokens=8, engine='compute_dtype = "auto"'))
     loaded = sc.load(str(tmp_path / "s.toml"))
     assert loaded.settings.compute_dtype == fast == loaded.compute["chosen"]

@@ -61,8 +61,8 @@ def test_an_interrupted_run_keeps_its_records_and_resume_finishes_only_the_rest(
     run_dir = place["root"] / "reports" / "r"
     proc = flashbench_run(place, "r")
     interrupt_after_first_configuration(proc, run_dir / "records", sig)
-    _, err = proc.communicate()
-    assert not (run_dir / "run.json").exists(), "the run finished before it was interrupted: make it longer"
+    out, err = proc.communicate()
+    assert not (run_dir / "run.json").exists(), f"the run finished before it was interrupted:\n{out}\n{err}"
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "--run-id r --resume" in err
     before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "records" / "shakespeare-opt").glob("*.json")}
