@@ -51,7 +51,7 @@ class ComputeRates:
     device: str = "cpu"  # where the products ran (the engine's device)
     host_to_device_gb_per_s: float | None = None  # on a GPU: a copy from pinned host memory (what reads must cross)
     linear_gb_per_s: dict[str, float] | None = None  # the same by F.linear (None: not measured)
-    stream_bytes: int | None = None  # the weight bytes the products cycled through (past the caches)
+    stream_bytes: int | None = None  # past the caches: what the bandwidth pass reads, the products' most
     rows_gb_per_s: dict[str, float] | None = None  # the same by the "rows" C kernel: 16-bit dtypes on the CPU
     cycled_bytes: dict[str, int] | None = None  # dtype -> the weight bytes its products cycled through
 
