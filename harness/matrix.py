@@ -21,7 +21,7 @@ from typing import Callable
 from flashbench.reference.device import NAME as DEVICE_NAME
 from flashbench.reference.flash import COMPUTE_DTYPES, Techniques
 from flashbench.reference.layout import DTYPES
-from flashbench.reference.model import MATVEC
+from flashbench.reference.model import MATVEC, check_matvec
 from flashbench.reference import uring
 from flashbench.reference.reader import BACKENDS
 from flashbench.reference.threshold import check_target
@@ -74,9 +74,7 @@ class Settings:
         if self.matvec not in MATVEC:
             raise ValueError(f"matvec must be one of {', '.join(MATVEC)} (or \"auto\" in a scenario), got "
                              f"{self.matvec!r}")
-        if self.matvec == "rows" and (self.compute_dtype == "float32" or self.device != "cpu"):
-            raise ValueError(f"matvec \"rows\" multiplies 16-bit weights on the CPU, not {self.compute_dtype} on "
-                             f"{self.device}")
+        check_matvec(self.matvec, self.compute_dtype, self.device)
         if self.reader not in (*BACKENDS, "auto"):
             raise ValueError(f"reader must be one of {', '.join(BACKENDS)} or auto, got {self.reader!r}")
         if self.reader == "io_uring" and (why := uring.unavailable()):

@@ -55,7 +55,7 @@ from .device import Transfer, exact_float32, resolve
 from .engine import Engine
 from .errors import BudgetError
 from .layout import FlashLayout, decode_layer_file, decode_records
-from .model import MATVEC, Transformer, activation, project
+from .model import MATVEC, Transformer, activation, check_matvec, project
 from .reader import FlashReader, ReadStats, aligned_buffer, record_buffer
 from .sources import ActivationSource, AllNeurons, Oracle
 from .threshold import ThresholdedSiLU, check_target
@@ -100,9 +100,7 @@ class Techniques:
             raise ValueError(f"memory must be one of {', '.join(MEMORY)}, got {self.memory!r}")
         if self.matvec not in MATVEC:
             raise ValueError(f"matvec must be one of {', '.join(MATVEC)}, got {self.matvec!r}")
-        if self.matvec == "rows" and (self.compute_dtype == "float32" or self.device != "cpu"):
-            raise ValueError(f"matvec 'rows' multiplies 16-bit weights on the CPU, not {self.compute_dtype} on "
-                             f"{self.device}")
+        check_matvec(self.matvec, self.compute_dtype, self.device)
         if self.window < 0 or not 0.0 <= self.hybrid <= 1.0:
             raise ValueError(f"window must be >= 0 and hybrid in [0, 1], got {self.window}, {self.hybrid}")
         if not DEVICE_NAME.fullmatch(self.device):

@@ -68,6 +68,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 MATVEC = ("linear", "mv", "rows")  # how a product of one position with a weight matrix runs
 
 
+def check_matvec(matvec: str, compute_dtype: str, device: str) -> None:
+    """Refuse "rows" where it cannot run: the C kernel multiplies 16-bit weights on the CPU only."""
+    if matvec == "rows" and (compute_dtype == "float32" or device != "cpu"):
+        raise ValueError(f"matvec \"rows\" multiplies 16-bit weights on the CPU, not {compute_dtype} on {device}")
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, matvec: str = "linear") -> torch.Tensor:
     """F.linear(x, weight, bias) for x [..., d]; with one position, by another kernel if `matvec` says: "mv", a
     matrix-vector product (torch.addmv), or "rows", this project's C kernel for 16-bit weights on the CPU

@@ -75,13 +75,18 @@ def products(model: Transformer, tokens: torch.Tensor, cache) -> set[str]:
     return {e.name for e in prof.events()} & {"aten::mm", "aten::addmm", "aten::mv", "aten::addmv"}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_model_set_to_mv_multiplies_one_position_by_matrix_vector_products(tiny_checkpoint, dtype):
-    model = Transformer.from_checkpoint(tiny_checkpoint, dtype=dtype)
-    model.use_matvec("mv")
+def prefill_and_step_products(checkpoint, dtype: torch.dtype, matvec: str) -> tuple[set[str], set[str]]:
+    """Torch's matrix products for a four-position prefill, then for one decode step, of a model set to `matvec`."""
+    model = Transformer.from_checkpoint(checkpoint, dtype=dtype)
+    model.use_matvec(matvec)
     tokens = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(4))
     cache = model.new_cache(16)
-    prefill, step = products(model, tokens[:, :4], cache), products(model, tokens[:, 4:], cache)
+    return products(model, tokens[:, :4], cache), products(model, tokens[:, 4:], cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_set_to_mv_multiplies_one_position_by_matrix_vector_products(tiny_checkpoint, dtype):
+    prefill, step = prefill_and_step_products(tiny_checkpoint, dtype, "mv")
     assert prefill and prefill <= {"aten::mm", "aten::addmm"}  # several positions: F.linear
     assert step and step <= {"aten::mv", "aten::addmv"}
 
@@ -90,11 +95,7 @@ def test_a_model_set_to_mv_multiplies_one_position_by_matrix_vector_products(tin
 def test_a_model_set_to_rows_multiplies_one_16_bit_position_by_the_c_kernel(tiny_checkpoint, dtype):
     if why := row_kernels.unavailable():
         pytest.skip(why)
-    model = Transformer.from_checkpoint(tiny_checkpoint, dtype=dtype)
-    model.use_matvec("rows")
-    tokens = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(4))
-    cache = model.new_cache(16)
-    prefill, step = products(model, tokens[:, :4], cache), products(model, tokens[:, 4:], cache)
+    prefill, step = prefill_and_step_products(tiny_checkpoint, dtype, "rows")
     assert prefill and prefill <= {"aten::mm", "aten::addmm"}  # several positions: F.linear
     assert step == set()  # every product of one position by the C kernel, none by torch
 
