@@ -41,12 +41,14 @@ peers: $(PEERS_STAMP)
 run: setup peers
 	$(BIN)/flashbench run
 
-# The whole suite on the machine's own kernels, then the exactness tests again under every other CPU kernel path it
-# offers (tests/kernel_paths.py), with how close each came to the exact tiers' bound.
+# The whole suite on the machine's own kernels, one pytest worker per core with one torch thread each (a module's
+# tests on one worker, as its fixtures are shared), then the exactness tests again on all threads and under every
+# other CPU kernel path the machine offers (tests/kernel_paths.py), with how close each came to the exact tiers' bound.
 EXACTNESS_LOG := $(VENV)/exactness-native.jsonl
 test: setup
 	rm -f $(EXACTNESS_LOG)
-	FLASHBENCH_EXACTNESS_LOG=$(abspath $(EXACTNESS_LOG)) $(BIN)/python -m pytest -q
+	FLASHBENCH_EXACTNESS_LOG=$(abspath $(EXACTNESS_LOG)) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto \
+		--dist loadfile
 	$(BIN)/python tests/kernel_paths.py --native-log $(EXACTNESS_LOG)
 
 clean:

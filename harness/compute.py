@@ -36,7 +36,8 @@ from flashbench.reference.model import MATVEC, project
 
 HALF = ("float16", "bfloat16")
 FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "f16c")  # what decides the 16-bit kernels' speed
-SECONDS = 0.15  # per dtype, after a warm-up product
+SECONDS = 0.15  # per kernel and dtype, after a warm-up product, unless PRODUCTS are done sooner
+PRODUCTS = 1000  # a small model's products take microseconds: a thousand of them are as many as the clock needs
 MIN_STREAM_BYTES = 256 << 20  # the least the products and the bandwidth read cycle through, whatever the caches
 CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # index*/size: "48K", "491520K", "32M"
 
@@ -162,7 +163,7 @@ def measure_rates(shape: tuple[int, int], threads: int | None = None, device: st
                 project(x, w, None, kernel)  # warm-up: the first call picks and loads the kernel
                 sync()
                 n, t0 = 0, time.perf_counter()
-                while (elapsed := time.perf_counter() - t0) < SECONDS or n < len(ws):
+                while ((elapsed := time.perf_counter() - t0) < SECONDS and n < PRODUCTS) or n < len(ws):
                     project(x, ws[n % len(ws)], None, kernel)
                     sync()
                     n += 1

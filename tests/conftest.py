@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +56,20 @@ def family_checkpoint(request, tmp_path_factory):
 def silu_checkpoint(tmp_path_factory):
     """A Llama checkpoint with the ordinary SiLU-gated FFN (dense activations)."""
     return write_family_checkpoint("llama-silu", tmp_path_factory.mktemp("llama-silu") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def cache_home(tmp_path_factory):
+    """`cache_home(folder)`: an XDG_CACHE_HOME in a test's folder, with a SUT cache (converted layouts) of its own and
+    the session's one probe cache, so the small scenarios' fio curve is measured once and not by every run that
+    tests something else (test_probe tests the cache itself)."""
+    probes = tmp_path_factory.mktemp("probe-cache")
+
+    def make(folder: Path) -> str:
+        home = folder / "cache"
+        (home / "flashbench").mkdir(parents=True, exist_ok=True)
+        if not (home / "flashbench" / "probe").exists():
+            (home / "flashbench" / "probe").symlink_to(probes, target_is_directory=True)
+        return str(home)
+
+    return make

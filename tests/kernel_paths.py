@@ -7,8 +7,10 @@ A kernel path is what torch's CPU code is allowed to use: ATen's own vectorised 
 the libraries beneath it, oneDNN (ONEDNN_MAX_CPU_ISA: 16-bit matrix products) and MKL (MKL_ENABLE_INSTRUCTIONS:
 float32 ones). Another CPU runs another path, so a verdict that holds on one path only would not hold on the next
 machine. A path is offered where torch, asked for it, reports it (asked for more than the CPU has, torch falls back
-to the best it has). `make test` runs the whole suite on the native path first (all limits unset), logging to
---native-log, then this. Exit 1 if the exactness tests fail on any path.
+to the best it has). The number of threads is a path too: a product split across threads may sum in another order.
+`make test` runs the whole suite on the native path first (all limits unset, one thread per pytest worker), logging
+to --native-log, then this: the other paths side by side on one thread each, then the native path on all threads,
+alone. Exit 1 if the exactness tests fail on any path.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def reported_capability(env: dict[str, str]) -> str:
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in LIMITS}
+    return {k: v for k, v in os.environ.items() if k not in LIMITS + ("OMP_NUM_THREADS",)}
 
 
 def offered() -> dict[str, dict[str, str]]:
@@ -74,20 +76,21 @@ def main(argv: list[str]) -> int:
     native = reported_capability(clean_env())
     print(f"kernel paths: native ({native}) and {', '.join(paths) or 'no other'}; exactness tests under each",
           flush=True)
-    lines = [f"  native ({native}, no limits): " + (summary(native_log) if native_log else "not logged")]
+    lines = [f"  native ({native}, no limits, one thread a worker): " +
+             (summary(native_log) if native_log else "not logged")]
     failed = []
+    pytest = [sys.executable, "-m", "pytest", "-q", "-m", "exactness", "-p", "no:cacheprovider",
+              *(argv or [f"tests/{m}" for m in MODULES])]
     with tempfile.TemporaryDirectory() as tmp:
-        # All paths at once, one thread each: on a 2-core machine that takes half the time of one after another, and
-        # a single thread sums in an order of its own, one more path covered.
-        runs = {}
-        for name, limits in paths.items():
-            env = clean_env() | limits | {LOG: f"{tmp}/{name}.jsonl", "OMP_NUM_THREADS": "1"}
+
+        def start(name: str, env: dict[str, str]) -> tuple[subprocess.Popen, object]:
             out = open(f"{tmp}/{name}.out", "w+")
-            print(f"== {name}: {' '.join(f'{k}={v}' for k, v in limits.items())} OMP_NUM_THREADS=1", flush=True)
-            runs[name] = (subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-m", "exactness", "-p",
-                                            "no:cacheprovider", *(argv or [f"tests/{m}" for m in MODULES])],
-                                           cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT), out)
-        for name, (proc, out) in runs.items():
+            held = [f"{k}={v}" for k, v in env.items() if k in LIMITS + ("OMP_NUM_THREADS",)]
+            print(f"== {name}: {' '.join(held) or 'no limits'}", flush=True)
+            return subprocess.Popen(pytest, cwd=REPO, env=env | {LOG: f"{tmp}/{name}.jsonl"}, stdout=out,
+                                    stderr=subprocess.STDOUT), out
+
+        def finish(name: str, proc: subprocess.Popen, out) -> None:
             code = proc.wait()
             out.seek(0)
             print(f"== {name}:\n{out.read().rstrip()}", flush=True)
@@ -95,6 +98,13 @@ def main(argv: list[str]) -> int:
             if code != 0:
                 failed.append(name)
             lines.append(f"  {name}: {'FAILED' if code else 'passed'}; {summary(Path(tmp) / f'{name}.jsonl')}")
+
+        # The other paths at once, one thread each: on a 2-core machine that takes half the time of one after another.
+        runs = {name: start(name, clean_env() | limits | {"OMP_NUM_THREADS": "1"}) for name, limits in paths.items()}
+        for name, (proc, out) in runs.items():
+            finish(name, proc, out)
+        if (os.cpu_count() or 1) > 1:  # then the native path on all threads, alone (beside the others' they crawl)
+            finish("native, all threads", *start("native, all threads", clean_env()))
     print("kernel paths:\n" + "\n".join(lines))
     if failed:
         print(f"FAIL: the exactness tests fail on kernel path(s) {', '.join(failed)}")

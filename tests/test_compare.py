@@ -24,7 +24,7 @@ from flashbench.reference.storage import storage_of
 
 from .tiny import scenario
 
-SCENARIO = scenario("compare-tiny", tokens=24, model='techniques = ["predictor", "windowing"]\npeers = []')
+SCENARIO = scenario("compare-tiny", tokens=12, model='techniques = ["predictor", "windowing"]\npeers = []')
 EASY = "counters,verdicts,speedup_over_naive:50%"  # what a slower reader (2 ms a read) falls well outside
 # Two runs of the unchanged engine agree exactly on counters and verdicts. Their timing ratios do not (a 24-token run's
 # moved 59% with a test running beside it), so how a timed rule's tolerance decides is tested on edited records.
@@ -60,14 +60,14 @@ VARIANTS = {"base": None, "again": None, "slow": slower_reader, "hungry": forget
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, cache_home):
     root = tmp_path_factory.mktemp("compare")
     (root / "tiny.toml").write_text(SCENARIO)
     scenario = load(str(root / "tiny.toml"))
     out = {}
     for name, variant in VARIANTS.items():
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+            mp.setenv("XDG_CACHE_HOME", cache_home(root))
             if variant:
                 variant(mp)
             run_scenario(scenario, root / "reports" / name, root / "work", progress=lambda line: None)

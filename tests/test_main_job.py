@@ -11,16 +11,16 @@ from flashbench.harness.report import _bound_table, to_markdown
 
 from .tiny import scenario
 
-SCENARIO = scenario("tiny", tokens=24, window=2, engine='hybrid = 0.25\nreader = "auto"',
+SCENARIO = scenario("tiny", tokens=12, window=2, engine='hybrid = 0.25\nreader = "auto"',
                     model='peers = ["llama.cpp", "mmap"]')
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, cache_home):
     root = tmp_path_factory.mktemp("main-job")
     (root / "tiny.toml").write_text(SCENARIO)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(root / "cache"))  # the probe's cache: not the user's
+        mp.setenv("XDG_CACHE_HOME", cache_home(root))  # not the user's cache
         code = main(["run", "--scenario", str(root / "tiny.toml"), "--reports", str(root / "reports"),
                      "--run-id", "r1", "--work", str(root / "work")])
     return {"code": code, "dir": root / "reports" / "r1"}
@@ -66,8 +66,8 @@ def test_exact_configurations_pass_and_the_run_exits_0(run):
 def test_counters_and_reference_are_filled_for_every_configuration(run):
     for r in records(run):
         if r["kind"] == "configuration":
-            m = r["metrics"]  # 24 tokens: a 1-token prefill, then 22 decode steps
-            assert r["status"] == "measured" and m["tokens"] == 22 and m["per_token"]["bytes_read"] > 0
+            m = r["metrics"]  # 12 tokens: a 1-token prefill, then 10 decode steps
+            assert r["status"] == "measured" and m["tokens"] == 10 and m["per_token"]["bytes_read"] > 0
             assert m["ms"]["io_cpu"]["mean"] > 0  # the reads' CPU time
             assert r["fio_reference"]["tool"] == "fio" and r["fio_reference"]["ratio"] > 0
 
@@ -132,11 +132,11 @@ def test_records_name_paths_relative_to_the_repository(run):
     assert model["checkpoint"] == "suite/models/shakespeare-opt"
 
 
-def test_a_configuration_that_cannot_fit_the_budget_is_recorded_as_such_and_the_run_goes_on(tmp_path):
+def test_a_configuration_that_cannot_fit_the_budget_is_recorded_as_such_and_the_run_goes_on(tmp_path, cache_home):
     (tmp_path / "s.toml").write_text(scenario("tight", tokens=8, model='techniques = ["hybrid"]\npeers = []\n'
                                               'dram_budget = 0.01\nengine_within_budget = true'))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        mp.setenv("XDG_CACHE_HOME", cache_home(tmp_path))
         code = main(["run", "--scenario", str(tmp_path / "s.toml"), "--reports", str(tmp_path / "reports"),
                      "--run-id", "t", "--work", str(tmp_path / "work")])
     recs = {r.get("configuration"): r for r in records({"dir": tmp_path / "reports" / "t"})}

@@ -77,10 +77,10 @@ def test_a_technique_without_its_prerequisite_in_the_matrix_is_refused():
 
 
 def test_a_technique_is_one_row_of_the_table_and_reaches_the_matrix_the_records_and_the_report(monkeypatch,
-                                                                                                tmp_path):
+                                                                                                tmp_path, cache_home):
     toy = Technique("toy", "read with two threads", engine=lambda settings, source: {"threads": 2})
     monkeypatch.setattr(table, "TECHNIQUES", table.TECHNIQUES + (toy,))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home(tmp_path))
     assert {c.name for c in matrix(("hybrid", "toy"))} == {"naive", "hybrid", "toy", "hybrid+toy"}
     (tmp_path / "toy.toml").write_text(scenario("toy", tokens=8, model='techniques = ["hybrid", "toy"]\npeers = []'))
     assert main(["run", "--scenario", str(tmp_path / "toy.toml"), "--reports", str(tmp_path / "reports"),

@@ -20,15 +20,14 @@ from flashbench.reference.layout import FlashLayout, LayoutError, convert
 
 from .tiny import scenario
 
-SCENARIO = scenario("interrupt-me", tokens=32,
-                    model='techniques = ["hybrid", "predictor", "windowing"]\npeers = []')
-CONFIGS = ["naive", "hybrid", "predictor", "predictor+windowing", "hybrid+predictor", "hybrid+predictor+windowing"]
+SCENARIO = scenario("interrupt-me", tokens=12, model='techniques = ["hybrid", "predictor"]\npeers = []')
+CONFIGS = ["naive", "hybrid", "predictor", "hybrid+predictor"]
 
 
 @pytest.fixture
-def place(tmp_path):
+def place(tmp_path, cache_home):
     (tmp_path / "s.toml").write_text(SCENARIO)
-    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"XDG_CACHE_HOME": cache_home(tmp_path), "PYTHONUNBUFFERED": "1"}
     return {"root": tmp_path, "env": env}
 
 

@@ -19,9 +19,9 @@ TECHNIQUES = 'techniques = ["hybrid", "predictor", "quantization"]\npeers = []\n
 
 
 @pytest.fixture
-def run(monkeypatch, tmp_path):
+def run(monkeypatch, tmp_path, cache_home):
     """`flashbench run --model` with a small scenario: (exit code, the run folder)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home(tmp_path))
     (tmp_path / "s.toml").write_text(scenario("model", tokens=12, engine='storage_dtype = "checkpoint"',
                                               model=TECHNIQUES))
 
@@ -87,8 +87,8 @@ def run_thresholded(tmp_path, checkpoint: Path, target: float, source: str = "pr
 
 
 def test_a_silu_checkpoints_sparse_configurations_run_with_threshold_at_the_approximate_tier(
-        silu_checkpoint, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        silu_checkpoint, monkeypatch, tmp_path, cache_home):
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home(tmp_path))
     recs = run_thresholded(tmp_path, silu_checkpoint, 0.5)
     calibrated = recs["model"]["threshold"]
     assert calibrated["target_sparsity"] == 0.5 and len(calibrated["thresholds"]) == 2
@@ -102,8 +102,8 @@ def test_a_silu_checkpoints_sparse_configurations_run_with_threshold_at_the_appr
 
 
 def test_with_the_oracle_a_silu_checkpoints_gate_rows_stay_in_dram_and_only_up_and_down_are_read(
-        silu_checkpoint, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        silu_checkpoint, monkeypatch, tmp_path, cache_home):
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home(tmp_path))
     recs = run_thresholded(tmp_path, silu_checkpoint, 0.5, source="oracle",
                            techniques='"threshold", "predictor"')
     sparse = recs["threshold+predictor"]
@@ -112,8 +112,8 @@ def test_with_the_oracle_a_silu_checkpoints_gate_rows_stay_in_dram_and_only_up_a
     assert "kept in DRAM (CATS)" in sparse["activation_source"]
 
 
-def test_a_threshold_set_far_too_high_is_caught_by_the_verdicts(silu_checkpoint, monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_a_threshold_set_far_too_high_is_caught_by_the_verdicts(silu_checkpoint, monkeypatch, tmp_path, cache_home):
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home(tmp_path))
     recs = run_thresholded(tmp_path, silu_checkpoint, 0.99, source="oracle", techniques='"threshold"')
     assert recs["threshold"]["status"] == "measured" and recs["threshold"]["agreement"]["passed"] is False
 
@@ -121,10 +121,11 @@ def test_a_threshold_set_far_too_high_is_caught_by_the_verdicts(silu_checkpoint,
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
                     reason="llama-cpp-python and gguf are not installed: `make peers` builds them (about 2.5 min)")
 @pytest.mark.skipif(os.geteuid() != 0, reason="the peers' memory cgroup needs root")
-def test_llama_cpp_on_a_silu_checkpoint_is_a_second_check_of_dense_inference(silu_checkpoint, monkeypatch, tmp_path):
+def test_llama_cpp_on_a_silu_checkpoint_is_a_second_check_of_dense_inference(silu_checkpoint, monkeypatch, tmp_path,
+                                                                              cache_home):
     """Stored in float32 and converted so, llama.cpp's logits stay within the exact bound of ours, in the record
     and the report."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home(tmp_path))
     (tmp_path / "s.toml").write_text(scenario("model", tokens=12, engine='storage_dtype = "checkpoint"',
                                               model='techniques = []\npeers = ["llama.cpp"]'))
     assert main(["run", "--scenario", str(tmp_path / "s.toml"), "--reports", str(tmp_path / "reports"),

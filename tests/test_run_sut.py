@@ -16,10 +16,10 @@ EXAMPLE = f"{sys.executable} suite/conformance/example_sut.py"
 
 
 @pytest.fixture
-def run(monkeypatch, tmp_path):
+def run(monkeypatch, tmp_path, cache_home):
     """`flashbench run` of a small scenario with the given SUT arguments: (exit code, the run folder)."""
     monkeypatch.chdir(REPO)  # tests.broken_suts imports from the repository
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home(tmp_path))
     (tmp_path / "s.toml").write_text(scenario("sut", tokens=12, model="peers = []"))
 
     def go(*sut: str, run_id: str = "r"):

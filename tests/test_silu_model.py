@@ -57,7 +57,7 @@ def test_card_readme_shows_each_layers_sparsity_at_each_target(card):
 
 def test_a_modest_threshold_passes_and_one_far_too_high_is_caught(tmp_path, capsys):
     out = tmp_path / "sweep.json"
-    assert main(["threshold-sweep", "--targets", "0.3,0.99", "--tokens", "256", "--threads", "2",
+    assert main(["threshold-sweep", "--targets", "0.3,0.99", "--tokens", "128", "--threads", "2",
                  "--work", str(tmp_path), "--json", str(out)]) == 0
     naive, modest, high = json.loads(out.read_text())["points"]
     assert naive["target_sparsity"] is None and naive["passed"] and naive["measured_sparsity"] == 0
