@@ -110,12 +110,13 @@ class ReferenceSUT(SystemUnderTest):
         return {"name": "flashbench reference engine (oracle source, window 5, bundled fp16)", "flash": True}
 
     def load(self, checkpoint: Path, dram_budget: int, tolerance: str) -> int:
-        path = layout_cache() / checkpoint_hash(checkpoint)[:16] / "bundled-float16"
+        sha256 = checkpoint_hash(checkpoint)
+        path = layout_cache() / sha256[:16] / "bundled-float16"
         try:
             layout = FlashLayout.open(path)
         except LayoutError:  # not converted yet, half-written, or of another format version
             shutil.rmtree(path, ignore_errors=True)
-            layout = convert(checkpoint, path, "bundled", "float16")
+            layout = convert(checkpoint, path, "bundled", "float16", sha256=sha256)
         self.engine = FlashEngine(layout, self.techniques, dram_budget=dram_budget)
         return layout.config.vocab_size
 

@@ -168,13 +168,16 @@ def version() -> str:
 
 
 def threads() -> int:
-    """The machine's cores this process may run on: llama.cpp's threads, for decoding and for batches."""
-    return len(os.sched_getaffinity(0))
+    """llama.cpp's threads, for decoding and for batches: torch's, as the other peers and our engine run on (the
+    physical cores by default, which is llama.cpp's own default too; OMP_NUM_THREADS where set). So `make test`,
+    which runs the exactness tests of three kernel paths beside each other on one thread each, runs llama.cpp's on
+    one thread too; on every core they slowed the three paths by about a third."""
+    return torch.get_num_threads()
 
 
 def load(path: Path, n_ctx: int, logits_all: bool = False, exact_cache: bool = False):
-    """llama.cpp on a GGUF file as its users run it: memory-mapped weights, every core. `exact_cache` keeps the
-    KV cache in float32 (llama.cpp's default is float16), for the check of its logits."""
+    """llama.cpp on a GGUF file as its users run it: memory-mapped weights, torch's threads (`threads`). `exact_cache`
+    keeps the KV cache in float32 (llama.cpp's default is float16), for the check of its logits."""
     import llama_cpp
 
     f32 = llama_cpp.GGML_TYPE_F32 if exact_cache else None

@@ -104,7 +104,7 @@ class ModelUnderTest:
                 progress(f"  converting {self.name} -> {spec.name}")
             self.layouts[spec.name] = convert(self.checkpoint, out, spec.layout, spec.storage_dtype, keep=kept,
                                               pruning=self.pruning if spec.pruned else None, placement=placement,
-                                              gate_resident=spec.gate_resident)
+                                              gate_resident=spec.gate_resident, sha256=self.checkpoint_sha256)
         return self.layouts[spec.name]
 
     def placement(self, kept: list[np.ndarray] | None, hot: float) -> tuple[list[np.ndarray], dict]:

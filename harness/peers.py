@@ -5,7 +5,7 @@ cannot keep the whole model, and every token faults evicted weights back in from
 dropped first, timed per token with the same clock (`time.perf_counter` around each decode step):
 
 - `llama.cpp`: llama.cpp itself (`llama-cpp-python`) on the checkpoint converted to GGUF at the storage precision
-  (`llama_cpp_peer`), weights memory-mapped, its threads on every core;
+  (`llama_cpp_peer`), weights memory-mapped, on torch's threads (the other peers' and our engine's);
 - `mmap`: ours, an emulation of llama.cpp's approach: our dense engine over the checkpoint's weights memory-mapped
   as stored;
 - `accelerate`: Hugging Face transformers with accelerate's disk offload (`offload_folder`, `max_memory` at the

@@ -136,9 +136,20 @@ def load_state_dict(checkpoint_dir: str | Path, config: ModelConfig) -> dict[str
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{where[name]}: tensor {hf_name(name, config.arch)!r} is {tensor.dtype}, not float")
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise CheckpointError(f"{where[name]}: tensor {hf_name(name, config.arch)!r} holds NaN or Inf values")
     return state
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in `tensor`: its least and greatest values are finite (aminmax propagates NaN). One pass that
+    reads the tensor and writes two numbers: torch.isfinite(t).all() writes a mask as large as a 16-bit tensor first,
+    and checked every weight of a checkpoint 20x slower (0.67 against 13 GB/s, float16, 2 threads), 4 of a layout
+    conversion's 22 s at the OPT 1.3B shape."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def stored_dtype(checkpoint_dir: str | Path, config: ModelConfig) -> str:

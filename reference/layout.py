@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import expected_shapes, hf_name, weight_files, write_safetensors_streaming
+from .checkpoint import all_finite, expected_shapes, hf_name, weight_files, write_safetensors_streaming
 from .config import ARCHITECTURES, ModelConfig, read_json_object
 from .errors import CheckpointError, LayoutError
 
@@ -332,7 +332,7 @@ class TensorSource:
             raise CheckpointError(f"{f}: cannot read tensor {theirs!r} ({e})") from e
         if tuple(t.shape) != self.shapes[name]:
             raise CheckpointError(f"{f}: tensor {theirs!r} has shape {tuple(t.shape)}, expected {self.shapes[name]}")
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise CheckpointError(f"{f}: tensor {theirs!r} holds NaN or Inf values")
         return t
 
@@ -346,13 +346,15 @@ def record_vectors(config: ModelConfig, gate_resident: bool = False) -> tuple[st
 
 def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bundled", dtype: str = "float16",
             progress=None, keep: list[np.ndarray] | None = None, pruning: dict | None = None,
-            placement: dict | None = None, gate_resident: bool = False) -> FlashLayout:
+            placement: dict | None = None, gate_resident: bool = False, sha256: str | None = None) -> FlashLayout:
     """Convert an HF checkpoint to a flash directory, streaming one tensor at a time.
 
     `keep` (per layer, the neuron ids to store) prunes the others, e.g. neurons never active on training text;
     `pruning` describes how they were chosen, for layout.json. `keep` in another order than the ids' places the
     records in that order (hot neurons first, say); `placement` describes it. `gate_resident` puts a gated FFN's
-    gate matrices among the resident tensors and only up and down in the records.
+    gate matrices among the resident tensors and only up and down in the records. `sha256`: the checkpoint's
+    `checkpoint_hash` where the caller has it already (a run converts one checkpoint into several layouts, and each
+    hash reads all of it: 2 s a layout at the OPT 1.3B shape).
 
     The directory appears under its name only when complete (built in a temp dir beside it, then renamed);
     on any error nothing is left behind. `progress(done, total)` is called after each layer.
@@ -362,7 +364,7 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, layout: str = "bund
         raise LayoutError(f"{out_dir}: already exists; remove it or choose another output directory")
     config = ModelConfig.load(checkpoint_dir)
     source = TensorSource(checkpoint_dir, config)
-    origin = {"path": str(checkpoint_dir.resolve()), "sha256": checkpoint_hash(checkpoint_dir)}
+    origin = {"path": str(checkpoint_dir.resolve()), "sha256": sha256 or checkpoint_hash(checkpoint_dir)}
     return write_layout(config, source.get, origin, out_dir, layout, dtype, progress, keep, pruning, placement,
                         gate_resident)
 

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flashbench.reference import CheckpointError, Transformer
-from flashbench.reference.checkpoint import save_checkpoint
+from flashbench.reference.checkpoint import all_finite, save_checkpoint
 from tests.conftest import random_model, tiny_config
 
 
@@ -71,3 +71,14 @@ def test_an_activation_other_than_relu_or_silu_is_refused_naming_the_key(tmp_pat
     save_checkpoint(tmp_path / "ck", tiny_config("llama", activation="gelu"), model.state_dict())
     with pytest.raises(CheckpointError, match=r"config.json: hidden_act 'gelu' is not supported \(supported: relu, "):
         Transformer.from_checkpoint(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_one_nan_or_inf_anywhere_makes_a_tensor_not_finite(dtype, value):
+    tensor = torch.randn(64, 48).to(dtype)
+    assert all_finite(tensor) and all_finite(torch.empty(0, 48, dtype=dtype))
+    for at in [(0, 0), (17, 5), (63, 47)]:
+        poisoned = tensor.clone()
+        poisoned[at] = value
+        assert not all_finite(poisoned)
