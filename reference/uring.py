@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -40,24 +41,38 @@ def unavailable() -> str | None:
 
 
 class Ring:
-    """One io_uring instance; not thread-safe (the reader is used by one thread at a time)."""
+    """io_uring for one reader: an instance per thread that reads through it (the C ring lets only the thread that
+    made it submit, so that its completions' work waits for that thread: `uring_reads.c`), made on the thread's first
+    read. Used by one thread at a time, as the reader is; the engine's reads move between the caller's thread and the
+    overlap's read-ahead thread."""
 
     def __init__(self, depth: int):
-        self._lib = _library()
-        self._handle = self._lib.fb_ring_open(depth)
-        if not self._handle:
-            err = ctypes.get_errno()
-            raise OSError(err, f"io_uring_queue_init({depth}) failed: {os.strerror(err)}")
+        self._lib, self._depth = _library(), depth
+        self._mine = threading.local()  # this thread's handle (a new thread never finds a dead one's)
+        self._handles: list[int] = []
+        self._handle()  # made now on the caller's thread: a kernel that refuses io_uring says so at once
+
+    def _handle(self) -> int:
+        handle = getattr(self._mine, "handle", None)
+        if handle is None:
+            handle = self._lib.fb_ring_open(self._depth)
+            if not handle:
+                err = ctypes.get_errno()
+                raise OSError(err, f"io_uring_queue_init({self._depth}) failed: {os.strerror(err)}")
+            self._mine.handle = handle
+            self._handles.append(handle)
+        return handle
 
     def read(self, fd: int, offsets: np.ndarray, iov: np.ndarray, first: np.ndarray, count: np.ndarray) -> int:
         """Read i is preadv(fd, iov[first[i] : first[i] + count[i]], offsets[i]); the bytes read in all, or -errno."""
         offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         first = np.ascontiguousarray(first, dtype=np.int32)
         count = np.ascontiguousarray(count, dtype=np.int32)
-        return self._lib.fb_ring_read(self._handle, fd, len(offsets), offsets.ctypes.data, iov.ctypes.data,
+        return self._lib.fb_ring_read(self._handle(), fd, len(offsets), offsets.ctypes.data, iov.ctypes.data,
                                       first.ctypes.data, count.ctypes.data)
 
     def close(self) -> None:
-        if self._handle:
-            self._lib.fb_ring_close(self._handle)
-            self._handle = None
+        for handle in self._handles:
+            self._lib.fb_ring_close(handle)
+        self._handles = []
+        self._mine = threading.local()

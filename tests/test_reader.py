@@ -221,6 +221,30 @@ def test_the_io_uring_reader_reads_what_the_threads_read_and_counts_it_alike(opt
     assert (sa.records, sa.reads, sa.bytes_read, sa.direct) == (sb.records, sb.reads, sb.bytes_read, sb.direct)
 
 
+def test_an_io_uring_reader_reads_from_whichever_thread_calls_it(block_flashes, monkeypatch):
+    """Its rings submit only from the thread that made them (uring_reads.c), so each thread gets its own: the engine
+    reads on its own thread and on the overlap's read-ahead thread, taking turns. A ring that refused a read would
+    not show in the bytes (the reader reads them again one by one), so those retries are counted too."""
+    io_uring_here()
+    retries = []
+    pread = FlashReader._pread
+    monkeypatch.setattr(FlashReader, "_pread", lambda self, *a: retries.append(a) or pread(self, *a))
+    flash = block_flashes["bundled"]
+    ids = [40, 3, 17, 18, 63, 0]
+    with FlashReader.for_layout(flash, threads=4, backend="threads") as reader:
+        expected = record_buffer(flash.geometry, len(ids))
+        reader.read(0, ids, expected)
+    with FlashReader.for_layout(flash, threads=4, backend="io_uring") as reader:
+        outs = [record_buffer(flash.geometry, len(ids)) for _ in range(4)]
+        reader.read(0, ids, outs[0])
+        for out in outs[1:3]:  # two more threads, one after the other
+            worker = threading.Thread(target=reader.read, args=(0, ids, out))
+            worker.start()
+            worker.join()
+        reader.read(0, ids, outs[3])  # the first thread again
+    assert expected.any() and all((out == expected).all() for out in outs) and not retries
+
+
 def test_a_read_counts_the_cpu_time_of_every_thread_that_read(opt_flash, monkeypatch):
     """Four reads on four threads (the caller and three helpers), each read held until all four have begun, so
     that each thread makes one, and each burning 20 ms of its thread's CPU: the read's CPU time is all four."""
