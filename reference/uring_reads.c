@@ -15,7 +15,7 @@
    thread), and that thread waits for a quarter of the reads in flight at a time rather than for each one. Otherwise
    every read that lands interrupts the thread to post it, and on a machine of few cores that thread shares its core
    with the products. Calls of 256 random 16 KiB records at 32 in flight (`flashbench reader-sweep --record-kib 16
-   --threads 32 --batch 256 --reader io_uring`, each run bracketed by fio, alternating; Intel Xeon, 2 cores): 76-84% of
+   --threads 32 --batch 256 --reader io_uring`, each run bracketed by fio, alternating; Intel Xeon, 2 cores): 72-84% of
    fio as before, 84-96% (mean 90%) so; waiting for a quarter without deferring 77-82%, deferring and waiting for each
    73-77%. Where the kernel refuses the flags, the ring is made without them. */
 #include <errno.h>
