@@ -124,23 +124,6 @@ class Batch:
         return [(buffers[f : f + c], o)
                 for o, f, c in zip(self.offsets.tolist(), self.first.tolist(), self.count.tolist())]
 
-    def joined(self) -> "Batch":
-        """The same reads, each read's buffers that follow one another in memory joined into one: a run of records
-        read into consecutive rows of a plane is one buffer, not one per record. (Many small scattered buffers slow
-        a direct read: 4 KiB buffers at an 8 KiB stride read about 25% slower than one 1 MiB buffer, measured.)
-        Reads list their buffers in order, read after read."""
-        n, sunk = len(self.starts), self._sunk()
-        read_of = np.repeat(np.arange(len(self.offsets)), self.count)
-        join = np.zeros(n, dtype=bool)
-        join[1:] = ((read_of[1:] == read_of[:-1]) & (self.starts[:-1] + self.lengths[:-1] == self.starts[1:])
-                    & ~sunk[:-1] & ~sunk[1:])
-        keep = np.flatnonzero(~join)
-        group = np.cumsum(~join) - 1
-        first = group[self.first]
-        return Batch(self.base, self.offsets, self.starts[keep], np.add.reduceat(self.lengths, keep) if n else
-                     self.lengths, first, np.diff(np.append(first, len(keep))), self.sink,
-                     None if self.to_sink is None else sunk[keep])
-
     def iovecs(self) -> np.ndarray:
         iov = np.empty(len(self.starts), dtype=uring.IOVEC)
         sink = self.sink.ctypes.data if self.sink is not None else 0
@@ -202,6 +185,52 @@ def plan_reads(geometry: FFNGeometry, ids: np.ndarray, gap_bytes: int = 0, block
     reads = [Read(s0, e0 - s0, a, b) for a, b, s0, e0 in zip(firsts.tolist(), lasts.tolist(), start[firsts].tolist(),
                                                             reach[lasts - 1].tolist())]
     return Plan(reads, row, column, offset, length)
+
+
+def plan_in_place(ids: np.ndarray, rows: np.ndarray, bases: np.ndarray, stride: int, vector_bytes: int, plane: int,
+                  gap_bytes: int, run_bytes: int, most: int) -> tuple[np.ndarray, ...] | None:
+    """The reads of `FlashReader._in_place` where vector j of record ids[i] (file offset ids[i] * stride + bases[j])
+    goes to byte rows[i] * vector_bytes + j * plane of the output: per read its file offset, first piece and piece
+    count, per piece its start, length and whether it is the sink's (`uring.plan_records` plans the same in C). Sorted
+    by file offset, a new read starts, with `gap_bytes`, where the next vector lies more than that past the last or in
+    another `run_bytes` block (the bytes between two vectors of a read are a sink piece), without, at every gap and
+    every `most` vectors of a run. A read's pieces that follow one another in the output are one piece. None where two
+    vectors overlap (an id asked for twice)."""
+    vb, k = vector_bytes, len(bases)
+    offset = (ids[:, None] * stride + bases).ravel()  # vector j of record i at [i * k + j]
+    start = (rows[:, None] * vb + np.arange(k) * plane).ravel()
+    order = np.argsort(offset, kind="stable")
+    offset, start, n = offset[order], start[order], len(offset)
+    gap = offset[1:] - offset[:-1] - vb  # bytes between a vector and the next one read
+    if (gap < 0).any():  # a duplicate id: its vectors overlap
+        return None
+    new = np.ones(n, dtype=bool)
+    if gap_bytes:
+        new[1:] = (gap > gap_bytes) | (offset[1:] // run_bytes != offset[:-1] // run_bytes)
+    else:
+        cuts = _cut_runs([0, *(np.flatnonzero(gap) + 1).tolist(), n], most)
+        new[:] = False
+        new[cuts[:-1]] = True
+    hole = np.zeros(n, dtype=bool)  # vector i continues a read past a gap: a sink piece before it
+    hole[1:] = ~new[1:] & (gap > 0)
+    at = np.arange(n) + np.cumsum(hole)  # vector i's piece
+    size = n + int(hole.sum())
+    starts, lengths, sunk = np.zeros(size, np.int64), np.full(size, vb, np.int64), np.zeros(size, bool)
+    starts[at] = start
+    lengths[at[hole] - 1] = gap[hole[1:]]
+    sunk[at[hole] - 1] = True
+    firsts = np.zeros(size, dtype=bool)
+    firsts[at[new]] = True
+    read_of = np.cumsum(firsts) - 1
+    # A piece joins the last one where both are the output's, of one read, and adjacent in the output: a run of
+    # records read into consecutive rows of a plane is one buffer, not one per record (many small scattered buffers
+    # slow a direct read: 4 KiB buffers at an 8 KiB stride read about 25% slower than one 1 MiB buffer, measured).
+    join = np.zeros(size, dtype=bool)
+    join[1:] = (read_of[1:] == read_of[:-1]) & (starts[:-1] + lengths[:-1] == starts[1:]) & ~sunk[:-1] & ~sunk[1:]
+    keep = np.flatnonzero(~join)
+    first = (np.cumsum(~join) - 1)[at[new]]
+    return (offset[new], first, np.diff(np.append(first, len(keep))), starts[keep], np.add.reduceat(lengths, keep),
+            sunk[keep])
 
 
 def copy_pieces(out: np.ndarray, staging: np.ndarray, dst: np.ndarray, src: np.ndarray, length: int) -> None:
@@ -362,8 +391,8 @@ class FlashReader:
         """Fill row rows[k] of `out` (a `record_buffer`, [vectors, >= n, vector_bytes]; rows default 0, 1, ...) with
         record ids[k] of `layer`. `rows` lets a caller fill some rows of a buffer from elsewhere (the overlap's
         read-ahead) and read the others straight into theirs."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        rows = np.arange(len(ids), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        rows = np.arange(len(ids), dtype=np.int64) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
         g = self.geometries[layer]
         need, k = (int(rows.max()) + 1 if len(rows) else 0), len(g.vectors)
         if out.dtype != np.uint8 or out.ndim != 3 or out.shape[0] != k or out.shape[1] < need or \
@@ -397,37 +426,20 @@ class FlashReader:
         Without `gap_bytes`, a run is cut after RUN_BYTES of its own; with them, vectors at most that far apart are
         one read, cut at the file's RUN_BYTES boundaries as `plan_reads` cuts, the bytes between them read into a
         sink: merging costs the gap's bytes on the disk and no copy. The bytes read are the ones `plan_reads`
-        plans for these ids."""
-        vb, plane, k = g.vector_bytes, out.strides[0], len(g.vectors)
+        plans for these ids. Planned in C where the io_uring library is built (`uring.plan_records`), else by
+        `plan_in_place`: the same plan."""
+        vb, plane = g.vector_bytes, out.strides[0]
         if vb % ALIGNMENT or len(ids) == 0 or out.ctypes.data % ALIGNMENT:
             return None
-        base = np.array([offset for offset, _ in g.extents(0)], dtype=np.int64)
-        offset = (ids[:, None] * g.neuron_stride + base).ravel()  # vector j of record k at [k * vectors + j]
-        start = (out_rows[:, None] * vb + np.arange(k) * plane).ravel()
-        order = np.argsort(offset, kind="stable")
-        offset, start, n = offset[order], start[order], len(offset)
-        gap = offset[1:] - offset[:-1] - vb  # bytes between a vector and the next one read
-        if (gap < 0).any():  # a duplicate id: its vectors overlap
+        bases = np.array([offset for offset, _ in g.extents(0)], dtype=np.int64)
+        plan = uring.plan_records if uring.can_plan() else plan_in_place
+        planned = plan(ids, out_rows, bases, g.neuron_stride, vb, plane, self.gap_bytes, RUN_BYTES,
+                       max(1, min(IOV_MAX, RUN_BYTES // vb)))
+        if planned is None:
             return None
-        new = np.ones(n, dtype=bool)
-        if self.gap_bytes:
-            new[1:] = (gap > self.gap_bytes) | (offset[1:] // RUN_BYTES != offset[:-1] // RUN_BYTES)
-        else:
-            cuts = _cut_runs([0, *(np.flatnonzero(gap) + 1).tolist(), n], max(1, min(IOV_MAX, RUN_BYTES // vb)))
-            new[:] = False
-            new[cuts[:-1]] = True
-        hole = np.zeros(n, dtype=bool)  # vector k continues a read past a gap: a sink piece before it
-        hole[1:] = ~new[1:] & (gap > 0)
-        at = np.arange(n) + np.cumsum(hole)  # vector k's piece of the batch
-        size = n + int(hole.sum())
-        starts, lengths, sunk = np.zeros(size, np.int64), np.full(size, vb, np.int64), np.zeros(size, bool)
-        starts[at] = start
-        lengths[at[hole] - 1] = gap[hole[1:]]
-        sunk[at[hole] - 1] = True
-        first = at[new]
-        sink = self._sink_for(int(lengths[sunk].max())) if sunk.any() else None
-        return Batch(out.reshape(-1), offset[new], starts, lengths, first, np.diff(np.append(first, size)), sink,
-                     sunk if sink is not None else None).joined()
+        offsets, first, count, starts, lengths, to_sink = planned
+        sink = self._sink_for(int(lengths[to_sink].max())) if to_sink.any() else None
+        return Batch(out.reshape(-1), offsets, starts, lengths, first, count, sink, to_sink if sink is not None else None)
 
     def _submit(self, layer: int, batch: Batch, done=None) -> None:
         """Issue a batch's reads. With io_uring, all of them from C in one call; with threads, each thread runs

@@ -2,7 +2,7 @@
 file and called through ctypes, which lets go of the GIL for the call. One call submits every read of a reader call
 and reaps them all, keeping at most `depth` in flight, so a call of thousands of reads costs Python one call.
 Where the library is not built, or the kernel refuses io_uring, `unavailable()` says why and the reader keeps its
-threads."""
+threads. The library also plans a call's reads (`plan_records`), for either backend, where it is built."""
 
 from __future__ import annotations
 
@@ -25,7 +25,40 @@ def _library() -> ctypes.CDLL:
     lib.fb_ring_close.restype, lib.fb_ring_close.argtypes = None, [ctypes.c_void_p]
     lib.fb_ring_read.restype = ctypes.c_longlong
     lib.fb_ring_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
+    lib.fb_plan_records.restype = ctypes.c_long
+    lib.fb_plan_records.argtypes = ([ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+                                    + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 8)
     return lib
+
+
+@functools.cache
+def can_plan() -> bool:
+    """Whether `plan_records` can be called here (the library is built and loads)."""
+    try:
+        _library()
+    except OSError:
+        return False
+    return True
+
+
+def plan_records(ids: np.ndarray, rows: np.ndarray, bases: np.ndarray, stride: int, vector_bytes: int, plane: int,
+                 gap_bytes: int, run_bytes: int, most: int) -> tuple[np.ndarray, ...] | None:
+    """`FlashReader._in_place`'s plan in C (`fb_plan_records` in uring_reads.c says how): the reads' offsets, first
+    pieces and piece counts, and the pieces' starts, lengths and whether each is the sink's; None where two vectors
+    overlap. ids, rows and bases int64 and contiguous."""
+    n, k = len(ids), len(bases)
+    m = n * k
+    vecs = np.empty(2 * m, np.int64)
+    offsets, first, count = np.empty(m, np.int64), np.empty(m, np.int32), np.empty(m, np.int32)
+    starts, lengths, to_sink = np.empty(2 * m, np.int64), np.empty(2 * m, np.int64), np.zeros(2 * m, np.bool_)
+    totals = np.empty(2, np.int64)
+    reads = _library().fb_plan_records(
+        n, ids.ctypes.data, rows.ctypes.data, k, bases.ctypes.data, stride, vector_bytes, plane, gap_bytes,
+        run_bytes, most, *(a.ctypes.data for a in (vecs, offsets, first, count, starts, lengths, to_sink, totals)))
+    if reads < 0:
+        return None
+    pieces = int(totals[0])
+    return offsets[:reads], first[:reads], count[:reads], starts[:pieces], lengths[:pieces], to_sink[:pieces]
 
 
 @functools.cache

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flashbench.reference.layout import FFNGeometry, FlashLayout, convert
-from flashbench.reference.reader import FlashReader, aligned_buffer, plan_reads, record_buffer
+from flashbench.reference.reader import FlashReader, aligned_buffer, plan_in_place, plan_reads, record_buffer
 from flashbench.reference.storage import storage_of
 
 # Tiny OPT at fp16: d_model 64, so a vector is 128 bytes, a bundled record 256 bytes: 16 records per 4 KiB block.
@@ -190,6 +190,34 @@ def test_merged_gaps_are_read_into_a_sink_and_the_records_straight_into_their_ro
     assert stats.bytes_read == sum(r.length for r in plan) > stats.bytes_requested
     assert (merged == apart).all() and apart.any()
     assert staged == 0
+
+
+@pytest.mark.parametrize("layout", ["bundled", "unbundled"])
+@pytest.mark.parametrize("gap_bytes", [0, 3 * 4096])
+def test_the_c_planner_plans_the_reads_numpy_plans(layout, gap_bytes):
+    """The reader plans a call's in-place reads in C where the io_uring library is built, else in numpy: the same
+    reads and pieces for ids in any order, rows anywhere, runs cut at `most` vectors or a block, and None for an id
+    asked for twice."""
+    from flashbench.reference import uring
+
+    if not uring.can_plan():
+        pytest.skip(f"the C planner is not built: {uring.LIBRARY}")
+    vb, d_ffn, k = 4096, 512, 2
+    bases, stride = (np.array([0, vb]), k * vb) if layout == "bundled" else (np.array([0, d_ffn * vb]), vb)
+    rng = np.random.default_rng(0)
+    for case in range(200):
+        n = int(rng.integers(1, 120))
+        ids = rng.choice(d_ffn, n, replace=False) if case % 4 else np.sort(rng.choice(d_ffn, n, replace=False))
+        if case % 10 == 9:
+            ids[-1] = ids[0]  # asked for twice
+        rows = rng.permutation(n) if case % 3 else np.arange(n)
+        args = (ids.astype(np.int64), rows.astype(np.int64), bases.astype(np.int64), stride, vb, 1 << 22, gap_bytes,
+                1 << 17, int(rng.integers(1, 40)))
+        ours, theirs = uring.plan_records(*args), plan_in_place(*args)
+        assert (ours is None) == (theirs is None) == (case % 10 == 9)
+        if ours is not None:
+            for a, b in zip(ours, theirs, strict=True):
+                assert np.array_equal(a, b)
 
 
 def io_uring_here() -> None:
