@@ -412,7 +412,7 @@ class FlashFFN(nn.Module):
 
         start, end = self.position, self.position + len(sets)
         self.position = end
-        needed = self._stored_only(np.union1d(self.hot, np.concatenate(sets)))
+        needed = self._stored_only(union_of([self.hot, *sets], len(self.record_of)))
         self.max_needed = max(self.max_needed, len(needed))
         if not sh.techniques.window:
             return self._uncached(xs, needed)[None]
@@ -470,8 +470,7 @@ class FlashFFN(nn.Module):
         nxt = sh.layers[self.layer + 1]
         t0 = time.perf_counter()
         guesses = np.concatenate(sh.source.lookahead(self.layer, xs) or [np.zeros(0, np.int64)]).astype(np.int64)
-        _, first = np.unique(guesses, return_index=True)  # each id once, where it was first guessed
-        guess = nxt.cache.missing(nxt._stored_only(guesses[np.sort(first)]))
+        guess = nxt.cache.missing(nxt._stored_only(first_occurrences(guesses, len(nxt.record_of))))
         # Into the next layer's free slots where its cache takes reads, else into the read-ahead buffer.
         room = nxt.cache.capacity - nxt.cache.n if nxt.landing is not None else sh.ahead_buffer.shape[1]
         exact = sh.techniques.source == "all"
@@ -576,6 +575,24 @@ class FlashFFN(nn.Module):
         for share in shares[1:]:
             out = out + share
         return out + self.down_bias if self.down_bias is not None else out
+
+
+def union_of(sets: list[np.ndarray], n: int) -> np.ndarray:
+    """The ids (below n) in any of `sets`, sorted: a mark per id (np.union1d hashes: 100 us against 10 for a pass's
+    1,200 ids of 8,192, numpy 2.4, once a layer a token)."""
+    mark = np.zeros(n, dtype=bool)
+    for ids in sets:
+        mark[ids] = True
+    return np.flatnonzero(mark)
+
+
+def first_occurrences(ids: np.ndarray, n: int) -> np.ndarray:
+    """`ids` (below n) with each id only where it first appears, in order: as they are, where no id repeats (a
+    decode step's guesses), which a count tells in a tenth of np.unique's time."""
+    if len(ids) == 0 or np.bincount(ids, minlength=n).max() == 1:
+        return ids
+    _, first = np.unique(ids, return_index=True)
+    return ids[np.sort(first)]
 
 
 def down_kernel(techniques: Techniques) -> str:

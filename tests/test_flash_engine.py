@@ -11,7 +11,7 @@ import torch
 from flashbench import suite
 from flashbench.reference import Engine, Transformer
 from flashbench.reference.activations import activation_counts
-from flashbench.reference.flash import BudgetError, FlashEngine, FlashFFN, Techniques
+from flashbench.reference.flash import BudgetError, FlashEngine, FlashFFN, Techniques, first_occurrences, union_of
 from flashbench.reference.layout import convert
 from flashbench.suite.models.byte_tokenizer import BOS, encode
 from tests.exactness import within_exact_bound
@@ -435,3 +435,16 @@ def test_a_closed_engine_frees_its_buffers_at_once(model, overlap):
         assert state() is None
     finally:
         gc.enable()
+
+
+def test_a_pass_needs_the_sorted_ids_in_any_of_its_sets():
+    rng = np.random.default_rng(0)
+    sets = [rng.choice(512, k, replace=False) for k in (40, 0, 300, 7)]
+    assert np.array_equal(union_of(sets, 512), np.unique(np.concatenate(sets)))
+    assert union_of([], 512).size == 0
+
+
+def test_guesses_keep_each_id_where_it_was_first_guessed():
+    assert first_occurrences(np.array([5, 3, 5, 1, 3]), 8).tolist() == [5, 3, 1]
+    assert first_occurrences(np.array([7, 2, 4]), 8).tolist() == [7, 2, 4]
+    assert first_occurrences(np.zeros(0, dtype=np.int64), 8).size == 0
