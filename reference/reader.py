@@ -402,6 +402,8 @@ class FlashReader:
                              f"{len(rows)} rows")
         if len(ids) and (ids.min() < 0 or ids.max() >= g.d_ffn):
             raise IndexError(f"record ids must lie in [0, {g.d_ffn}), got {ids.min()}..{ids.max()}")
+        if len(rows) and rows.min() < 0:  # a read's buffer before out's: the kernel would write outside it
+            raise IndexError(f"rows must be >= 0, got {rows.min()}")
         t0, cpu = time.perf_counter(), self._cpu()
         runs = self._in_place(g, ids, out, rows)
         if runs is not None:  # aligned vectors: each run of adjacent ones is one read straight into their rows

@@ -328,6 +328,12 @@ def test_out_of_range_ids_are_refused(opt_flash):
         reader.read(0, [256], record_buffer(opt_flash["bundled"].geometry, 1))
 
 
+def test_a_negative_row_is_refused_before_anything_is_read(opt_flash):
+    flash = opt_flash["bundled"]
+    with FlashReader.for_layout(flash) as reader, pytest.raises(IndexError, match="rows must be >= 0"):
+        reader.read(0, [1, 2], record_buffer(flash.geometry, 2), rows=np.array([0, -1]))
+
+
 def test_on_a_memory_filesystem_the_reader_uses_buffered_reads_and_says_so(opt_flash):
     shm = Path("/dev/shm")
     if not shm.is_dir() or storage_of(shm).filesystem != "tmpfs":
