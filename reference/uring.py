@@ -51,13 +51,13 @@ def plan_records(ids: np.ndarray, rows: np.ndarray, bases: np.ndarray, stride: i
     vecs = np.empty(2 * m, np.int64)
     offsets, first, count = np.empty(m, np.int64), np.empty(m, np.int32), np.empty(m, np.int32)
     starts, lengths, to_sink = np.empty(2 * m, np.int64), np.empty(2 * m, np.int64), np.zeros(2 * m, np.bool_)
-    totals = np.empty(2, np.int64)
+    n_pieces = np.empty(1, np.int64)
     reads = _library().fb_plan_records(
         n, ids.ctypes.data, rows.ctypes.data, k, bases.ctypes.data, stride, vector_bytes, plane, gap_bytes,
-        run_bytes, most, *(a.ctypes.data for a in (vecs, offsets, first, count, starts, lengths, to_sink, totals)))
+        run_bytes, most, *(a.ctypes.data for a in (vecs, offsets, first, count, starts, lengths, to_sink, n_pieces)))
     if reads < 0:
         return None
-    pieces = int(totals[0])
+    pieces = int(n_pieces[0])
     return offsets[:reads], first[:reads], count[:reads], starts[:pieces], lengths[:pieces], to_sink[:pieces]
 
 

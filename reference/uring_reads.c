@@ -126,12 +126,12 @@ static int by_offset(const void *a, const void *b) {
    two vectors of one read going to the sink (a piece of its own); without, a new read at every gap and after `most`
    vectors of a run. A read's pieces that follow one another in the output are one piece. Writes, per read, its file
    offset, first piece and piece count; per piece, its start (0 for the sink), length and whether it is the sink's;
-   `vecs` is scratch for n * k. Returns the reads, with the pieces and their bytes in totals[0], totals[1]; -1 where
-   two vectors overlap (an id asked for twice). */
+   `vecs` is scratch for n * k. Returns the reads, with the pieces in *n_pieces; -1 where two vectors overlap (an id
+   asked for twice). */
 long fb_plan_records(long n, const int64_t *ids, const int64_t *rows, long k, const int64_t *bases, int64_t stride,
                      int64_t vb, int64_t plane, int64_t gap_bytes, int64_t run_bytes, int64_t most,
                      struct vec *vecs, int64_t *offsets, int *first, int *count, int64_t *starts, int64_t *lengths,
-                     uint8_t *to_sink, int64_t *totals) {
+                     uint8_t *to_sink, int64_t *n_pieces) {
     long m = n * k, sorted = 1;
     for (long i = 0; i < n; i++)
         for (long j = 0; j < k; j++) {
@@ -142,7 +142,6 @@ long fb_plan_records(long n, const int64_t *ids, const int64_t *rows, long k, co
         }
     if (!sorted) qsort(vecs, (size_t)m, sizeof *vecs, by_offset);  /* offsets are distinct but for duplicates */
     long reads = 0, pieces = 0, run = 0;  /* run: vectors since the last gap (no gap_bytes) */
-    int64_t bytes = 0;
     for (long t = 0; t < m; t++) {
         int64_t gap = t ? vecs[t].offset - vecs[t - 1].offset - vb : 0;
         if (gap < 0) return -1;
@@ -161,7 +160,6 @@ long fb_plan_records(long n, const int64_t *ids, const int64_t *rows, long k, co
             starts[pieces] = 0, lengths[pieces] = gap, to_sink[pieces++] = 1;
             count[reads - 1]++;
         }
-        bytes += vb;
         if (!new_read && !to_sink[pieces - 1] && starts[pieces - 1] + lengths[pieces - 1] == vecs[t].start) {
             lengths[pieces - 1] += vb;  /* follows the last piece in the output: the same piece */
             continue;
@@ -169,8 +167,6 @@ long fb_plan_records(long n, const int64_t *ids, const int64_t *rows, long k, co
         starts[pieces] = vecs[t].start, lengths[pieces] = vb, to_sink[pieces++] = 0;
         count[reads - 1]++;
     }
-    for (long p = 0; p < pieces; p++)
-        if (to_sink[p]) bytes += lengths[p];
-    totals[0] = pieces, totals[1] = bytes;
+    *n_pieces = pieces;
     return reads;
 }
