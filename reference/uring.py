@@ -20,14 +20,19 @@ IOVEC = np.dtype([("base", np.uintp), ("len", np.uintp)])  # struct iovec
 
 @functools.cache
 def _library() -> ctypes.CDLL:
+    """The library; OSError where it cannot be loaded or lacks a function (built from an older uring_reads.c: the
+    reader then says so and keeps its threads and numpy's plan)."""
     lib = ctypes.CDLL(str(LIBRARY), use_errno=True)
-    lib.fb_ring_open.restype, lib.fb_ring_open.argtypes = ctypes.c_void_p, [ctypes.c_uint]
-    lib.fb_ring_close.restype, lib.fb_ring_close.argtypes = None, [ctypes.c_void_p]
-    lib.fb_ring_read.restype = ctypes.c_longlong
-    lib.fb_ring_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
-    lib.fb_plan_records.restype = ctypes.c_long
-    lib.fb_plan_records.argtypes = ([ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
-                                    + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 8)
+    try:
+        lib.fb_ring_open.restype, lib.fb_ring_open.argtypes = ctypes.c_void_p, [ctypes.c_uint]
+        lib.fb_ring_close.restype, lib.fb_ring_close.argtypes = None, [ctypes.c_void_p]
+        lib.fb_ring_read.restype = ctypes.c_longlong
+        lib.fb_ring_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long] + [ctypes.c_void_p] * 4
+        lib.fb_plan_records.restype = ctypes.c_long
+        lib.fb_plan_records.argtypes = ([ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long,
+                                         ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 8)
+    except AttributeError as e:
+        raise OSError(f"{LIBRARY} is out of date ({e}): `make setup` builds it anew") from e
     return lib
 
 

@@ -220,6 +220,34 @@ def test_the_c_planner_plans_the_reads_numpy_plans(layout, gap_bytes):
                 assert np.array_equal(a, b)
 
 
+def test_an_io_uring_library_from_older_code_is_reported_and_the_reader_keeps_threads(opt_flash, monkeypatch):
+    """A library built before a function was added (a checkout updated without `make`) is not called: io_uring says
+    why it cannot read, the plan comes from numpy, and the threads read as ever."""
+    from flashbench.reference import row_kernels, uring
+
+    if row_kernels.unavailable():
+        pytest.skip(f"needs a built library without the reader's functions: {row_kernels.unavailable()}")
+    caches = (uring._library, uring.unavailable, uring.can_plan)
+    for cached in caches:
+        cached.cache_clear()
+    monkeypatch.setattr(uring, "LIBRARY", row_kernels.LIBRARY)  # a real library, lacking fb_ring_open
+    try:
+        assert "out of date" in uring.unavailable() and not uring.can_plan()
+        flash = opt_flash["bundled"]
+        with pytest.raises(ValueError, match="out of date"):
+            FlashReader.for_layout(flash, backend="io_uring")
+        with FlashReader.for_layout(flash, threads=2) as reader:
+            out = record_buffer(flash.geometry, 3)
+            reader.read(0, [9, 2, 30], out)
+        data = flash.ffn_path(0).read_bytes()
+        offset, length = flash.geometry.extents(30)[1]
+        assert out[1, 2].tobytes() == data[offset : offset + length]
+    finally:
+        monkeypatch.undo()
+        for cached in caches:
+            cached.cache_clear()
+
+
 def io_uring_here() -> None:
     from flashbench.reference import uring
 
