@@ -22,9 +22,9 @@
    fb_plan_records(...): the reads of one reader call where vectors are read in place (`FlashReader._in_place` says
    what they are; `reader.plan_in_place` plans the same in numpy where this library is not built). In C because
    numpy's planning of a call of 256 records of 16 KiB took about 200 us of the call's 4-5 ms, on the thread that
-   reads: with it in C, the reader's calls took 0.9-1.05 ms of CPU against 1.15-1.25 and read at 86.1% of fio against
-   82.9% (means of 14 rounds, alternating, each run between two fio runs; Intel Xeon, 2 cores), within 2% of the
-   same calls' reads planned beforehand. */
+   reads: with it in C, the reader's calls took 1.00 ms of CPU against 1.17 (means of 6 rounds) and read at 86.1% of
+   fio against 82.9% (means of 14 rounds, alternating, each run between two fio runs; Intel Xeon, 2 cores), within
+   2% of the same calls' reads planned beforehand. */
 #include <errno.h>
 #include <liburing.h>
 #include <stdint.h>
