@@ -441,7 +441,8 @@ class FlashReader:
             return None
         offsets, first, count, starts, lengths, to_sink = planned
         sink = self._sink_for(int(lengths[to_sink].max())) if to_sink.any() else None
-        return Batch(out.reshape(-1), offsets, starts, lengths, first, count, sink, to_sink if sink is not None else None)
+        return Batch(out.reshape(-1), offsets, starts, lengths, first, count, sink,
+                     to_sink if sink is not None else None)
 
     def _submit(self, layer: int, batch: Batch, done=None) -> None:
         """Issue a batch's reads. With io_uring, all of them from C in one call; with threads, each thread runs
