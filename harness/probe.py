@@ -158,8 +158,7 @@ def measure(directory: Path, grid: ProbeGrid, storage: dict, version: str | None
     runs = [(e, c, t) for e in grid.ioengines for c in grid.chunk_bytes for t in grid.threads]
     for i, (engine, chunk, threads) in enumerate(runs, 1):
         try:
-            jobs, depth = (threads, 1) if engine == "psync" else (1, threads)
-            r = fio.randread(path, chunk, jobs, grid.seconds, ioengine=engine, iodepth=depth)
+            r = fio.in_flight(path, chunk, threads, grid.seconds, engine)
         except fio.FioError as e:
             if engine != "psync":  # an engine this fio or kernel lacks: keep the psync curve
                 result.notes.append(f"fio {engine}: {e}")

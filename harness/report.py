@@ -310,8 +310,9 @@ def _bound_table(recs: list[dict]) -> list:
             for r in bounded for b in [r["bound"]]]
     return [Heading(3, "Latency against the machine's bound"),
             Para("The bound of a decode step is its bytes read per token at fio's bandwidth for its mean read size "
-                 "and thread count, plus the weight bytes it multiplies per token (attention, LM head, the FFN rows "
-                 "of the neurons in its products) at this CPU's matrix-vector rate in its compute dtype "
+                 "and reads in flight (with the fio engine that keeps reads in flight as the reader's backend does: "
+                 "psync jobs beside threads, an io_uring queue beside io_uring), plus the weight bytes it "
+                 "multiplies per token (attention, LM head, the FFN rows of the neurons in its products) at this CPU's matrix-vector rate in its compute dtype "
                  f"({first['mv_bytes_s'] / 1e9:.1f} GB/s by {first.get('matvec', 'mv')}, the faster kernel, "
                  "measured at the model's FFN shape in this run"
                  + (f"; memory bandwidth {read / 1e9:.1f} GB/s" if (read := first.get("read_bytes_s")) else "")
@@ -348,7 +349,8 @@ def _matrix_table(recs: list[dict]) -> Table:
             rows.append([r["configuration"], ", ".join(r["sections"])] + ["-"] * 14 + [_verdict(r)])
             continue
         m, ref = r["metrics"], r.get("fio_reference")
-        ratio = (f"{ref['ratio']:.2f} (fio {ref['chunk_bytes'] // 1024} KiB x{ref['threads']})"
+        ratio = (f"{ref['ratio']:.2f} (fio {ref.get('ioengine', 'psync')} {ref['chunk_bytes'] // 1024} KiB "
+                 f"x{ref['threads']})"
                  if ref and ref.get("ratio") is not None else "-")
         bandwidth = _get(m, "read_bandwidth_bytes_s")
         rows.append([

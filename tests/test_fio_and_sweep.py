@@ -54,6 +54,28 @@ def test_the_backends_take_turns_going_first_round_by_round(tmp_path, monkeypatc
     assert [p.reader for p in points] == ["threads", "io_uring"] and points[0].reader_bytes_s == 1 << 20
 
 
+def test_each_backend_is_judged_against_fio_keeping_reads_in_flight_its_way(tmp_path, monkeypatch):
+    from flashbench.harness import sweep as sweeping
+
+    runs = []
+
+    def fio_run(path, block_bytes, reads, seconds, ioengine):
+        runs.append(ioengine)
+        return fio.FioResult(block_bytes, 1, ioengine, reads, {"psync": 800.0, "io_uring": 1000.0}[ioengine], 1.0,
+                             1.0, None, None, None)
+
+    monkeypatch.setattr(fio, "in_flight", fio_run)
+    measured = ReadStats(reads=1, bytes_read=400, seconds=1.0)
+    monkeypatch.setattr(sweeping, "measure_reader", lambda *a, **k: (measured, 1))
+    points = sweep(tmp_path, [16 * KIB], [2], seconds=0.1, repeats=2, file_bytes=8 << 20, progress=None,
+                   backends=("threads", "io_uring"))
+    assert runs == ["io_uring", "psync"] * 3  # before the first round and after each
+    by = {p.reader: p for p in points}
+    assert by["threads"].fio_ioengine == "psync" and by["threads"].fraction_of_fio == 0.5
+    assert by["io_uring"].fio_ioengine == "io_uring" and by["io_uring"].fraction_of_fio == 0.4
+    assert "fio io_uring" in format_point(by["io_uring"])
+
+
 def test_each_reader_run_is_judged_against_the_fio_runs_around_it():
     # fio drifts 400 -> 200 MiB/s; the reader ran at 300 then 150: both runs at 100% of the device around them
     assert bracketed_fractions([300.0, 150.0], [400.0, 200.0, 100.0]) == [1.0, 1.0]
@@ -80,7 +102,7 @@ def test_the_c_reference_makes_the_same_calls_between_the_same_fio_runs(tmp_path
     (p,) = sweep(tmp_path, [16 * KIB], [2], seconds=0.3, repeats=2, file_bytes=8 << 20, batch=64, c_reference=True,
                  progress=None)
     assert p.c_error is None and p.c_bytes_s > 0 and p.c_fraction_of_fio > 0
-    assert "C, same calls" in format_point(p)
+    assert "C (pread threads), same calls" in format_point(p)
 
 
 def test_without_a_c_compiler_the_sweep_says_so_and_still_measures_the_reader(tmp_path, monkeypatch):

@@ -46,3 +46,18 @@ def test_reference_is_the_nearest_chunk_size_at_the_nearest_thread_count(tmp_pat
     ref = p.reference(chunk_bytes=8000, threads=16)  # log-nearest: 4 KiB
     assert (ref.chunk_bytes, ref.threads) == (4096, 2)
     assert p.reference(50000, 1).chunk_bytes == 65536
+
+
+def test_a_configurations_reads_are_set_beside_fio_with_its_readers_engine():
+    from flashbench.harness.measure import fio_reference
+    from flashbench.harness.probe import Probe, ProbePoint
+
+    points = [ProbePoint("fio", engine, "randread", 16384, 32, rate, rate / 16384, 32.0)
+              for engine, rate in (("psync", 800e6), ("io_uring", 1000e6))]
+    both = Probe("d", {}, ProbeGrid(), points, "now", "fio-3.33")
+    metrics = {"mean_read_bytes": 16384.0, "read_bandwidth_bytes_s": 800e6}
+    uring, threads = fio_reference(metrics, 32, both, "io_uring"), fio_reference(metrics, 32, both, "threads")
+    assert (uring["ioengine"], uring["ratio"]) == ("io_uring", 0.8)
+    assert (threads["ioengine"], threads["ratio"]) == ("psync", 1.0)
+    psync_only = Probe("d", {}, ProbeGrid(), points[:1], "now", "fio-3.33")
+    assert fio_reference(metrics, 32, psync_only, "io_uring")["ioengine"] == "psync"  # what it was set beside
