@@ -421,22 +421,25 @@ class FlashFFN(nn.Module):
         delta = self._in_file_order(self._make_room(needed, start, self.cache.missing(needed)))
         # One buffer on a GPU (one copy to the device) and for the regathering cache (the plain implementation).
         pieces, slots = self._fetch(delta, gather=sh.transfer.gpu or not isinstance(self.cache, NeuronCache))
-        # The window's and hot rows, by neuron id wherever they lie (so the sums' order does not depend on where reads
-        # landed), while the delta is read.
-        held = self._share(xs, *self.cache.rows_of(self.cache.cached_ids()))
+        # While the delta is read: the window's and hot rows, by neuron id wherever they lie (so the sums' order does
+        # not depend on where reads landed); the next layer's guesses; and the neurons the window no longer keeps
+        # forgotten (the delta, not inserted yet, is needed by this token: it stays).
+        held_ids = self.cache.cached_ids()
+        held = self._share(xs, *self.cache.rows_of(held_ids))
+        guess = self._guess_ahead(xs)
+        t0 = time.perf_counter()
+        self._evict_before(end - sh.techniques.window)  # keep what the last k tokens needed
+        sh.stats.memory_s += time.perf_counter() - t0
         sh.wait_read()
         rows = self._rows(delta, pieces)
         t0 = time.perf_counter()
         self.cache.insert(delta, rows, self._bias(delta), slots=slots)  # before the read-ahead refills its buffer
-        self.peak_rows = max(self.peak_rows, self.cache.n)
+        self.peak_rows = max(self.peak_rows, len(held_ids) + len(delta))
         sh.stats.memory_s += time.perf_counter() - t0
-        self._read_ahead(xs)
-        sh.stats.multiplied += self.cache.n
+        self._read_ahead(guess)
+        sh.stats.multiplied += len(held_ids) + len(delta)
 
         out = self._total(xs, [held, self._share(xs, *self.cache.rows_of(delta))])
-        t0 = time.perf_counter()
-        self._evict_before(end - sh.techniques.window)  # keep what the last k tokens needed
-        sh.stats.memory_s += time.perf_counter() - t0
         sh.stats.cached += self.cache.n
         return out[None]
 
@@ -450,23 +453,25 @@ class FlashFFN(nn.Module):
                               f"{room}: raise the DRAM budget")
         pieces, _ = self._fetch(delta, gather=True)
         hot = self._share(xs, *self.cache.rows_of(self.cache.cached_ids()))  # while the delta is read
+        guess = self._guess_ahead(xs)
         self.shared.wait_read()
         rows = whole(self._rows(delta, pieces))
-        self._read_ahead(xs)
+        self._read_ahead(guess)
         self.peak_rows = max(self.peak_rows, self.cache.n)
         self.shared.stats.cached += self.cache.n
         self.shared.stats.multiplied += len(delta) + self.cache.n
         return self._total(xs, [hot, self._share(xs, rows, None, self._bias(delta))])
 
-    def _read_ahead(self, xs: torch.Tensor) -> None:
-        """Overlap: start reading the next layer's likeliest needs that it does not hold, while this layer
-        computes: its guesses most confident first, at most READ_AHEAD times what it read for its last pass and
-        what the read-ahead buffer takes (nothing after the last layer: no read crosses a token). Where every
-        neuron is needed (source "all": the hybrid alone) the guess is exact, so all of it: the next layer's buffers
-        then swap roles, where a part would be copied beside the rest (docs/results.md, seventh session)."""
+    def _guess_ahead(self, xs: torch.Tensor) -> np.ndarray | None:
+        """Overlap: the next layer's likeliest needs that it does not hold, guessed from this layer's FFN input: its
+        guesses most confident first, at most READ_AHEAD times what it read for its last pass and what the
+        read-ahead buffer takes, in file order; None without overlap or after the last layer (no read crosses a
+        token). Where every neuron is needed (source "all": the hybrid alone) the guess is exact, so all of it: the
+        next layer's buffers then swap roles, where a part would be copied beside the rest (docs/results.md, seventh
+        session). Made while this layer's own reads are in flight; `_read_ahead` starts reading it."""
         sh = self.shared
         if sh.read_ahead is None or self.layer + 1 == len(sh.layers):
-            return
+            return None
         nxt = sh.layers[self.layer + 1]
         t0 = time.perf_counter()
         guesses = np.concatenate(sh.source.lookahead(self.layer, xs) or [np.zeros(0, np.int64)]).astype(np.int64)
@@ -477,6 +482,14 @@ class FlashFFN(nn.Module):
         most = room if nxt.last_read is None or exact else min(room, READ_AHEAD * nxt.last_read)
         ids = nxt._in_file_order(np.sort(guess[: int(most)]))
         sh.stats.predictor_s += time.perf_counter() - t0
+        return ids
+
+    def _read_ahead(self, ids: np.ndarray | None) -> None:
+        """Overlap: start reading the next layer's guessed needs (`_guess_ahead`) while this layer computes."""
+        sh = self.shared
+        if ids is None:
+            return
+        nxt = sh.layers[self.layer + 1]
         if len(ids) and nxt.landing is not None:
             sh.read_ahead.start(nxt.layer, ids, nxt.record_of[ids], nxt.landing, rows=nxt.cache.free_slots(len(ids)))
         elif len(ids):
