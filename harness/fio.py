@@ -52,11 +52,11 @@ def _bandwidth(read: dict) -> float:
     return float(read["bw_bytes"]) if "bw_bytes" in read else float(read["bw"]) * 1024
 
 
-# The fio engine each reader backend is set beside: the same way of keeping reads in flight (jobs of blocking reads
-# for the thread pool, one job's io_uring queue for the ring), so that what the reader loses to fio is its own. fio's
-# io_uring read 16 KiB records about a fifth faster than its psync jobs here (965 against 792 MiB/s at 32 in flight,
-# paper-24's probe): beside psync, an io_uring reader looked closer to the device than it was.
-ENGINE_OF_READER = {"threads": "psync", "io_uring": "io_uring"}
+# The ways fio keeps reads in flight. Every figure the reader is set beside is the faster of the two at that block size
+# and parallelism: neither is fastest everywhere (16 KiB on this VM's disk: io_uring 965 against psync's 792 MiB/s at
+# 32 in flight, psync 1,143 against 915 at 128; paper-24's and paper-25's probes), and a reader beside the slower one
+# looks closer to the device than it is.
+ENGINES = ("psync", "io_uring")
 
 
 def in_flight(path: Path, block_bytes: int, reads: int, seconds: float, ioengine: str = "psync") -> FioResult:

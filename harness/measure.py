@@ -28,7 +28,6 @@ from flashbench.reference.sources import ActivationSource
 
 from .agreement import DenseReference, greedy, judge
 from .compute import ComputeRates, latency_bound
-from .fio import ENGINE_OF_READER
 from .matrix import Configuration, LayoutSpec, Settings, ordered
 from .probe import Probe
 from .stats import spread
@@ -167,14 +166,12 @@ def token_metrics(steps: list[TokenStats]) -> dict:
     }
 
 
-def fio_reference(metrics: dict, threads: int, probe: Probe | None, reader: str = "threads") -> dict | None:
-    """The probe's bandwidth at our mean read size and reads in flight, with the fio engine of the reader's backend
-    (`fio.ENGINE_OF_READER`; psync where the probe has no point of that engine, which the record's `ioengine` then
-    says), and our effective bandwidth's ratio to it."""
+def fio_reference(metrics: dict, threads: int, probe: Probe | None) -> dict | None:
+    """The probe's bandwidth at our mean read size and reads in flight, fio's faster engine there (its `ioengine`
+    says which), and our effective bandwidth's ratio to it."""
     if probe is None or not metrics["mean_read_bytes"]:
         return None
-    ref = probe.reference(metrics["mean_read_bytes"], threads, ENGINE_OF_READER.get(reader, "psync")) or \
-        probe.reference(metrics["mean_read_bytes"], threads)
+    ref = probe.reference(metrics["mean_read_bytes"], threads)
     if ref is None:
         return None
     ours = metrics["read_bandwidth_bytes_s"]
@@ -270,7 +267,7 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
         raw.close()
         return_freed_memory()
     metrics = metrics_of(step_seconds, before, after)
-    fio = fio_reference(metrics, settings.threads, probe, settings.reader) if "mean_read_bytes" in metrics else None
+    fio = fio_reference(metrics, settings.threads, probe) if "mean_read_bytes" in metrics else None
     bound = (latency_bound(metrics, fio, model.rates, settings.compute_dtype, ModelConfig.load(model.checkpoint),
                            overlap="overlap" in config.on) if model.rates is not None else None)
     return record | {

@@ -70,9 +70,13 @@ class Probe:
     def tool(self) -> str:
         return "fio" if self.fio_error is None else READER
 
-    def reference(self, chunk_bytes: float, threads: int, ioengine: str = "psync") -> ProbePoint | None:
-        """The random-read point nearest to (chunk size, threads): same engine, nearest thread count, then nearest
-        chunk size on a log scale. None if the probe has no such engine."""
+    def reference(self, chunk_bytes: float, threads: int, ioengine: str | None = None) -> ProbePoint | None:
+        """The random-read point nearest to (chunk size, threads) of `ioengine`: nearest thread count, then nearest
+        chunk size on a log scale; with ioengine None, the faster engine's there (`fio.ENGINES`). None if the probe
+        has no such engine."""
+        if ioengine is None:
+            refs = [r for e in {p.ioengine for p in self.points} if (r := self.reference(chunk_bytes, threads, e))]
+            return max(refs, key=lambda r: r.bandwidth_bytes_s, default=None)
         pts = [p for p in self.points if p.rw == "randread" and p.ioengine == ioengine]
         if not pts or chunk_bytes <= 0:
             return None

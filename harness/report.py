@@ -310,9 +310,9 @@ def _bound_table(recs: list[dict]) -> list:
             for r in bounded for b in [r["bound"]]]
     return [Heading(3, "Latency against the machine's bound"),
             Para("The bound of a decode step is its bytes read per token at fio's bandwidth for its mean read size "
-                 "and reads in flight (with the fio engine that keeps reads in flight as the reader's backend does: "
-                 "psync jobs beside threads, an io_uring queue beside io_uring), plus the weight bytes it "
-                 "multiplies per token (attention, LM head, the FFN rows of the neurons in its products) at this CPU's matrix-vector rate in its compute dtype "
+                 "and reads in flight (the faster of fio's psync jobs and io_uring queue there), plus the weight "
+                 "bytes it multiplies per token (attention, LM head, the FFN rows of the neurons in its products) at "
+                 "this CPU's matrix-vector rate in its compute dtype "
                  f"({first['mv_bytes_s'] / 1e9:.1f} GB/s by {first.get('matvec', 'mv')}, the faster kernel, "
                  "measured at the model's FFN shape in this run"
                  + (f"; memory bandwidth {read / 1e9:.1f} GB/s" if (read := first.get("read_bytes_s")) else "")

@@ -4,10 +4,10 @@ A synthetic one-layer FFN file of random bytes stands in for a paper-scale layer
 OPT 6.7B neuron in fp16: an up column and a down row of 4096 values). Each reader call fetches `batch` distinct
 random neurons, as one layer's delta would, and waits for all of them: every call pays for its threads' ramp-up and
 drain, which fio's free-running jobs never do. fio reads random blocks of the record size with as many reads in
-flight, the way the reader's backend keeps them (`fio.ENGINE_OF_READER`: psync jobs beside the thread pool, one
-io_uring job's queue beside the ring). The C reference (pread_calls.c, built with the system's compiler where asked
-for) makes the reader's calls with POSIX threads, beside psync: what it loses to fio the calls cost, and what the
-threads backend loses beyond it Python costs.
+flight, both ways it keeps them (`fio.ENGINES`: that many psync jobs, one job's io_uring queue that deep), and each
+reader run is set beside the faster. The C reference (pread_calls.c, built with the system's compiler where asked
+for) makes the reader's calls with POSIX threads: what it loses to fio the calls cost, and what the threads backend
+loses beyond it Python costs.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class SweepPoint:
     c_fraction_of_fio: float | None = None
     c_error: str | None = None
     reader: str = "threads"  # the reader's backend (FlashReader's `backend`)
-    fio_ioengine: str = "psync"  # the fio engine the reader is set beside (the C reference, pread threads: psync)
+    fio_ioengine: str | None = None  # the fio engine that read faster here (median); each run is set beside the
+    # faster engine's runs around it
 
 
 class CReferenceError(RuntimeError):
@@ -169,8 +170,9 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
           file_bytes: int = 1 << 30, with_fio: bool = True, batch: int = 256, c_reference: bool = False,
           progress=print, backends: tuple[str, ...] = ("threads",)) -> list[SweepPoint]:
     """Per point (record size, threads): fio runs, then `repeats` rounds of a run of each backend's reader and of
-    the C reference, and fio runs, so that every run lies between two fio runs of its own engine (see
-    bracketed_fractions; fio runs once per engine the backends and the C reference need); a point per backend. The
+    the C reference, and fio runs, so that every run lies between two fio runs (see bracketed_fractions), each the
+    faster of fio's two engines at that moment (an engine fio cannot run is left out, and `fio_error` says why); a
+    point per backend. The
     runs of a round take turns going first, round by round: swept one after the other, whichever backend ran first
     read faster against fio by more than the backends differ (docs/results.md). Bandwidths are the medians of their
     runs."""
@@ -187,17 +189,15 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
             ours = {b: [] for b in backends}
             reads = {b: [] for b in backends}
             direct = dict.fromkeys(backends, True)
-            engines = sorted({fio.ENGINE_OF_READER[b] for b in backends} | ({"psync"} if exe is not None else set()))
-            in_c, theirs, fio_error = [], {e: [] for e in engines}, None
+            in_c, theirs, failed = [], {e: [] for e in fio.ENGINES}, {}
 
             def run_fio() -> None:
-                nonlocal fio_error
-                for engine in engines:
-                    if with_fio and fio_error is None:
+                for engine in fio.ENGINES:
+                    if with_fio and engine not in failed:
                         try:
                             theirs[engine].append(fio.in_flight(path, record, t, seconds, engine).bandwidth_bytes_s)
                         except fio.FioError as e:
-                            fio_error = f"{engine}: {e}"
+                            failed[engine] = str(e)
 
             def reader_of(backend: str):
                 def run(r: int) -> None:
@@ -223,17 +223,20 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
                     run(r)
                 run_fio()
 
-            def fraction(runs: list[float], engine: str) -> float | None:
-                if fio_error is not None or not theirs[engine] or len(runs) != repeats:
+            usable = [e for e in fio.ENGINES if e not in failed]
+            best = [max(runs) for runs in zip(*(theirs[e] for e in usable))]  # each moment's faster engine
+            faster = max(usable, key=lambda e: np.median(theirs[e]), default=None) if best else None
+            fio_error = "; ".join(f"{e}: {m}" for e, m in failed.items()) or None
+
+            def fraction(runs: list[float]) -> float | None:
+                if not best or len(runs) != repeats:
                     return None
-                return float(np.median(bracketed_fractions(runs, theirs[engine])))
+                return float(np.median(bracketed_fractions(runs, best)))
 
             median = lambda runs: float(np.median(runs)) if runs else None  # noqa: E731
             for b in backends:
-                engine = fio.ENGINE_OF_READER[b]
-                point = SweepPoint(record, t, median(ours[b]), median(reads[b]), direct[b], median(theirs[engine]),
-                                   fio_error, fraction(ours[b], engine), batch, median(in_c),
-                                   fraction(in_c, "psync") if in_c else None, c_error, b, engine)
+                point = SweepPoint(record, t, median(ours[b]), median(reads[b]), direct[b], median(best), fio_error,
+                                   fraction(ours[b]), batch, median(in_c), fraction(in_c), c_error, b, faster)
                 points.append(point)
                 if progress:
                     progress(format_point(point))
@@ -247,7 +250,7 @@ def format_point(p: SweepPoint) -> str:
     note += f"  fio: {p.fio_error}" if p.fio_error else ""
     if p.c_bytes_s is not None:
         c_frac = f"{p.c_fraction_of_fio:6.1%}" if p.c_fraction_of_fio is not None else "     -"
-        note += f"  C (pread threads), same calls {mib(p.c_bytes_s)} MiB/s  C/fio psync {c_frac}"
+        note += f"  C, same calls {mib(p.c_bytes_s)} MiB/s  C/fio {c_frac}"
     note += f"  C reference: {p.c_error}" if p.c_error else ""
     return f"{p.record_bytes // KIB:6d} KiB {p.threads:4d} threads  reader ({p.reader}) {mib(p.reader_bytes_s)} " \
-           f"MiB/s  fio {p.fio_ioengine} {mib(p.fio_bytes_s)} MiB/s  reader/fio {frac}{note}"
+           f"MiB/s  fio ({p.fio_ioengine or '-'}) {mib(p.fio_bytes_s)} MiB/s  reader/fio {frac}{note}"

@@ -14,8 +14,8 @@ from .common import EXIT_OK, UsageError
 def add_parser(sub) -> None:
     p = sub.add_parser("reader-sweep", help="the flash reader's bandwidth beside fio's",
                        description="Measure the flash reader's random-read bandwidth per record size and reads in "
-                       "flight, beside fio randread at the same block size and reads in flight, kept the way the "
-                       "reader's backend keeps them (psync jobs, or one io_uring job's queue), on one file in DIR.")
+                       "flight, beside fio randread at the same block size and reads in flight (the faster of psync "
+                       "jobs and one io_uring job's queue), on one file in DIR.")
     p.add_argument("dir", help="directory on the storage to measure (a 1 GiB file is written there once)")
     p.add_argument("--record-kib", default="16,32,64", help="record sizes in KiB (default 16,32,64)")
     p.add_argument("--threads", default="16", help="thread counts (default 16)")
@@ -52,10 +52,9 @@ def cmd_reader_sweep(args) -> int:
     points = []
     for batch in batches:
         print(f"reader ({batch} random records per call{', beside the same calls in C' if args.c_reference else ''}) "
-              f"vs fio randread (direct=1; psync jobs beside threads, one io_uring job's queue beside io_uring) on a "
-              f"{args.file_mib} MiB file in {directory}: {args.repeats} runs of {args.seconds:g} s each, every one "
-              f"between two fio runs of its engine; medians, and x/fio the median of each run over the fio runs "
-              f"around it")
+              f"vs fio randread (direct=1; the faster of psync jobs and an io_uring queue) on a {args.file_mib} MiB "
+              f"file in {directory}: {args.repeats} runs of {args.seconds:g} s each, every one between two fio runs; "
+              f"medians, and x/fio the median of each run over the fio runs around it")
         points += sweep(directory, sizes, threads, args.seconds, args.repeats, args.file_mib << 20, not args.no_fio,
                         batch, args.c_reference, backends=tuple(backends))
     if args.json:
