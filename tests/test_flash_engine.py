@@ -377,6 +377,34 @@ def test_with_overlap_a_layer_multiplies_the_rows_it_holds_while_its_delta_is_re
     assert waited == [True]
 
 
+def test_with_overlap_a_layer_guesses_ahead_and_evicts_while_its_delta_is_read(model):
+    """What a pass knows before its reads land, the next layer's guesses and the neurons its window no longer keeps,
+    is worked out while they are in flight: here layer 0's read is held back until both were done."""
+    with FlashEngine(model["flash"]["unbundled"], Techniques(source="oracle", window=4, threads=4,
+                                                             overlap=True)) as engine:
+        engine.prefill(PROMPT[:4])
+        ffn, reader = engine.model.layers[0].ffn, engine.shared.reader
+        guessed, evicted, waited = threading.Event(), threading.Event(), []
+        real_read, real_guess, real_evict = reader.read, ffn._guess_ahead, ffn._evict_before
+
+        def read(layer, *args, **kwargs):
+            if layer == 0:
+                waited.append(guessed.wait(timeout=5) and evicted.wait(timeout=5))
+            return real_read(layer, *args, **kwargs)
+
+        def guess(*args):
+            guessed.set()
+            return real_guess(*args)
+
+        def evict(*args):
+            evicted.set()
+            return real_evict(*args)
+
+        reader.read, ffn._guess_ahead, ffn._evict_before = read, guess, evict
+        engine.step(PROMPT[4])
+    assert waited == [True]
+
+
 def test_the_io_uring_reader_changes_no_logit(model):
     from tests.test_reader import io_uring_here
 
