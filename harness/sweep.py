@@ -172,10 +172,9 @@ def sweep(directory: Path, record_sizes: list[int], threads: list[int], seconds:
     """Per point (record size, threads): fio runs, then `repeats` rounds of a run of each backend's reader and of
     the C reference, and fio runs, so that every run lies between two fio runs (see bracketed_fractions), each the
     faster of fio's two engines at that moment (an engine fio cannot run is left out, and `fio_error` says why); a
-    point per backend. The
-    runs of a round take turns going first, round by round: swept one after the other, whichever backend ran first
-    read faster against fio by more than the backends differ (docs/results.md). Bandwidths are the medians of their
-    runs."""
+    point per backend. The runs of a round take turns going first, round by round: swept one after the other,
+    whichever backend ran first read faster against fio by more than the backends differ (docs/results.md).
+    Bandwidths are the medians of their runs."""
     exe, c_error = None, None
     if c_reference:
         try:
