@@ -261,6 +261,7 @@ def compare(base: RunRecords, cand: RunRecords, rules: list[Rule]) -> Comparison
                            f"({describe_machine(base.index)} / {describe_machine(cand.index)}); gate the same-run "
                            "ratios (speedup_over_naive, fio_fraction, bound_ratio) instead")
     out = Comparison(str(base.path), str(cand.path), same, [str(r) for r in rules])
+    engines: dict[tuple[str, str], list[str]] = {}  # (baseline's, candidate's) fio engine -> configurations
     for (model, name), b in base.configurations.items():
         key = f"{model}/{name}"
         c = cand.configurations.get((model, name))
@@ -282,6 +283,9 @@ def compare(base: RunRecords, cand: RunRecords, rules: list[Rule]) -> Comparison
             row["metrics"][metric.name] = {"baseline": bv, "candidate": cv,
                                            "ratio": _ratio(bv, cv, metric.higher_is_better)}
         out.rows.append(row)
+        refs = [(rec.get("fio_reference") or {}).get("ioengine") for rec in (b, c)]
+        if all(refs) and refs[0] != refs[1]:
+            engines.setdefault(tuple(refs), []).append(key)
         for rule in rules:
             if rule.metric == VERDICTS:
                 message = _verdict_regression(key, b, c)
@@ -293,6 +297,9 @@ def compare(base: RunRecords, cand: RunRecords, rules: list[Rule]) -> Comparison
             if message:
                 out.regressions.append(Regression(model, name, rule.metric, message))
     _model_means(out, rules)
+    for (was, now), keys in engines.items():  # the reference moved, not only the reads (psync's until 2026-12-05)
+        out.notes.append(f"{len(keys)} configurations set beside another fio engine (baseline {was}, candidate {now}: "
+                         f"{', '.join(keys)}): their fraction of fio and bound ratio moved with the reference too")
     for run in (base, cand):
         if run.probe and run.probe.get("cached_from"):
             out.notes.append(f"{run.label}: its probe was cached from {run.probe['measured_at']}, so its fraction "

@@ -186,6 +186,19 @@ def test_an_interrupted_run_without_its_index_is_refused(runs, capsys, tmp_path)
     assert code == 2 and "no run.json: not a finished run folder" in out.err
 
 
+def test_a_configuration_set_beside_another_fio_engine_is_noted(runs, capsys, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(runs["again"], other)
+    for path in (other / "records").glob("*/*.json"):
+        record = json.loads(path.read_text())
+        if record.get("fio_reference"):
+            ref = record["fio_reference"]
+            ref["ioengine"] = {"psync": "io_uring", "io_uring": "psync"}[ref["ioengine"]]
+            path.write_text(json.dumps(record))
+    assert "configurations set beside another fio engine (baseline " in compare(capsys, runs["base"], other)[1].out
+    assert "another fio engine" not in compare(capsys, runs["base"], runs["again"])[1].out
+
+
 def test_rules_parse_counters_tolerances_and_refuse_unknown_names():
     rules = parse_rules("counters,verdicts,speedup_over_naive:15%,fio_fraction")
     assert [(r.metric, r.tolerance) for r in rules] == [
