@@ -59,7 +59,7 @@ def _bandwidth(read: dict) -> float:
 ENGINES = ("psync", "io_uring")
 
 
-def in_flight(path: Path, block_bytes: int, reads: int, seconds: float, ioengine: str = "psync") -> FioResult:
+def in_flight(path: Path, block_bytes: int, reads: int, seconds: float, ioengine: str) -> FioResult:
     """fio randread with `reads` in flight as `ioengine` keeps them: that many psync jobs, or one job's queue that
     deep (io_uring), as the probe measures its grid."""
     jobs, depth = (reads, 1) if ioengine == "psync" else (1, reads)
