@@ -21,7 +21,7 @@ from typing import Callable
 
 from flashbench.reference.errors import FlashbenchError
 
-from .records import SCHEMA
+from .records import SCHEMA, speedup_over_naive
 from .report import Table, load_run, to_markdown
 
 COUNTER, RATIO, TIME = "counter", "same-run ratio", "raw time"
@@ -44,17 +44,11 @@ def _per_token(key: str):
     return lambda rec, naive: rec["metrics"].get("per_token", {}).get(key)
 
 
-def _speedup(rec: dict, naive: dict | None) -> float | None:
-    if naive is None or naive["status"] != "measured":
-        return None
-    return rec["metrics"]["tokens_per_s"] / naive["metrics"]["tokens_per_s"]
-
-
 METRICS = {m.name: m for m in (
     Metric("bytes_per_token", COUNTER, False, "bytes/token", _per_token("bytes_read")),
     Metric("reads_per_token", COUNTER, False, "reads/token", _per_token("reads")),
     Metric("neurons_per_token", COUNTER, False, "neurons/token", _per_token("neurons")),
-    Metric("speedup_over_naive", RATIO, True, "speedup over naive", _speedup),
+    Metric("speedup_over_naive", RATIO, True, "speedup over naive", speedup_over_naive),
     Metric("fio_fraction", RATIO, True, "fraction of fio",
            lambda rec, naive: (rec.get("fio_reference") or {}).get("ratio")),
     Metric("bound_ratio", RATIO, False, "latency / machine bound",
@@ -262,6 +256,7 @@ def compare(base: RunRecords, cand: RunRecords, rules: list[Rule]) -> Comparison
                            "ratios (speedup_over_naive, fio_fraction, bound_ratio) instead")
     out = Comparison(str(base.path), str(cand.path), same, [str(r) for r in rules])
     engines: dict[tuple[str, str], list[str]] = {}  # (baseline's, candidate's) fio engine -> configurations
+    alternated: list[str] = []  # configurations whose speedup over naive was alternated with naive in one run only
     for (model, name), b in base.configurations.items():
         key = f"{model}/{name}"
         c = cand.configurations.get((model, name))
@@ -286,6 +281,8 @@ def compare(base: RunRecords, cand: RunRecords, rules: list[Rule]) -> Comparison
         refs = [(rec.get("fio_reference") or {}).get("ioengine") for rec in (b, c)]
         if all(refs) and refs[0] != refs[1]:
             engines.setdefault(tuple(refs), []).append(key)
+        if bool(b.get("alternated_with_naive")) != bool(c.get("alternated_with_naive")):
+            alternated.append(key)
         for rule in rules:
             if rule.metric == VERDICTS:
                 message = _verdict_regression(key, b, c)
@@ -300,6 +297,10 @@ def compare(base: RunRecords, cand: RunRecords, rules: list[Rule]) -> Comparison
     for (was, now), keys in engines.items():  # the reference moved, not only the reads (psync's until 2026-12-05)
         out.notes.append(f"{len(keys)} configurations set beside another fio engine (baseline {was}, candidate {now}: "
                          f"{', '.join(keys)}): their fraction of fio and bound ratio moved with the reference too")
+    if alternated:
+        out.notes.append(f"{len(alternated)} configurations timed alternately with naive in one run only "
+                         f"({', '.join(alternated)}): their speedup over naive is of the same moments in that run, "
+                         "of two configurations' turns in the other")
     for run in (base, cand):
         if run.probe and run.probe.get("cached_from"):
             out.notes.append(f"{run.label}: its probe was cached from {run.probe['measured_at']}, so its fraction "

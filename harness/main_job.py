@@ -560,7 +560,7 @@ def _run(scenario: Scenario, out_dir: Path, work: Path, fresh_probe: bool, progr
                 progress(f"  [{j:2d}/{len(configs)}] {config.name}: kept")
             else:
                 rec = measure(make_sut, model, config, scenario.settings, storage_probe, budget,
-                              spec.engine_within_budget)
+                              spec.engine_within_budget, spec.alternate_with_naive)
                 rec = {"kind": "configuration", "spec": asdict(spec), "settings": asdict(scenario.settings),
                        "seeds": {"model": spec.seed}} | rec
                 write(rel, rec)
@@ -598,7 +598,9 @@ def _summary(rec: dict) -> str:
     verdict = "n/a" if "not_applicable" in a else ("PASS" if a["passed"] else "FAIL") + f" ({a['tolerance']})"
     io = m.get("ms", {}).get("io", {}).get("mean")
     read = m.get("per_token", {}).get("bytes_read")
+    alternated = rec.get("alternated_with_naive")
     return (f"{rec['configuration']:58s} {m['tokens_per_s']:7.3g} tok/s  "
+            + (f"{alternated['speedup_over_naive']:.2f}x naive alternated  " if alternated else "")
             + (f"io {io:6.2f} ms  " if io is not None else "") + (f"{read / 1024:8.1f} KiB/tok  " if read is not None
                                                                     else "") + verdict)
 

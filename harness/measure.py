@@ -222,12 +222,22 @@ def return_freed_memory() -> bool:
     return True
 
 
+def reads_every_neuron(config: Configuration) -> bool:
+    """Without the predictor a configuration reads every neuron it does not hold (naive, the hybrid alone): seconds
+    a token at paper scale, a few tokens timed, and set beside naive by margins the disk's drift can turn over."""
+    return "predictor" not in config.on
+
+
 def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, config: Configuration,
-            settings: Settings, probe: Probe | None, dram_budget: int, within_budget: bool = False) -> dict:
+            settings: Settings, probe: Probe | None, dram_budget: int, within_budget: bool = False,
+            alternate_with_naive: bool = False) -> dict:
     """One configuration on one model, through the SUT interface, as `flashbench validate` measures: the harness
     owns the tokens, the clock (every decode step) and the verdicts; the SUT only computes, and what it reports of
     itself (counters, its own breakdown) is recorded as its own. With `dram_budget` the SUT is held to it (a
-    configuration that cannot fit is recorded as such)."""
+    configuration that cannot fit is recorded as such). With `alternate_with_naive`, a configuration that reads every
+    neuron is timed beside a naive SUT loaded with it, their decode steps alternating token by token (which of the two
+    goes first alternating too): its ratio to naive is then of the same minutes of the disk, not of two runs minutes
+    apart."""
     record = {
         "model": model.name, "configuration": config.name, "techniques_on": sorted(config.on),
         "sections": list(config.sections), "prerequisites": list(config.prerequisites),
@@ -237,24 +247,32 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
     if why := config.not_applicable(model.dense_ffn):
         return record | {"status": "not-applicable", "error": why}
     tokens = model.tokens
-    if "predictor" not in config.on and model.whole_read_tokens:  # configurations that read every neuron
+    if reads_every_neuron(config) and model.whole_read_tokens:
         tokens = tokens[: model.whole_read_tokens]
     record["teacher_forced_tokens"] = len(tokens)
     record["dram_budget"] = dram_budget if within_budget else None
     ref = model.reference
-    raw = make_sut()
-    sut = Guarded(raw)
+    alternate = alternate_with_naive and reads_every_neuron(config) and bool(config.on)
+    raws = [make_sut()] + ([make_sut()] if alternate else [])
+    sut, naive = Guarded(raws[0]), (Guarded(raws[1]) if alternate else None)
     try:
         hello = sut.hello()
         record["sut"] = hello
         sut.load(hello, model.checkpoint, dram_budget, "exact" if config.exact else "approximate",
                  ordered(config.on), run_settings(settings, within_budget))
+        if naive is not None:
+            naive.load(naive.hello(), model.checkpoint, dram_budget, "exact", (), run_settings(settings, within_budget))
+            naive.prefill(tokens[:1])
         logits = [sut.prefill(tokens[:1])]
-        before, step_seconds = sut.counters(), []
-        for t in tokens[1:-1]:  # the harness's clock around every decode step
-            t0 = time.perf_counter()
-            logits.append(sut.step(t)[None])
-            step_seconds.append(time.perf_counter() - t0)
+        before, step_seconds, naive_seconds = sut.counters(), [], []
+        for i, t in enumerate(tokens[1:-1]):  # the harness's clock around every decode step
+            if naive is not None and i % 2 == 0:
+                naive_seconds.append(_timed(naive.step, t)[1])
+            out, seconds = _timed(sut.step, t)
+            logits.append(out[None])
+            step_seconds.append(seconds)
+            if naive is not None and i % 2 == 1:
+                naive_seconds.append(_timed(naive.step, t)[1])
         after = sut.counters()
         verdict = None
         if ref is not None:
@@ -264,22 +282,34 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
         status = "does-not-fit" if isinstance(e.__cause__, BudgetError) else "sut-failed"
         return record | {"status": status, "error": str(e.__cause__ or e)}
     finally:
-        raw.close()
+        for raw in raws:
+            raw.close()
         return_freed_memory()
     metrics = metrics_of(step_seconds, before, after)
     fio = fio_reference(metrics, settings.threads, probe) if "mean_read_bytes" in metrics else None
     bound = (latency_bound(metrics, fio, model.rates, settings.compute_dtype, ModelConfig.load(model.checkpoint),
                            overlap="overlap" in config.on) if model.rates is not None else None)
+    alternated = None if naive is None else {
+        "tokens": len(naive_seconds), "naive_harness_ms": spread([s * 1e3 for s in naive_seconds]),
+        "speedup_over_naive": sum(naive_seconds) / sum(step_seconds)}
     return record | {
         "status": "measured",
         "engine": after.get("engine"), "layout": after.get("layout"),
         "metrics": metrics,
+        "alternated_with_naive": alternated,
         "fio_reference": fio,
         "bound": bound,
         "dram": after.get("dram"),
         "sut_reported": {k: v for k, v in after.items() if k not in ("decode_steps", "engine", "layout", "dram")},
         "agreement": verdict if verdict is not None else {"not_applicable": model.no_reference},
     }
+
+
+def _timed(step: Callable[[int], torch.Tensor], token: int) -> tuple[torch.Tensor, float]:
+    """One decode step on the harness's clock."""
+    t0 = time.perf_counter()
+    out = step(token)
+    return out, time.perf_counter() - t0
 
 
 def run_settings(settings: Settings, within_budget: bool) -> dict:

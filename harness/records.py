@@ -21,6 +21,19 @@ class RecordError(FlashbenchError):
     """Records that cannot be used: unreadable, or of another scenario, schema or commit than asked."""
 
 
+def speedup_over_naive(rec: dict, naive: dict | None) -> float | None:
+    """A configuration's tokens/s over the same run's naive; where it was timed alternately with a naive SUT
+    (`alternated_with_naive`), the ratio of those same moments instead, which the disk's drift between two
+    configurations' turns does not move."""
+    if rec.get("status") != "measured":
+        return None
+    if alternated := rec.get("alternated_with_naive"):
+        return alternated["speedup_over_naive"]
+    if naive is None or naive.get("status") != "measured":
+        return None
+    return rec["metrics"]["tokens_per_s"] / naive["metrics"]["tokens_per_s"]
+
+
 def portable_path(path: str | Path) -> str:
     """A path as records name it: relative to the repository where it lies inside it, else under ~ or absolute, so
     that committed records do not carry the machine they were made on."""

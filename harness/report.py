@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .agreement import APPROXIMATE, LOGIT_ULPS
-from .records import RecordError
+from .records import RecordError, speedup_over_naive
 
 MIB = 1024 * 1024
 # The paper's own figures (OPT 6.7B, fp16, M1 Max, DRAM budget ~50%): Table 2 (I/O only) and Table 3.
@@ -191,9 +191,11 @@ def _all_name(records: list[dict]) -> str | None:
 
 
 def _speedup(rec: dict, naive: dict | None) -> str:
-    if not naive or rec["status"] != "measured" or naive["status"] != "measured":
+    """The speedup over naive; "alternated" where it is of steps alternated with a naive SUT's."""
+    ratio = speedup_over_naive(rec, naive)
+    if ratio is None:
         return "-"
-    return f"{rec['metrics']['tokens_per_s'] / naive['metrics']['tokens_per_s']:.2f}x"
+    return f"{ratio:.2f}x" + (" alternated" if rec.get("alternated_with_naive") else "")
 
 
 # ---- sections ----------------------------------------------------------------------------------------------------
@@ -571,7 +573,9 @@ def build(run_dir: Path) -> tuple[list, pd.DataFrame, str]:
         blocks += _techniques_table(d.get("techniques"))
         blocks += _table2(model, by) + _table3(model, by, _all_name(recs)) + _bound_table(recs)
         blocks += [Heading(3, "Technique matrix"),
-                   Para("Per decode step: tokens/s and its ratio to the naive run of this invocation; latency parts, "
+                   Para("Per decode step: tokens/s and its ratio to the naive run of this invocation ('alternated': "
+                        "to a naive SUT loaded beside the configuration, their decode steps alternating token by "
+                        "token, so that the disk's drift between the two runs does not enter it); latency parts, "
                         "mean (p90), in ms (I/O: the reading the step waited for; hidden: the overlap's reads ahead "
                         "that ran behind compute; read ahead: the neurons the overlap read ahead per token and how "
                         "many of them the layer then needed); bytes and read operations per token (exact counters, "

@@ -33,6 +33,8 @@
     greedy_tokens = 64
     counts_tokens = 131072    # training tokens whose activations choose hot (hybrid) and dead (pruning) neurons
     whole_read_tokens = 8     # optional: fewer tokens for configurations that read every neuron (naive, hybrid)
+    alternate_with_naive = false  # true: each configuration that reads every neuron is timed beside a naive SUT,
+                                  # their steps alternating token by token (its ratio to naive of the same moments)
     profile = "paper-opt-6.7b"  # synthetic models: the trace profile ("embedded-<model>" scales a measured one)
     peers = ["llama.cpp", "mmap", "accelerate", "airllm"]  # peers on the same checkpoint, capped at the DRAM budget
     peer_tokens = 8
@@ -86,6 +88,9 @@ class ModelSpec:
     # default (None): every row of the table that applies to the model's FFN (`threshold` to SiLU ones only)
     techniques: tuple[str, ...] | None = None
     whole_read_tokens: int | None = None  # fewer tokens for configurations reading every neuron (default: tokens)
+    # Those configurations timed beside a naive SUT loaded with each, token by token: their speedup over naive is of
+    # the same minutes of a disk whose speed drifts (harness/measure.py)
+    alternate_with_naive: bool = False
     profile: str | None = None  # synthetic models: the trace profile
     seed: int = 0
     peers: tuple[str, ...] = ("llama.cpp", "mmap", "accelerate", "airllm")
@@ -112,8 +117,9 @@ class ModelSpec:
         if isinstance(self.dram_budget, bool) or not isinstance(self.dram_budget, (int, float)) or \
                 self.dram_budget <= 0:
             raise ValueError(f"dram_budget must be a positive fraction of the weights, got {self.dram_budget!r}")
-        if not isinstance(self.engine_within_budget, bool):
-            raise ValueError(f"engine_within_budget must be true or false, got {self.engine_within_budget!r}")
+        for name in ("engine_within_budget", "alternate_with_naive"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not all(isinstance(t, str) for t in (self.techniques or ()) + self.peers):
             raise ValueError("techniques and peers must be lists of names")
         if self.dense not in ("auto", "memory", "streamed"):

@@ -199,6 +199,18 @@ def test_a_configuration_set_beside_another_fio_engine_is_noted(runs, capsys, tm
     assert "another fio engine" not in compare(capsys, runs["base"], runs["again"])[1].out
 
 
+def test_a_configuration_timed_alternately_with_naive_in_one_run_only_is_noted(runs, capsys, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(runs["again"], other)
+    path = other / "records" / "shakespeare-opt" / "predictor.json"  # as if it read every neuron
+    record = json.loads(path.read_text())
+    record["alternated_with_naive"] = {"tokens": 4, "naive_harness_ms": {"mean": 9.0}, "speedup_over_naive": 1.5}
+    path.write_text(json.dumps(record))
+    out = compare(capsys, runs["base"], other)[1].out
+    assert "1 configurations timed alternately with naive in one run only (shakespeare-opt/predictor)" in out
+    assert "alternately" not in compare(capsys, runs["base"], runs["again"])[1].out
+
+
 def test_rules_parse_counters_tolerances_and_refuse_unknown_names():
     rules = parse_rules("counters,verdicts,speedup_over_naive:15%,fio_fraction")
     assert [(r.metric, r.tolerance) for r in rules] == [

@@ -12,7 +12,7 @@ from flashbench.harness.report import _bound_table, to_markdown
 from .tiny import scenario
 
 SCENARIO = scenario("tiny", tokens=12, window=2, engine='hybrid = 0.25\nreader = "auto"',
-                    model='peers = ["llama.cpp", "mmap"]')
+                    model='peers = ["llama.cpp", "mmap"]\nalternate_with_naive = true')
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,20 @@ def test_counters_and_reference_are_filled_for_every_configuration(run):
             assert r["status"] == "measured" and m["tokens"] == 10 and m["per_token"]["bytes_read"] > 0
             assert m["ms"]["io_cpu"]["mean"] > 0  # the reads' CPU time
             assert r["fio_reference"]["tool"] == "fio" and r["fio_reference"]["ratio"] > 0
+
+
+def test_configurations_reading_every_neuron_carry_their_speedup_over_a_naive_sut_alternated_with_them(run):
+    """`alternate_with_naive`: the hybrid's ratio to naive is of the same moments (naive's steps between its own),
+    the sparse configurations' (a few tokens among many) from naive's record as before."""
+    recs = {r["configuration"]: r for r in records(run) if r["kind"] == "configuration"}
+    hybrid, alternated = recs["hybrid"], recs["hybrid"]["alternated_with_naive"]
+    assert alternated["tokens"] == hybrid["metrics"]["tokens"] == 10
+    own_s, naive_s = (alternated["tokens"] * ms["mean"] for ms in (hybrid["metrics"]["harness_ms"],
+                                                                     alternated["naive_harness_ms"]))
+    assert alternated["speedup_over_naive"] == pytest.approx(naive_s / own_s)
+    assert recs["naive"]["alternated_with_naive"] is None and recs["predictor"]["alternated_with_naive"] is None
+    assert f"| {hybrid['metrics']['tokens_per_s']:.3g} | {alternated['speedup_over_naive']:.2f}x alternated |" \
+        in (run["dir"] / "report.md").read_text()  # the matrix's row
 
 
 def test_report_has_every_section_and_a_self_contained_html(run):

@@ -2,11 +2,13 @@
 records, report, verdicts and `compare` of the reference engine's."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+from flashbench.harness.adapters import TransformersSUT
 from flashbench.harness.cli import main
 
 from .tiny import scenario
@@ -49,6 +51,47 @@ def test_run_measures_a_suts_own_matrix_with_records_report_and_compare(run, cap
     assert "Engine measured: example dense SUT" in (run_dir / "report.md").read_text()
     assert main(["compare", str(run_dir), str(run_dir)]) == 0
     assert "PASSED" in capsys.readouterr().out
+
+
+class LogsItsSteps(TransformersSUT):
+    """Declares quantization (and computes dense); logs each decode step as "<SUT's load number> <techniques>
+    <token>" to the file $STEP_LOG names, so that a test sees the order of the harness's calls across SUTs."""
+
+    loaded = 0
+
+    def hello(self):
+        return super().hello() | {"techniques": ["quantization"]}
+
+    def load(self, checkpoint, dram_budget, tolerance, techniques=(), settings=None):
+        LogsItsSteps.loaded += 1
+        self.label = f"{LogsItsSteps.loaded} {'+'.join(techniques) or 'naive'}"
+        return super().load(checkpoint, dram_budget, tolerance)
+
+    def step(self, token):
+        with open(os.environ["STEP_LOG"], "a") as log:
+            log.write(f"{self.label} {token}\n")
+        return super().step(token)
+
+
+def test_with_alternate_with_naive_a_naive_sut_steps_between_the_configurations_steps_taking_turns_first(
+        run, tmp_path, monkeypatch):
+    (tmp_path / "s.toml").write_text(scenario("sut", tokens=12, model="peers = []\nalternate_with_naive = true"))
+    monkeypatch.setenv("STEP_LOG", str(tmp_path / "steps.log"))
+    code, run_dir = run("--sut", "tests.test_run_sut:LogsItsSteps")
+    assert code == 0
+    steps = [line.split() for line in (tmp_path / "steps.log").read_text().splitlines()]
+    own = [s for s in steps if s[1] == "quantization"]
+    alongside = [s for s in steps if s[1] == "naive" and s[0] != steps[0][0]]  # not the naive configuration's
+    timed = own[:10]  # then the greedy continuation, the configuration's alone
+    assert len(alongside) == 10 and [s[2] for s in alongside] == [s[2] for s in timed]
+    turns = steps[steps.index(timed[0]) - 1:]
+    expected = []
+    for i, (mine, naive) in enumerate(zip(timed, alongside)):
+        expected += [naive, mine] if i % 2 == 0 else [mine, naive]
+    assert turns[:20] == expected
+    recs = configurations(run_dir)
+    assert recs["quantization"]["alternated_with_naive"]["tokens"] == 10
+    assert recs["naive"]["alternated_with_naive"] is None
 
 
 def test_a_sut_declaring_no_techniques_is_measured_as_the_naive_configuration_alone(run):
