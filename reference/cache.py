@@ -194,10 +194,8 @@ class NeuronCache:
 
     def rows_of(self, ids: np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray, torch.Tensor | None]:
         """What the FFN multiplies for cached neurons `ids`, with no copy: every slot's rows, the slots of `ids` in
-        their order, and their up biases."""
-        slots = self.slot_of[ids]
-        bias = self.up_bias[torch.from_numpy(slots).to(self.device)] if self.up_bias is not None else None
-        return self.rows, slots, bias
+        their order, and every slot's up bias."""
+        return self.rows, self.slot_of[ids], self.up_bias
 
 
 class RegatherCache:
@@ -258,7 +256,5 @@ class RegatherCache:
         return self.ids.copy()
 
     def rows_of(self, ids: np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray, torch.Tensor | None]:
-        """The matrices as they are, the rows of cached neurons `ids` in them, and their up biases."""
-        at = np.searchsorted(self.ids, ids)
-        bias = self.up_bias[torch.from_numpy(at).to(self.device)] if self.up_bias is not None else None
-        return self.rows, at, bias
+        """The matrices as they are, the rows of cached neurons `ids` in them, and the up biases as they are."""
+        return self.rows, np.searchsorted(self.ids, ids), self.up_bias

@@ -549,9 +549,9 @@ class FlashFFN(nn.Module):
     def _share(self, xs: torch.Tensor, weights: dict[str, torch.Tensor], slots: np.ndarray | None,
                up_bias: torch.Tensor | None) -> torch.Tensor | None:
         """One group of neurons' share of the FFN over their rows: down(act(up x + b)), or down(act(gate x) * up x)
-        if gated; None for no rows. The rows are `slots` of `weights`' matrices (the neuron cache's, multiplied where
-        they lie) or, with slots None, all of them. The FFN is the sum of its groups' shares (act acts per neuron),
-        so a group can be multiplied as soon as its rows are in DRAM."""
+        if gated; None for no rows. The rows are `slots` of `weights`' matrices and of `up_bias` (the neuron cache's,
+        multiplied where they lie) or, with slots None, all of them. The FFN is the sum of its groups' shares (act
+        acts per neuron), so a group can be multiplied as soon as its rows are in DRAM."""
         if not (len(weights["down"]) if slots is None else len(slots)):
             return None
         sh = self.shared
@@ -561,6 +561,7 @@ class FlashFFN(nn.Module):
             t0 = time.perf_counter()
             index = torch.from_numpy(slots).to(weights["down"].device)
             weights = {name: as_words(w).index_select(0, index).view(w.dtype) for name, w in weights.items()}
+            up_bias = None if up_bias is None else up_bias.index_select(0, index)
             slots = None
             sh.stats.memory_s += time.perf_counter() - t0
         if slots is None and weights["down"].dtype != torch.float32 and weights["down"].device.type == "cpu":
@@ -573,9 +574,7 @@ class FlashFFN(nn.Module):
             weights = {name: w if name in strided_ok else w.contiguous() for name, w in weights.items()}
             sh.stats.memory_s += time.perf_counter() - t0
         matvec = sh.techniques.matvec
-        h = _times_rows(xs, weights["gate" if self.gated else "up"], matvec, slots)  # [T, n]
-        if up_bias is not None:
-            h = h + up_bias
+        h = _times_rows(xs, weights["gate" if self.gated else "up"], matvec, slots, up_bias)  # [T, n]
         h = self.act(h[None])[0]  # hooked as the dense FFN's is: [1, T, n]
         if self.gated:
             h = h * _times_rows(xs, weights["up"], matvec, slots)
@@ -620,17 +619,18 @@ def down_kernel(techniques: Techniques) -> str:
 ROW_BUCKET = 64  # rows: products over a buffer's rows take one of d_ffn / 64 shapes
 
 
-def _times_rows(xs: torch.Tensor, rows: torch.Tensor, matvec: str = "linear",
-                slots: np.ndarray | None = None) -> torch.Tensor:
-    """xs [T, d] @ rows[slots] [n, d].t() -> [T, n]; slots None: all rows. By slot: one position, 16-bit rows on
-    the CPU, by the C kernel (`row_kernels.up`). All rows: one position by `matvec`'s kernel (`model.project`).
+def _times_rows(xs: torch.Tensor, rows: torch.Tensor, matvec: str = "linear", slots: np.ndarray | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """xs [T, d] @ rows[slots] [n, d].t() + bias[slots] -> [T, n]; slots None: all rows. By slot: one position,
+    16-bit rows on the CPU, by the C kernel (`row_kernels.up`, the bias added before its one rounding). All rows: one
+    position by `matvec`'s kernel (`model.project`), then the bias.
     On the CPU, torch's 16-bit products (oneDNN) build a kernel for each new shape, which takes about as long as the
     product itself here (1-2 ms at 3,000 x 4,096), and a pass's row count changes every pass. So where the rows'
     buffer goes on after them (a record buffer's unused rows) the product runs over n rounded up to ROW_BUCKET rows,
     whatever the extra rows hold, and their columns are dropped (each column is its own row's sum). The "rows"
     kernel builds nothing: it multiplies the n rows."""
     if slots is not None:
-        return row_kernels.up(xs[0], rows, slots)[None]
+        return row_kernels.up(xs[0], rows, slots, bias)[None]
     n = rows.shape[0]
     padded = -(-n // ROW_BUCKET) * ROW_BUCKET
     if (matvec != "rows" and padded != n and rows.dtype != torch.float32 and rows.device.type == "cpu"
@@ -638,7 +638,8 @@ def _times_rows(xs: torch.Tensor, rows: torch.Tensor, matvec: str = "linear",
         room = (rows.untyped_storage().nbytes() // rows.element_size() - rows.storage_offset()) // rows.stride(0)
         if room >= padded:
             rows = rows.as_strided((padded, rows.shape[1]), rows.stride())
-    return project(xs, rows, None, matvec)[:, :n]
+    out = project(xs, rows, None, matvec)[:, :n]
+    return out if bias is None else out + bias
 
 
 def _down(h: torch.Tensor, down: torch.Tensor, slots: np.ndarray | None = None) -> torch.Tensor:

@@ -3,9 +3,11 @@
    scattered over its cache, and these kernels take the list of the slots to multiply. Both sum in float32, in an
    order that depends only on the list's order and the values (not on where the rows lie, nor on the thread).
 
-   fb_up_bf16 / fb_up_f16(rows, idx, n, d, stride, x, out, threads): out[i] = rows[idx[i]] . x for i < n (idx NULL:
-   row i), rows of d values at rows + idx[i] * stride (elements), x d float32 values; each row's sum over 16 lanes
-   (element j in lane j % 16, the lanes' sums in j order), then the lanes in order. With idx NULL it is a plain
+   fb_up_bf16 / fb_up_f16(rows, idx, n, d, stride, x, bias, out, threads): out[i] = rows[idx[i]] . x + bias[idx[i]]
+   for i < n (idx NULL: row i; bias NULL: none), rows of d values at rows + idx[i] * stride (elements), x d float32
+   values, bias 16-bit values by row as the rows are; each row's sum over 16 lanes (element j in lane j % 16, the
+   lanes' sums in j order), then the lanes in order, then the bias, in float32 (one rounding, by the caller, as
+   F.linear's). With idx NULL it is a plain
    matrix-vector product, the engine's "rows" matvec kernel (attention, the LM head): torch's own 16-bit products are
    slow on CPUs without AMX (Intel Xeon with avx512_bf16, no AMX, 2 threads, 4096x4096 matrices past the L3:
    bfloat16 by torch.mv 5.0-5.4 GB/s, F.linear 10.3-11.8, this kernel 19.0-19.2; float16 5.2-6.5, 9.6-10.6 and
@@ -127,14 +129,16 @@ static inline float lane_sum(const float *acc) {
             out[i] = lane_sum(a0);                                                                                \
         }                                                                                                         \
     }                                                                                                             \
-    void NAME(const uint16_t *rows, const int64_t *idx, long n, long d, long stride, const float *x, float *out,   \
-              int threads) {                                                                                      \
+    void NAME(const uint16_t *rows, const int64_t *idx, long n, long d, long stride, const float *x,               \
+              const uint16_t *bias, float *out, int threads) {                                                    \
         long chunk = up_chunk(n, threads), chunks = (n + chunk - 1) / chunk;                                      \
         _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                                     \
         for (long c = 0; c < chunks; c++) {                                                                       \
             long first = c * chunk, last = first + chunk < n ? first + chunk : n;                                 \
             NAME##_rows(idx ? rows : rows + first * stride, idx ? idx + first : NULL, last - first, d, stride, x,  \
                         out + first);                                                                             \
+            if (bias)                                                                                             \
+                for (long i = first; i < last; i++) out[i] += CONVERT(bias[idx ? idx[i] : i]);                    \
         }                                                                                                         \
     }
 

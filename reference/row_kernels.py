@@ -25,7 +25,7 @@ def _library() -> ctypes.CDLL:
     for suffix in DTYPES.values():
         up = getattr(lib, f"fb_up_{suffix}")
         up.restype = None
-        up.argtypes = [pointer, pointer, long, long, long, pointer, pointer, ctypes.c_int]
+        up.argtypes = [pointer, pointer, long, long, long, pointer, pointer, pointer, ctypes.c_int]
         down = getattr(lib, f"fb_down_{suffix}")
         down.restype = None
         down.argtypes = [pointer, pointer, long, long, long, pointer, pointer, ctypes.c_int]
@@ -60,19 +60,21 @@ def _check(rows: torch.Tensor, slots: np.ndarray | None, n: int) -> None:
 
 def up(x: torch.Tensor, rows: torch.Tensor, slots: np.ndarray | None = None,
        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [d] . rows[slots[i]] for each i -> [len(slots)] (slots None: every row, a matrix-vector product), plus
-    `bias`, in float32 (each row's sum in the same order wherever the row lies), rounded to the rows' dtype once; the
-    rows on torch's threads."""
+    """x [d] . rows[slots[i]] + bias[slots[i]] for each i -> [len(slots)] (slots None: every row, a matrix-vector
+    product plus `bias`), in float32 (each row's sum in the same order wherever the row lies), rounded to the rows'
+    dtype once; the rows on torch's threads. `bias` is by row as `rows` is (the neuron cache's, by slot)."""
     n = rows.shape[0] if slots is None else len(slots)
     _check(rows, slots, n)
+    if bias is not None and (bias.dtype != rows.dtype or bias.shape != rows.shape[:1] or bias.stride(0) != 1):
+        raise ValueError(f"the bias must be {rows.shape[0]} contiguous {rows.dtype} values, one a row, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
     d = rows.shape[1]
     xs = x.to(torch.float32).contiguous()  # exact: every 16-bit value is a float32
     out = torch.empty(n, dtype=torch.float32)
     getattr(_library(), f"fb_up_{DTYPES[rows.dtype]}")(rows.data_ptr(), None if slots is None else slots.ctypes.data,
-                                                       n, d, rows.stride(0), xs.data_ptr(), out.data_ptr(),
+                                                       n, d, rows.stride(0), xs.data_ptr(),
+                                                       None if bias is None else bias.data_ptr(), out.data_ptr(),
                                                        torch.get_num_threads())
-    if bias is not None:
-        out += bias
     return out.to(rows.dtype)
 
 

@@ -109,6 +109,21 @@ def test_the_bias_is_added_to_each_rows_sum(built, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_a_listed_rows_bias_is_its_slots_added_before_the_one_rounding(built, dtype):
+    """The neuron cache's biases lie by slot as its rows do. A row's sum big + 1 lies on a tie of the dtype (its
+    last place is 2 there): rounded first, it goes to even (big), and + 0.75 stays big; with the bias added before the
+    one rounding, big + 1.75 rounds to big + 2, as F.linear's sum and bias do."""
+    big = {torch.bfloat16: 256.0, torch.float16: 2048.0}[dtype]
+    rows, x = torch.zeros(4, 32, dtype=dtype), torch.zeros(32, dtype=dtype)
+    rows[3, 0], rows[3, 1], rows[0, 0], x[0], x[1] = big, 1.0, 1.0, 1.0, 1.0
+    bias = torch.tensor([5.0, 0.0, 0.0, 0.75], dtype=dtype)
+    slots = np.array([3, 0, 3], dtype=np.int64)
+    assert row_kernels.up(x, rows, slots, bias).tolist() == [big + 2, 6.0, big + 2]
+    rounded_twice = row_kernels.up(x, rows, slots) + bias[torch.from_numpy(slots)]
+    assert rounded_twice.tolist() == [big, 6.0, big]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_a_rows_sum_is_the_same_bits_wherever_it_lies_and_on_one_thread_or_two(built, dtype):
     """Reads land in whatever slots are free, so the same neurons lie elsewhere in another run (with or without
     overlap): their sums must not change by a bit."""
