@@ -183,12 +183,12 @@ class ReadAhead:
         self._pending: tuple[int, np.ndarray | None, np.ndarray, np.ndarray | None, Future] | None = None
 
     def start(self, layer: int, ids: np.ndarray | None, records: np.ndarray | None, buffer: np.ndarray,
-              rows: np.ndarray | None = None) -> None:
+              rows: np.ndarray | None = None, first: int = 0) -> None:
         """Read `records` of `layer` (neurons `ids`) into buffer's first rows (a record buffer), or into `rows`,
-        or with ids None the layer's whole file."""
+        or with ids None the layer's whole file (from record `first` on)."""
         if self._pending is not None:  # each read is taken before the next one starts
             raise RuntimeError(f"a read for layer {self._pending[0]} is still in flight")
-        read = (lambda: self.reader.read_layer(layer, buffer)) if ids is None else (
+        read = (lambda: self.reader.read_layer(layer, buffer, first)) if ids is None else (
             lambda: self.reader.read(layer, records, buffer, rows))
         self._pending = (layer, ids, buffer, rows, self._pool.submit(read))
 
@@ -225,7 +225,10 @@ class _Shared:
     cache_mover: RowMover  # the same for the neuron caches' inserts, on their device
     touch_caches: bool  # the caches' pages written at build (their capacity is the DRAM budget's)
     stats: TokenStats = field(default_factory=TokenStats)
-    file_buffers: list[np.ndarray] = field(default_factory=list)  # naive mode: a whole layer file (two: overlap)
+    # Every layer's file read whole, from its first record not kept hot (naive, and the hybrid alone over a layout
+    # that stores its hot records first): the file's bytes land where they lie, in one buffer (two: overlap)
+    whole_files: bool = False
+    file_buffers: list[np.ndarray] = field(default_factory=list)
     record_buffer: np.ndarray | None = None  # the delta's records (reader.record_buffer): its rows bound a pass's reads
     ahead_buffer: np.ndarray | None = None  # overlap: the next layer's guessed records, as many rows
     read_ahead: ReadAhead | None = None  # overlap
@@ -293,6 +296,8 @@ class FlashFFN(nn.Module):
         self.landing = self.cache.planes(g.vectors) if shared.lands else None
         self.in_id_order = bool((np.diff(self.stored) > 0).all())  # records by neuron id (not a placed layout)
         self.hot = self._in_file_order(self._stored_only(np.sort(hot).astype(np.int64)))
+        # Reading the layer's file whole, the first record read: past the hot ones where they lie first (placed)
+        self.first_read = len(self.hot) if hot_first(self.stored, self.hot) else 0
         # The window: the position of the last token that needed each neuron (hot ones: never evicted).
         self.last_needed = np.full(d_ffn, -1, dtype=np.int64)
         self.last_needed[self.hot] = PINNED
@@ -306,6 +311,13 @@ class FlashFFN(nn.Module):
         if not len(self.hot):
             return
         sh = self.shared
+        if sh.whole_files:  # no record buffer: the file through the file buffer, the first records (the hot ones)
+            buffer = sh.file_buffers[0][: self.geometry.file_bytes]
+            sh.reader.read_layer(self.layer, buffer)
+            vectors = decode_layer_file(buffer, self.geometry, sh.techniques.torch_dtype)
+            rows = sh.transfer.to_device({name: v[: len(self.hot)] for name, v in vectors.items()})
+            self.cache.insert(self.hot, [Part(rows)] + self._gate_rows(self.hot), self._bias(self.hot), pin=True)
+            return
         step = sh.record_buffer.shape[1]
         for i in range(0, len(self.hot), step):  # as many at a time as the read buffer holds
             ids = self.hot[i : i + step]
@@ -395,8 +407,7 @@ class FlashFFN(nn.Module):
             n = len(ids) if piece.at is None else int(piece.rows.max(initial=-1)) + 1  # the buffer rows in use
             vectors = decode_records(piece.buffer[:, :n], self.geometry, sh.techniques.torch_dtype)
             parts.append(Part(sh.transfer.to_device(vectors), piece.at, piece.rows))
-        if self.gate is not None:
-            parts.append(Part({"gate": self.gate[torch.from_numpy(ids).to(self.gate.device)]}))
+        parts += self._gate_rows(ids)
         sh.stats.memory_s += time.perf_counter() - t0
         return parts
 
@@ -407,7 +418,7 @@ class FlashFFN(nn.Module):
         t0 = time.perf_counter()
         sets = sh.source.sets(self.layer, xs)
         sh.stats.predictor_s += time.perf_counter() - t0
-        if sh.techniques.reads_whole_layers:
+        if sh.whole_files:
             return self._naive(xs)[None]
 
         start, end = self.position, self.position + len(sets)
@@ -521,14 +532,18 @@ class FlashFFN(nn.Module):
         return delta
 
     def _naive(self, xs: torch.Tensor) -> torch.Tensor:
-        """Every neuron, from the layer's whole file; with overlap the file was read ahead (buffers alternate by
-        layer) and the next one's read starts now."""
+        """Every neuron, from the layer's whole file, as naive reads it; with overlap the file was read ahead
+        (buffers alternate by layer) and the next one's read starts now. The hybrid alone over a layout that stores
+        its hot records first reads the file from the first cold record on, in the same reads, and adds the hot
+        neurons' share from the cache: fewer bytes in naive's reads, where runs of cold records between scattered
+        hot ones land in as many pieces a read (their reads took a third more CPU than naive's at the paper's
+        shape, docs/results.md)."""
         sh = self.shared
         buffer = sh.file_buffers[self.layer % len(sh.file_buffers)][: self.geometry.file_bytes]
         sh.transfer.wait()
         ahead = sh.landed(self.layer)
         if ahead is None:
-            stats = sh.reader.read_layer(self.layer, buffer)
+            stats = sh.reader.read_layer(self.layer, buffer, self.first_read)
             sh.stats.io += stats
             sh.stats.io_wait_s += stats.seconds
         else:
@@ -536,15 +551,26 @@ class FlashFFN(nn.Module):
         if sh.read_ahead is not None and self.layer + 1 < len(sh.layers):
             nxt = sh.layers[self.layer + 1]
             sh.read_ahead.start(nxt.layer, None, None,
-                                sh.file_buffers[nxt.layer % len(sh.file_buffers)][: nxt.geometry.file_bytes])
+                                sh.file_buffers[nxt.layer % len(sh.file_buffers)][: nxt.geometry.file_bytes],
+                                first=nxt.first_read)
+        hot = self._share(xs, *self.cache.rows_of(self.hot)) if len(self.hot) else None
         t0 = time.perf_counter()
-        weights = sh.transfer.to_device(decode_layer_file(buffer, self.geometry, sh.techniques.torch_dtype))
-        if self.gate is not None:
-            weights["gate"] = self.gate if self.shared.layout.kept is None else self.gate[
-                torch.from_numpy(self.stored).to(self.gate.device)]
+        cold = self.stored[self.first_read:]
+        weights = sh.transfer.to_device({name: v[self.first_read:] for name, v in decode_layer_file(
+            buffer, self.geometry, sh.techniques.torch_dtype).items()})
+        weights |= {name: v for part in self._gate_rows(cold) for name, v in part.vectors.items()}
         sh.stats.memory_s += time.perf_counter() - t0
         sh.stats.multiplied += len(self.stored)
-        return self._total(xs, [self._share(xs, weights, None, self._bias(self.stored))])
+        return self._total(xs, [hot, self._share(xs, weights, None, self._bias(cold))])
+
+    def _gate_rows(self, ids: np.ndarray) -> list[Part]:
+        """The gate rows of neurons `ids` where the layout keeps the gate in DRAM (as they are, for every neuron
+        in id order), else none."""
+        if self.gate is None:
+            return []
+        if len(ids) == len(self.record_of) and (np.diff(ids) > 0).all():
+            return [Part({"gate": self.gate})]
+        return [Part({"gate": self.gate[torch.from_numpy(ids).to(self.gate.device)]})]
 
     def _share(self, xs: torch.Tensor, weights: dict[str, torch.Tensor], slots: np.ndarray | None,
                up_bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -587,6 +613,13 @@ class FlashFFN(nn.Module):
         for share in shares[1:]:
             out = out + share
         return out + self.down_bias if self.down_bias is not None else out
+
+
+def hot_first(stored: np.ndarray, hot: np.ndarray) -> bool:
+    """Whether a layer's file stores the hot neurons `hot` as its first records (`stored`: the neuron of each
+    record, in file order), as a placed layout does: read from the first record after them, a whole-file read skips
+    exactly them. Trivially so with none hot."""
+    return bool(np.array_equal(np.sort(stored[: len(hot)]), np.sort(hot)))
 
 
 def union_of(sets: list[np.ndarray], n: int) -> np.ndarray:
@@ -732,6 +765,10 @@ class FlashEngine(Engine):
         hot = (hot_neurons(neuron_counts, techniques.hybrid) if techniques.hybrid
                else [np.zeros(0, np.int64)] * config.n_layers)
         n_hot = max(len(h) for h in hot)
+        # Every layer's file read whole (from its first cold record): naive, or the hybrid alone over a layout that
+        # stores each layer's hot records first (placed with the same counts and fraction)
+        whole = techniques.source == "all" and all(
+            hot_first(layout.stored_ids(i), h) for i, h in enumerate(hot))
 
         resident_bytes = sum(t.nbytes for t in resident.values()) + sum(
             b.nbytes for pair in ffn_resident.values() for b in pair if b is not None)
@@ -739,11 +776,11 @@ class FlashEngine(Engine):
         vectors = 3 if config.gated else 2
         self.row_bytes = row_bytes = (vectors * g.d_model + (1 if config.bias else 0)) * dtype.itemsize
         # The row movers' staging: one buffer on the host (the read buffers' rows), one on a GPU (the caches').
-        staging = 0 if techniques.reads_whole_layers else min(RowMover.STAGING_BYTES,
-                                                              g.d_ffn * max(g.record_bytes, row_bytes))
+        staging = 0 if whole else min(RowMover.STAGING_BYTES,
+                                        g.d_ffn * max(g.record_bytes, row_bytes))
         staging_bytes = staging * (2 if transfer.gpu else 1)
         capacity, buffer_rows = self._sizes(techniques, layout, resident_bytes + source.nbytes + staging_bytes, n_hot,
-                                            dram_budget, max_delta=g.d_ffn - min(len(h) for h in hot))
+                                            dram_budget, max_delta=g.d_ffn - min(len(h) for h in hot), whole=whole)
         # Within a budget the caches' capacity is the budget's: preallocated in earnest, every page written now (at
         # the paper's shape, all combined, the inserts took 110 ms a pass with first-touch faults, 44 without). Without
         # one the capacity is the whole layer, an upper bound: pages are touched as rows first fill.
@@ -760,8 +797,8 @@ class FlashEngine(Engine):
             spare = min(g.d_ffn - capacity, buffer_rows * g.record_bytes // (config.n_layers * row_bytes))
         shared = _Shared(techniques, layout, reader, source, capacity, spare, lands, transfer, host,
                          host if not transfer.gpu else RowMover(transfer.device, staging),
-                         touch_caches=dram_budget is not None)
-        if techniques.reads_whole_layers:
+                         touch_caches=dram_budget is not None, whole_files=whole)
+        if whole:
             shared.file_buffers = [transfer.pin(aligned_buffer(g.file_bytes)) for _ in range(copies)]
         else:
             shared.record_buffer, shared.ahead_buffer, *_ = [
@@ -783,7 +820,7 @@ class FlashEngine(Engine):
         super().__init__(model, max_len)
         self.history: list[TokenStats] = []
         cache_bytes = (capacity + spare) * config.n_layers * row_bytes
-        buffer_bytes = copies * (g.file_bytes if techniques.reads_whole_layers else buffer_rows * g.record_bytes)
+        buffer_bytes = copies * (g.file_bytes if whole else buffer_rows * g.record_bytes)
         self.dram = DramUse(resident_bytes, cache_bytes, buffer_bytes, source.nbytes, self.cache.nbytes,
                             staging_bytes)
         if dram_budget is not None and self.dram.weights_total > dram_budget:
@@ -800,13 +837,14 @@ class FlashEngine(Engine):
         return self.dram.cache if self.shared.touch_caches else self.cache_peak_used()
 
     def _sizes(self, techniques: Techniques, layout: FlashLayout, fixed: int, n_hot: int, dram_budget: int | None,
-               max_delta: int) -> tuple[int, int]:
+               max_delta: int, whole: bool = False) -> tuple[int, int]:
         """Neuron cache rows per layer and read buffer rows (records), within `dram_budget` where one is given.
         With a window, every layer's cache holds its window and the buffer one pass's delta; without one, the caches
-        hold the hot neurons only and the buffer, shared by all layers, as much of a pass as the budget leaves."""
+        hold the hot neurons only and the buffer, shared by all layers, as much of a pass as the budget leaves;
+        reading whole files, the caches hold the hot neurons and the file buffers take the place of the buffer."""
         g, n_layers = layout.geometry, layout.config.n_layers
-        if techniques.reads_whole_layers:
-            return 0, 0
+        if whole:
+            return n_hot, 0
         copies = 2 if techniques.overlap else 1  # read buffers: overlap reads ahead into a second one
         if not techniques.window:
             rows = max_delta

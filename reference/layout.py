@@ -121,6 +121,14 @@ class FFNGeometry:
         """How much further in the file neuron i + 1's vectors lie than neuron i's."""
         return self.record_bytes if self.layout == "bundled" else self.vector_bytes
 
+    def spans_from(self, first: int) -> list[tuple[int, int]]:
+        """(start, end) file offsets of the records from `first` on (first 0: the whole file), the start aligned
+        down: one span (the whole file, or bundled) or one in each matrix's region (unbundled)."""
+        if self.layout == "bundled" or first == 0:
+            return [(first * self.record_bytes // ALIGNMENT * ALIGNMENT, self.file_bytes)]
+        return [(j * self.region_bytes + first * self.vector_bytes // ALIGNMENT * ALIGNMENT, (j + 1) * self.region_bytes)
+                for j in range(len(self.vectors))]
+
     def extents(self, neuron: int) -> list[tuple[int, int]]:
         """(file offset, length) of each vector of one neuron's record, in record order: one after the other
         (bundled), or one in each matrix's region (unbundled)."""

@@ -509,16 +509,22 @@ class FlashReader:
             self._submit(layer, batch, landed)
         return len(plan.reads), total
 
-    def read_layer(self, layer: int, out: np.ndarray, chunk_bytes: int = 1 << 20) -> ReadStats:
-        """Naive mode: the layer's whole FFN file into `out` (an aligned uint8 buffer of its size), in chunks."""
+    def read_layer(self, layer: int, out: np.ndarray, first: int = 0, chunk_bytes: int = 1 << 20) -> ReadStats:
+        """Naive mode: the layer's whole FFN file into `out` (an aligned uint8 buffer of its size), in chunks; from
+        record `first` on (the hybrid alone over a placed layout, its hot records first), each byte where it lies
+        in the file."""
         g = self.geometries[layer]
         size = g.file_bytes
         if out.dtype != np.uint8 or out.shape != (size,) or out.ctypes.data % ALIGNMENT:
             raise ValueError(f"out must be an aligned uint8 buffer of {size} bytes (see aligned_buffer)")
         t0, cpu = time.perf_counter(), self._cpu()
-        offsets = np.arange(0, size, chunk_bytes, dtype=np.int64)
-        self._submit(layer, Batch.whole(out, offsets, offsets, np.minimum(chunk_bytes, size - offsets)))
-        return ReadStats(records=g.d_ffn, reads=len(offsets), bytes_requested=size, bytes_read=size,
+        offsets = np.concatenate([np.arange(start, end, chunk_bytes, dtype=np.int64)
+                                  for start, end in g.spans_from(first)])
+        ends = np.concatenate([np.minimum(np.arange(start, end, chunk_bytes) + chunk_bytes, end)
+                               for start, end in g.spans_from(first)])
+        self._submit(layer, Batch.whole(out, offsets, offsets, ends - offsets))
+        size = int((ends - offsets).sum())
+        return ReadStats(records=g.d_ffn - first, reads=len(offsets), bytes_requested=size, bytes_read=size,
                          seconds=time.perf_counter() - t0, direct=self.direct, cpu_s=self._cpu() - cpu)
 
     def _run_all(self, fn, items: list) -> None:

@@ -64,6 +64,25 @@ def test_the_hybrid_on_a_placed_layout_gives_dense_logits_and_reads_one_range_pe
     assert sum(s.io.bytes_read for s in placed) < sum(s.io.bytes_read for s in plain)
 
 
+def test_the_hybrid_alone_on_a_placed_layout_reads_its_cold_span_in_naives_whole_file_reads(layouts):
+    """Hot records first: a layer's cold records are one span per matrix, read as naive reads its file (the same
+    chunks, each byte where it lies in the file buffer, no records planned), with or without overlap (the next
+    layer's span read ahead); over the unplaced layout the hybrid reads its records as before."""
+    g, layers = layouts["placed"].geometry, layouts["placed"].config.n_layers
+    spans = g.spans_from(round(0.25 * g.d_ffn))
+    reads, span_bytes = sum(-(-(end - start) // (1 << 20)) for start, end in spans), sum(e - s for s, e in spans)
+    got = []
+    for overlap in (False, True):
+        techniques = Techniques(source="all", hybrid=0.25, overlap=overlap)
+        with FlashEngine(layouts["placed"], techniques, neuron_counts=layouts["counts"]) as e:
+            got.append(torch.cat([e.prefill(TOKENS[:1])] + [e.step(t)[None] for t in TOKENS[1:-1]]))
+            assert e.shared.whole_files
+            assert all(s.io.reads == reads * layers and s.io.bytes_read == span_bytes * layers for s in e.history[1:])
+    assert torch.equal(got[0], got[1]) and within_exact_bound(got[0], layouts["logits"])
+    with FlashEngine(layouts["plain"], Techniques(source="all", hybrid=0.25), neuron_counts=layouts["counts"]) as e:
+        assert not e.shared.whole_files
+
+
 def test_a_placed_layout_is_read_in_file_order_and_overlap_changes_no_logit(layouts):
     """Each pass reads and multiplies its neurons in the order their records lie in the file (adjacent records into
     adjacent rows); the read-ahead's hits are found by record, so overlap still changes only when bytes are read."""
