@@ -53,7 +53,8 @@ class Settings:
     # Configurations that need every neuron not kept resident (the hybrid alone) merge reads up to this far apart
     # (runs of cold records straight into their rows, the hot neurons' bytes between them into a sink). With 5% hot
     # (the paper's) the cold runs are long and merging costs more than it saves: 0; with 25% (the default scenario's)
-    # they are about 4 records long and merging up to 64 KiB pays (docs/results.md, 2026-12-03).
+    # they are about 4 records long and merging up to 64 KiB pays (docs/results.md, 2026-12-03). Over a placed layout
+    # (hot records first) the hybrid alone reads each file from its first cold record, as naive does: no gaps.
     whole_gap_bytes: int = 0
     approximate: Tolerance = APPROXIMATE
 

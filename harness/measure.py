@@ -235,7 +235,7 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
     owns the tokens, the clock (every decode step) and the verdicts; the SUT only computes, and what it reports of
     itself (counters, its own breakdown) is recorded as its own. With `dram_budget` the SUT is held to it (a
     configuration that cannot fit is recorded as such). With `alternate_with_naive`, a configuration that reads every
-    neuron is timed beside a naive SUT loaded with it, their decode steps alternating token by token (which of the two
+    neuron (without overlap) is timed beside a naive SUT loaded with it, their decode steps alternating token by token (which of the two
     goes first alternating too): its ratio to naive is then of the same minutes of the disk, not of two runs minutes
     apart."""
     record = {
@@ -252,7 +252,10 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
     record["teacher_forced_tokens"] = len(tokens)
     record["dram_budget"] = dram_budget if within_budget else None
     ref = model.reference
-    alternate = alternate_with_naive and reads_every_neuron(config) and bool(config.on)
+    # Not with overlap: naive's steps beside an overlap SUT were slower in both paper runs that paired them (8.0 and
+    # 7.0 s against 5.2-5.5 beside the others; docs/results.md, 2026-12-05, second session), which pairing them
+    # outside a run did not reproduce: until that is understood, their ratio is to naive's own record.
+    alternate = alternate_with_naive and reads_every_neuron(config) and bool(config.on) and "overlap" not in config.on
     raws = [make_sut()] + ([make_sut()] if alternate else [])
     sut, naive = Guarded(raws[0]), (Guarded(raws[1]) if alternate else None)
     try:
