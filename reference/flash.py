@@ -311,12 +311,12 @@ class FlashFFN(nn.Module):
         if not len(self.hot):
             return
         sh = self.shared
-        if sh.whole_files:  # no record buffer: the file through the file buffer, the first records (the hot ones)
-            buffer = sh.file_buffers[0][: self.geometry.file_bytes]
-            sh.reader.read_layer(self.layer, buffer)
-            vectors = decode_layer_file(buffer, self.geometry, sh.techniques.torch_dtype)
-            rows = sh.transfer.to_device({name: v[: len(self.hot)] for name, v in vectors.items()})
-            self.cache.insert(self.hot, [Part(rows)] + self._gate_rows(self.hot), self._bias(self.hot), pin=True)
+        if sh.whole_files:  # no record buffer (the file buffers take its place): one for the hot records, for now
+            g = self.geometry
+            buffer = record_buffer(g, len(self.hot), aligned_buffer(len(self.hot) * g.record_bytes))
+            sh.reader.read(self.layer, self.record_of[self.hot], buffer)
+            self.cache.insert(self.hot, self._rows(self.hot, [Piece(buffer)]), self._bias(self.hot), pin=True)
+            sh.transfer.wait()  # copied out before the buffer goes
             return
         step = sh.record_buffer.shape[1]
         for i in range(0, len(self.hot), step):  # as many at a time as the read buffer holds
@@ -767,7 +767,7 @@ class FlashEngine(Engine):
         n_hot = max(len(h) for h in hot)
         # Every layer's file read whole (from its first cold record): naive, or the hybrid alone over a layout that
         # stores each layer's hot records first (placed with the same counts and fraction)
-        whole = techniques.source == "all" and all(
+        whole_files = techniques.source == "all" and all(
             hot_first(layout.stored_ids(i), h) for i, h in enumerate(hot))
 
         resident_bytes = sum(t.nbytes for t in resident.values()) + sum(
@@ -776,11 +776,11 @@ class FlashEngine(Engine):
         vectors = 3 if config.gated else 2
         self.row_bytes = row_bytes = (vectors * g.d_model + (1 if config.bias else 0)) * dtype.itemsize
         # The row movers' staging: one buffer on the host (the read buffers' rows), one on a GPU (the caches').
-        staging = 0 if whole else min(RowMover.STAGING_BYTES,
-                                        g.d_ffn * max(g.record_bytes, row_bytes))
+        staging = 0 if whole_files else min(RowMover.STAGING_BYTES, g.d_ffn * max(g.record_bytes, row_bytes))
         staging_bytes = staging * (2 if transfer.gpu else 1)
         capacity, buffer_rows = self._sizes(techniques, layout, resident_bytes + source.nbytes + staging_bytes, n_hot,
-                                            dram_budget, max_delta=g.d_ffn - min(len(h) for h in hot), whole=whole)
+                                            dram_budget, max_delta=g.d_ffn - min(len(h) for h in hot),
+                                            whole_files=whole_files)
         # Within a budget the caches' capacity is the budget's: preallocated in earnest, every page written now (at
         # the paper's shape, all combined, the inserts took 110 ms a pass with first-touch faults, 44 without). Without
         # one the capacity is the whole layer, an upper bound: pages are touched as rows first fill.
@@ -797,8 +797,8 @@ class FlashEngine(Engine):
             spare = min(g.d_ffn - capacity, buffer_rows * g.record_bytes // (config.n_layers * row_bytes))
         shared = _Shared(techniques, layout, reader, source, capacity, spare, lands, transfer, host,
                          host if not transfer.gpu else RowMover(transfer.device, staging),
-                         touch_caches=dram_budget is not None, whole_files=whole)
-        if whole:
+                         touch_caches=dram_budget is not None, whole_files=whole_files)
+        if whole_files:
             shared.file_buffers = [transfer.pin(aligned_buffer(g.file_bytes)) for _ in range(copies)]
         else:
             shared.record_buffer, shared.ahead_buffer, *_ = [
@@ -820,7 +820,7 @@ class FlashEngine(Engine):
         super().__init__(model, max_len)
         self.history: list[TokenStats] = []
         cache_bytes = (capacity + spare) * config.n_layers * row_bytes
-        buffer_bytes = copies * (g.file_bytes if whole else buffer_rows * g.record_bytes)
+        buffer_bytes = copies * (g.file_bytes if whole_files else buffer_rows * g.record_bytes)
         self.dram = DramUse(resident_bytes, cache_bytes, buffer_bytes, source.nbytes, self.cache.nbytes,
                             staging_bytes)
         if dram_budget is not None and self.dram.weights_total > dram_budget:
@@ -837,13 +837,13 @@ class FlashEngine(Engine):
         return self.dram.cache if self.shared.touch_caches else self.cache_peak_used()
 
     def _sizes(self, techniques: Techniques, layout: FlashLayout, fixed: int, n_hot: int, dram_budget: int | None,
-               max_delta: int, whole: bool = False) -> tuple[int, int]:
+               max_delta: int, whole_files: bool = False) -> tuple[int, int]:
         """Neuron cache rows per layer and read buffer rows (records), within `dram_budget` where one is given.
         With a window, every layer's cache holds its window and the buffer one pass's delta; without one, the caches
         hold the hot neurons only and the buffer, shared by all layers, as much of a pass as the budget leaves;
         reading whole files, the caches hold the hot neurons and the file buffers take the place of the buffer."""
         g, n_layers = layout.geometry, layout.config.n_layers
-        if whole:
+        if whole_files:
             return n_hot, 0
         copies = 2 if techniques.overlap else 1  # read buffers: overlap reads ahead into a second one
         if not techniques.window:
