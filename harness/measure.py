@@ -235,9 +235,9 @@ def measure(make_sut: Callable[[], SystemUnderTest], model: ModelUnderTest, conf
     owns the tokens, the clock (every decode step) and the verdicts; the SUT only computes, and what it reports of
     itself (counters, its own breakdown) is recorded as its own. With `dram_budget` the SUT is held to it (a
     configuration that cannot fit is recorded as such). With `alternate_with_naive`, a configuration that reads every
-    neuron (without overlap) is timed beside a naive SUT loaded with it, their decode steps alternating token by token (which of the two
-    goes first alternating too): its ratio to naive is then of the same minutes of the disk, not of two runs minutes
-    apart."""
+    neuron (without overlap) is timed beside a naive SUT loaded with it, their decode steps alternating token by token
+    (which of the two goes first alternating too): its ratio to naive is then of the same minutes of the disk, not of
+    two runs minutes apart."""
     record = {
         "model": model.name, "configuration": config.name, "techniques_on": sorted(config.on),
         "sections": list(config.sections), "prerequisites": list(config.prerequisites),

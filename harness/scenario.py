@@ -33,8 +33,9 @@
     greedy_tokens = 64
     counts_tokens = 131072    # training tokens whose activations choose hot (hybrid) and dead (pruning) neurons
     whole_read_tokens = 8     # optional: fewer tokens for configurations that read every neuron (naive, hybrid)
-    alternate_with_naive = false  # true: each configuration that reads every neuron is timed beside a naive SUT,
-                                  # their steps alternating token by token (its ratio to naive of the same moments)
+    alternate_with_naive = false  # true: each configuration that reads every neuron (without overlap) is timed
+                                  # beside a naive SUT, their steps alternating token by token (its ratio to naive
+                                  # of the same moments)
     profile = "paper-opt-6.7b"  # synthetic models: the trace profile ("embedded-<model>" scales a measured one)
     peers = ["llama.cpp", "mmap", "accelerate", "airllm"]  # peers on the same checkpoint, capped at the DRAM budget
     peer_tokens = 8
@@ -88,8 +89,8 @@ class ModelSpec:
     # default (None): every row of the table that applies to the model's FFN (`threshold` to SiLU ones only)
     techniques: tuple[str, ...] | None = None
     whole_read_tokens: int | None = None  # fewer tokens for configurations reading every neuron (default: tokens)
-    # Those configurations timed beside a naive SUT loaded with each, token by token: their speedup over naive is of
-    # the same minutes of a disk whose speed drifts (harness/measure.py)
+    # Those configurations (without overlap) timed beside a naive SUT loaded with each, token by token: their speedup
+    # over naive is of the same minutes of a disk whose speed drifts (harness/measure.py)
     alternate_with_naive: bool = False
     profile: str | None = None  # synthetic models: the trace profile
     seed: int = 0

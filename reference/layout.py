@@ -126,8 +126,8 @@ class FFNGeometry:
         down: one span (the whole file, or bundled) or one in each matrix's region (unbundled)."""
         if self.layout == "bundled" or first == 0:
             return [(first * self.record_bytes // ALIGNMENT * ALIGNMENT, self.file_bytes)]
-        return [(j * self.region_bytes + first * self.vector_bytes // ALIGNMENT * ALIGNMENT, (j + 1) * self.region_bytes)
-                for j in range(len(self.vectors))]
+        start = first * self.vector_bytes // ALIGNMENT * ALIGNMENT
+        return [(j * self.region_bytes + start, (j + 1) * self.region_bytes) for j in range(len(self.vectors))]
 
     def extents(self, neuron: int) -> list[tuple[int, int]]:
         """(file offset, length) of each vector of one neuron's record, in record order: one after the other
